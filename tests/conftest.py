@@ -1,0 +1,64 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # any Hub call fails at once instead of waiting on the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # two threads collapse when another process is busy
+
+DOLLY = PROJECT_DIR.parent / "shared" / "dolly" / "dolly-subset.jsonl"
+
+
+@pytest.fixture(scope="session")
+def dolly_path():
+    # A missing fixture is a failure, not a skip: the end-to-end tests must run on real records.
+    assert DOLLY.is_file(), f"real Dolly records expected at {DOLLY}"
+    return DOLLY
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory):
+    from llama3_tokenizer import build_llama3_tokenizer
+
+    folder = tmp_path_factory.mktemp("llama3-tokenizer")
+    build_llama3_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    import common
+
+    return common.setup_tokenizer(AutoTokenizer.from_pretrained(llama3_tokenizer_dir))
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  bos_token_id=128000, eos_token_id=128009, tie_word_embeddings=True)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llama3_tokenizer_dir):
+    """A tiny random Llama with the real Llama 3 tokenizer, saved like a Hub model folder."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(llama3_tokenizer_dir).save_pretrained(folder)
+    return folder

@@ -1,0 +1,40 @@
+"""Exact parameter counts of Llama-3-8B on the meta device, offline."""
+
+import json
+
+import evaluate_base_model
+import finetune
+import full_finetune
+
+BASE = 8_030_261_248
+
+
+def run(module, tmp_path, *extra):
+    output = tmp_path / "out.json"
+    module.main(["--dry-run", "--output", str(output), *extra])
+    return json.loads(output.read_text())
+
+
+def test_lora_dry_run_counts(tmp_path):
+    result = run(finetune, tmp_path)
+    assert result["method"] == "lora" and result["model"] == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert result["trainable_params"] == 13_631_488
+    assert result["total_params"] == 8_043_892_736
+    assert result["base_params"] == BASE
+    assert abs(result["trainable_percent"] - 0.16946) < 1e-4
+    assert result["perplexity"] is None and result["dry_run"] is True
+
+
+def test_full_dry_run_counts(tmp_path):
+    result = run(full_finetune, tmp_path)
+    assert result["trainable_params"] == result["total_params"] == result["base_params"] == BASE
+
+
+def test_base_dry_run_counts(tmp_path):
+    result = run(evaluate_base_model, tmp_path)
+    assert result["trainable_params"] == 0 and result["total_params"] == BASE
+
+
+def test_lora_rank_changes_the_count(tmp_path):
+    # r=8 halves the adapters: a count computed from the model, not a constant.
+    assert run(finetune, tmp_path, "--lora-r", "8")["trainable_params"] == 13_631_488 // 2

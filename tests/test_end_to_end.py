@@ -1,0 +1,107 @@
+"""All three scripts on a tiny random Llama (real Llama 3 tokenizer) and real Dolly records."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+
+PROJECT_DIR = common.PROJECT_DIR
+SMALL = ["--max-train-samples", "24", "--max-val-samples", "6", "--max-eval-samples", "12", "--max-length", "256",
+         "--eval-batch-size", "4"]
+
+
+def run_script(script, *args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(PROJECT_DIR / script), *map(str, args)], capture_output=True,
+                            text=True, env=env, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama_dir, dolly_path):
+    out = tmp_path_factory.mktemp("e2e")
+    common_args = ["--model", tiny_llama_dir, "--dataset", dolly_path, *SMALL]
+    run_script("evaluate_base_model.py", *common_args, "--output", out / "base.json", "--seed-style-metric")
+    run_script("finetune.py", *common_args, "--output", out / "lora.json", "--output-dir", out / "lora",
+               "--max-steps", "4", "--learning-rate", "5e-2", "--eval-steps", "2")
+    run_script("full_finetune.py", *common_args, "--output", out / "full.json", "--output-dir", out / "full",
+               "--max-steps", "4", "--learning-rate", "1e-3", "--eval-steps", "2")
+    return {method: json.loads((out / f"{method}.json").read_text()) for method in ("base", "lora", "full")}
+
+
+def test_results_follow_the_definitions(runs):
+    for method, result in runs.items():
+        assert result["method"] == method
+        nll = sum(item["nll_sum"] for item in result["per_example"])
+        tokens = sum(item["tokens"] for item in result["per_example"])
+        assert result["eval_tokens"] == tokens > 0
+        assert result["eval_examples"] == len(result["per_example"])
+        assert result["eval_loss"] == pytest.approx(nll / tokens, rel=1e-9)
+        assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-9)
+        low, high = result["perplexity_ci95"]
+        assert low <= result["perplexity"] <= high
+        assert set(common.RESULT_FIELDS) <= set(result)
+        assert result["versions"]["torch"] and result["created_at"]
+        assert result["truncation"]["eval"]["examples"] == 12
+
+
+def test_methods_are_paired_on_the_same_examples(runs):
+    ids = [sorted(item["id"] for item in result["per_example"]) for result in runs.values()]
+    assert ids[0] == ids[1] == ids[2]
+    token_counts = [sorted((i["id"], i["tokens"]) for i in r["per_example"]) for r in runs.values()]
+    assert token_counts[0] == token_counts[1] == token_counts[2]
+
+
+def test_training_fields_and_counts(runs):
+    base, lora, full = runs["base"], runs["lora"], runs["full"]
+    assert base["train_tokens"] is None and base["artifact_path"] is None and base["train_seconds"] is None
+    assert base["seed_style_perplexity"] is not None
+    assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+    assert lora["base_params"] == full["total_params"] == base["total_params"]
+    assert lora["total_params"] == lora["base_params"] + lora["trainable_params"]
+    for result in (lora, full):
+        assert result["optimizer_steps"] == 4
+        assert result["train_tokens"] > 0 and result["train_tokens_per_second"] > 0
+        assert result["train_step_seconds"] <= result["train_seconds"]
+        assert result["peak_memory_bytes"] > 0 and result["memory_kind"] == "cpu_peak_rss"
+        assert result["best_checkpoint"] and result["best_validation_loss"] is not None
+    # An adapter is a small fraction of a full copy of the weights.
+    assert lora["artifact_bytes"] < full["artifact_bytes"] / 20
+    assert full["perplexity"] < base["perplexity"]  # a few full steps fit a random model's output distribution
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_saved_artifact_reproduces_the_reported_perplexity(runs, method, tiny_llama_dir, dolly_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = runs[method]
+    if method == "lora":
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        model = PeftModel.from_pretrained(base, result["artifact_path"])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(result["artifact_path"])
+    tokenizer = common.setup_tokenizer(AutoTokenizer.from_pretrained(result["artifact_path"]))
+    wanted = {item["id"] for item in result["per_example"]}
+    records = [r for r in common.load_records(str(dolly_path)) if r["id"] in wanted]
+    examples, _ = common.tokenize_records(tokenizer, records, 256)
+    again = common.evaluate_perplexity(model, examples, tokenizer.pad_token_id, batch_size=3)
+    assert again["perplexity"] == pytest.approx(result["perplexity"], rel=1e-4)
+
+
+def test_eval_file_replaces_the_test_split_and_base_reads_nothing_else(tmp_path, tiny_llama_dir, dolly_path):
+    eval_file = tmp_path / "eval.jsonl"
+    lines = dolly_path.read_text(encoding="utf-8").splitlines()[:5]
+    eval_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    output = tmp_path / "base.json"
+    run_script("evaluate_base_model.py", "--model", tiny_llama_dir, "--dataset", tmp_path / "missing.jsonl",
+               "--eval-file", eval_file, "--max-length", "4096", "--output", output)
+    result = json.loads(output.read_text())
+    assert result["eval_examples"] == 5 and result["eval_file"] == str(eval_file)

@@ -1,0 +1,130 @@
+"""Perplexity arithmetic: exp(sum NLL / scored tokens), batch-size independent, prompt and padding unscored."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama_config
+
+import common
+
+
+class UniformModel(torch.nn.Module):
+    """Equal logits everywhere: every scored token costs exactly log(vocab)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        class Output:
+            logits = torch.zeros(*input_ids.shape, self.vocab)
+
+        return Output()
+
+
+class LookupModel(torch.nn.Module):
+    """Logits depend only on the current token: known NLL for every target, so counting is checkable."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab))
+
+    def forward(self, input_ids, attention_mask=None):
+        class Output:
+            pass
+
+        out = Output()
+        out.logits = self.table[input_ids]
+        return out
+
+
+def example(prompt, response, example_id):
+    ids = prompt + response
+    return {"id": example_id, "input_ids": ids, "attention_mask": [1] * len(ids),
+            "labels": [common.IGNORE_INDEX] * len(prompt) + response}
+
+
+def random_examples(count, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    examples = []
+    for index in range(count):
+        prompt = rng.integers(1, vocab, size=rng.integers(2, 9)).tolist()
+        response = rng.integers(1, vocab, size=rng.integers(1, 12)).tolist()
+        examples.append(example(prompt, response, f"e{index}"))
+    return examples
+
+
+def test_uniform_logits_give_exactly_the_vocabulary_size():
+    examples = random_examples(20, 50)
+    result = common.evaluate_perplexity(UniformModel(50), examples, pad_token_id=0, batch_size=4)
+    assert result["perplexity"] == pytest.approx(50, rel=1e-6)
+    assert result["eval_tokens"] == sum(len(e["input_ids"]) - e["labels"].count(common.IGNORE_INDEX) for e in examples)
+    low, high = result["perplexity_ci95"]
+    assert low == pytest.approx(50, rel=1e-6) and high == pytest.approx(50, rel=1e-6)
+
+
+def test_only_response_tokens_are_scored_and_padding_never():
+    vocab = 30
+    model = LookupModel(vocab)
+    examples = random_examples(12, vocab, seed=1)
+    log_probs = torch.log_softmax(model.table.detach(), dim=-1)
+    expected_nll = 0.0
+    expected_tokens = 0
+    for e in examples:
+        prompt_length = e["labels"].count(common.IGNORE_INDEX)
+        for position in range(prompt_length, len(e["input_ids"])):
+            expected_nll -= float(log_probs[e["input_ids"][position - 1], e["input_ids"][position]])
+            expected_tokens += 1
+    for pad_id in (0, 7):  # the pad id must not matter: masking is by labels and attention
+        result = common.evaluate_perplexity(model, examples, pad_token_id=pad_id, batch_size=5)
+        assert result["eval_tokens"] == expected_tokens
+        assert result["perplexity"] == pytest.approx(math.exp(expected_nll / expected_tokens), rel=1e-5)
+
+
+def test_batch_size_does_not_change_the_result_on_a_real_llama():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=500, hidden_size=64, intermediate_size=128))
+    model.config._attn_implementation = "sdpa"
+    examples = random_examples(17, 500, seed=2)
+    one = common.evaluate_perplexity(model, examples, pad_token_id=0, batch_size=1)
+    eight = common.evaluate_perplexity(model, examples, pad_token_id=0, batch_size=8)
+    assert eight["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+    assert eight["eval_tokens"] == one["eval_tokens"]
+    by_id = {item["id"]: item for item in one["per_example"]}
+    for item in eight["per_example"]:
+        assert item["nll_sum"] == pytest.approx(by_id[item["id"]]["nll_sum"], rel=1e-4)
+        assert item["tokens"] == by_id[item["id"]]["tokens"]
+
+
+def test_empty_evaluation_set_is_a_usage_error():
+    with pytest.raises(common.UsageError):
+        common.evaluate_perplexity(UniformModel(5), [], pad_token_id=0)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():
+    rng = np.random.default_rng(3)
+    nll = rng.uniform(1, 30, size=200)
+    tokens = rng.integers(1, 20, size=200)
+    point = math.exp(nll.sum() / tokens.sum())
+    low, high = common.bootstrap_ci(nll, tokens, seed=42, resamples=1000)
+    assert low < point < high
+    assert [low, high] == common.bootstrap_ci(nll, tokens, seed=42, resamples=1000)
+    assert [low, high] != common.bootstrap_ci(nll, tokens, seed=43, resamples=1000)
+
+
+def test_paired_bootstrap_identical_runs_contain_zero_and_clear_gap_excludes_it():
+    rng = np.random.default_rng(4)
+    run = [{"id": f"x{i}", "nll_sum": float(rng.uniform(5, 50)), "tokens": int(rng.integers(5, 30))}
+           for i in range(100)]
+    same = common.paired_bootstrap(run, run)
+    assert same["difference"] == 0 and same["ci95"][0] <= 0 <= same["ci95"][1] and not same["significant"]
+    better = [{**item, "nll_sum": item["nll_sum"] * 0.8} for item in run]
+    gap = common.paired_bootstrap(better, run)
+    assert gap["difference"] < 0 and gap["ci95"][1] < 0 and gap["significant"]
+    assert common.paired_bootstrap(run, [{"id": "other", "nll_sum": 1.0, "tokens": 1}]) is None
