@@ -611,7 +611,10 @@ def convert_gguf_preset(name, preset):
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    staging.replace(target) if not target.exists() else shutil.rmtree(staging)
+    try:
+        staging.replace(target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
