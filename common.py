@@ -166,31 +166,43 @@ def record_id(record):
 DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _diagnose_json_lines(path):
-    """Name the first bad line of a JSON Lines file (datasets' own errors do not)."""
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return f"{path}: line {line_number} is not valid UTF-8"
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                return f"{path}: line {line_number} is not valid JSON ({error.msg})"
-            if not isinstance(value, dict):
-                return f"{path}: line {line_number} is not a JSON object"
-    return None
+def read_json_records(path):
+    """Rows and their line numbers from a .json/.jsonl file: JSON Lines, or one JSON array.
+
+    Read here rather than through `datasets`, which fills a field missing from some rows with
+    null and names no line in its errors.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_number = raw[:error.start].count(b"\n") + 1
+        raise UsageError(f"{path}: line {line_number} is not valid UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}: line {error.lineno} is not valid JSON ({error.msg})") from None
+        return rows, None  # an array's records are named by position ("record N")
+    rows, line_numbers = [], []
+    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit in a string
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}: line {line_number} is not a JSON object")
+        rows.append(row)
+        line_numbers.append(line_number)
+    return rows, line_numbers
 
 
 def load_records(source):
     """Records (dicts with instruction, context, response, category, id) from a file or the Hub."""
-    import datasets
-
-    datasets.disable_progress_bars()
     path = Path(source)
+    line_numbers = None
     if path.suffix.lower() in DATA_BUILDERS or path.exists():
         if not path.is_file():
             raise UsageError(f"data file not found: {source}")
@@ -200,28 +212,36 @@ def load_records(source):
         if builder is None:
             raise UsageError(f"unsupported data file type {path.suffix!r} (use .json, .jsonl, .csv or .parquet)")
         if builder == "json":
-            problem = _diagnose_json_lines(path) if path.suffix.lower() == ".jsonl" else None
-            if problem:
-                raise UsageError(problem)
-        try:
-            table = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as error:  # datasets wraps parse errors in several types
-            problem = _diagnose_json_lines(path) if builder == "json" else None
-            raise UsageError(problem or f"cannot read {source}: {error}".splitlines()[0]) from error
+            rows, line_numbers = read_json_records(path)
+        else:
+            rows = _load_table(builder, str(path), source)
     else:
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
             raise UsageError(f"data file not found: {source}")
         ensure_hub_reachable(source, kind="dataset")
-        table = datasets.load_dataset(source, split="train")
-    return validate_records(table.to_list(), source)
+        rows = _load_table(source, None, source)
+    return validate_records(rows, source, line_numbers)
 
 
-def validate_records(rows, source):
+def _load_table(name, data_files, source):
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(name, data_files=data_files, split="train").to_list()
+    except Exception as error:  # datasets wraps parse errors in several types
+        raise UsageError(f"cannot read {source}: {error}".splitlines()[0]) from error
+
+
+def validate_records(rows, source, line_numbers=None):
+    """Checks every record and normalises it; errors name the line (JSON Lines) or the record."""
     if not rows:
         raise UsageError(f"{source}: no records")
+    if not isinstance(rows, list):
+        raise UsageError(f"{source}: expected JSON Lines or a JSON array of objects")
     records = []
     for index, row in enumerate(rows):
-        where = f"{source}: record {index + 1}"
+        where = f"{source}: line {line_numbers[index]}" if line_numbers else f"{source}: record {index + 1}"
         if not isinstance(row, dict):
             raise UsageError(f"{where} is not an object")
         for field in REQUIRED_FIELDS:
@@ -230,8 +250,9 @@ def validate_records(rows, source):
             value = row[field]
             if value is not None and not isinstance(value, str):
                 raise UsageError(f"{where}: '{field}' must be a string")
-        if row["instruction"] is None or row["response"] is None:
-            raise UsageError(f"{where}: 'instruction' and 'response' must not be null")
+        for field in ("instruction", "response"):
+            if row[field] is None:
+                raise UsageError(f"{where}: '{field}' must not be null")
         record = {
             "instruction": row["instruction"],
             "context": row["context"] or "",
