@@ -1169,6 +1169,7 @@ def prepare_training_run(args, method):
     """Resolves device, dtypes and paths, seeds every generator (the adapters' random initialisation
     comes before the Trainer seeds), and refuses to mix a new run into old checkpoints."""
     seed_everything(args.seed)
+    warn_if_launched_alone()
     args.device = resolve_device()
     args.torch_dtype = resolve_dtype(args.dtype, args.device)
     args.bf16 = use_bf16_autocast(args.bf16_autocast, args.device)
@@ -1178,6 +1179,14 @@ def prepare_training_run(args, method):
         raise UsageError(f"{args.output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                          "or choose another --output-dir")
     return args
+
+
+def warn_if_launched_alone():
+    """`accelerate launch --cpu --num_processes N` on one machine starts one process (its CPU launcher
+    needs mpirun for more); say so rather than let a user believe N processes trained."""
+    if os.environ.get("ACCELERATE_USE_CPU") == "True" and "MASTER_PORT" in os.environ and "RANK" not in os.environ:
+        print("warning: accelerate launch --cpu started a single process; for DDP on CPUs launch with "
+              "--multi_gpu --num_processes N and CUDA_VISIBLE_DEVICES= (see README)", file=sys.stderr)
 
 
 def seed_everything(seed):
@@ -1196,7 +1205,7 @@ def add_training_args(parser):
 
 
 def save_artifact(trainer, output_dir):
-    """Saves the final model (adapter or full weights, safetensors) atomically to output_dir/final.
+    """Saves the final model (adapter or full weights, safetensors only) atomically to output_dir/final.
 
     Every rank calls it (FSDP and DeepSpeed gather the weights collectively) and writes into the same
     staging folder; the main process then swaps it in, keeping an earlier final-* beside it."""
@@ -1208,6 +1217,8 @@ def save_artifact(trainer, output_dir):
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
+        # A pickle (torch.save of the TrainingArguments); the results' config already records them.
+        (staging / "training_args.bin").unlink(missing_ok=True)
         if final.exists():
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
             final.replace(final.with_name(f"final-{stamp}"))
