@@ -1146,8 +1146,11 @@ SIGNAL_EXIT_STATUS = 130  # after SIGINT or SIGTERM, whether or not a checkpoint
 
 
 def main_guard(main):
-    """Runs a script's main: bad input is one line and exit 2; --debug or LVF_DEBUG=1 shows tracebacks."""
+    """Runs a script's main: bad input is one line and exit 2; a signal is exit 130 (with a checkpoint
+    when it comes during training); --debug or LVF_DEBUG=1 shows tracebacks."""
     debug = "--debug" in sys.argv or os.environ.get("LVF_DEBUG") == "1"
+    # Outside training, SIGTERM stops like Ctrl-C does: no results, status 130, no traceback.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
     except UsageError as error:
@@ -1158,8 +1161,10 @@ def main_guard(main):
     except (Interrupted, KeyboardInterrupt) as error:
         if debug and isinstance(error, KeyboardInterrupt):
             raise
-        print(f"stopped: {error or 'interrupted'}", file=sys.stderr)
+        print(f"stopped: {str(error) or 'by a signal, before any results were written'}", file=sys.stderr)
         sys.exit(SIGNAL_EXIT_STATUS)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the shared training recipe

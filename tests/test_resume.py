@@ -60,3 +60,17 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
     assert result["optimizer_steps"] == expected["optimizer_steps"] == 4
     assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
     assert result["best_validation_loss"] == pytest.approx(expected["best_validation_loss"], rel=1e-4)
+
+
+def test_sigterm_outside_training_exits_130_without_a_traceback(capsys):
+    def main():
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. while the model loads
+        time.sleep(5)
+        pytest.fail("SIGTERM did not stop the script")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        common.main_guard(main)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "stopped: by a signal, before any results were written\n"
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the caller's again
