@@ -93,6 +93,20 @@ def positive_float(text):
     return value
 
 
+def step_limit(text):
+    value = int(text)
+    if value <= 0 and value != -1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, or -1 for no limit, got {text}")
+    return value
+
+
+def dropout_rate(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
 def fraction(text):
     value = float(text)
     if not 0 < value < 1:
@@ -124,7 +138,7 @@ def build_parser(description, method):
     add("--test-fraction", type=fraction, default=0.1, help="held-out test share of the data")
     add("--val-fraction", type=fraction, default=0.05,
         help="validation share of the training part; it alone selects the checkpoint")
-    add("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: run the epochs)")
+    add("--max-steps", type=step_limit, default=-1, help="stop after this many optimizer steps (-1: run the epochs)")
     add("--num-epochs", type=positive_float, default=1.0, help="training epochs")
     add("--learning-rate", type=positive_float, default=None, help="peak learning rate")
     add("--batch-size", type=positive_int, default=None, help="per-device training batch size")
@@ -166,31 +180,43 @@ def record_id(record):
 DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _diagnose_json_lines(path):
-    """Name the first bad line of a JSON Lines file (datasets' own errors do not)."""
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return f"{path}: line {line_number} is not valid UTF-8"
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                return f"{path}: line {line_number} is not valid JSON ({error.msg})"
-            if not isinstance(value, dict):
-                return f"{path}: line {line_number} is not a JSON object"
-    return None
+def read_json_records(path):
+    """Rows and their line numbers from a .json/.jsonl file: JSON Lines, or one JSON array.
+
+    Read here rather than through `datasets`, which fills a field missing from some rows with
+    null and names no line in its errors.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_number = raw[:error.start].count(b"\n") + 1
+        raise UsageError(f"{path}: line {line_number} is not valid UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}: line {error.lineno} is not valid JSON ({error.msg})") from None
+        return rows, None  # an array's records are named by position ("record N")
+    rows, line_numbers = [], []
+    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit in a string
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}: line {line_number} is not a JSON object")
+        rows.append(row)
+        line_numbers.append(line_number)
+    return rows, line_numbers
 
 
 def load_records(source):
     """Records (dicts with instruction, context, response, category, id) from a file or the Hub."""
-    import datasets
-
-    datasets.disable_progress_bars()
     path = Path(source)
+    line_numbers = None
     if path.suffix.lower() in DATA_BUILDERS or path.exists():
         if not path.is_file():
             raise UsageError(f"data file not found: {source}")
@@ -200,28 +226,36 @@ def load_records(source):
         if builder is None:
             raise UsageError(f"unsupported data file type {path.suffix!r} (use .json, .jsonl, .csv or .parquet)")
         if builder == "json":
-            problem = _diagnose_json_lines(path) if path.suffix.lower() == ".jsonl" else None
-            if problem:
-                raise UsageError(problem)
-        try:
-            table = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as error:  # datasets wraps parse errors in several types
-            problem = _diagnose_json_lines(path) if builder == "json" else None
-            raise UsageError(problem or f"cannot read {source}: {error}".splitlines()[0]) from error
+            rows, line_numbers = read_json_records(path)
+        else:
+            rows = _load_table(builder, str(path), source)
     else:
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
             raise UsageError(f"data file not found: {source}")
         ensure_hub_reachable(source, kind="dataset")
-        table = datasets.load_dataset(source, split="train")
-    return validate_records(table.to_list(), source)
+        rows = _load_table(source, None, source)
+    return validate_records(rows, source, line_numbers)
 
 
-def validate_records(rows, source):
+def _load_table(name, data_files, source):
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(name, data_files=data_files, split="train").to_list()
+    except Exception as error:  # datasets wraps parse errors in several types
+        raise UsageError(f"cannot read {source}: {error}".splitlines()[0]) from error
+
+
+def validate_records(rows, source, line_numbers=None):
+    """Checks every record and normalises it; errors name the line (JSON Lines) or the record."""
     if not rows:
         raise UsageError(f"{source}: no records")
+    if not isinstance(rows, list):
+        raise UsageError(f"{source}: expected JSON Lines or a JSON array of objects")
     records = []
     for index, row in enumerate(rows):
-        where = f"{source}: record {index + 1}"
+        where = f"{source}: line {line_numbers[index]}" if line_numbers else f"{source}: record {index + 1}"
         if not isinstance(row, dict):
             raise UsageError(f"{where} is not an object")
         for field in REQUIRED_FIELDS:
@@ -230,8 +264,9 @@ def validate_records(rows, source):
             value = row[field]
             if value is not None and not isinstance(value, str):
                 raise UsageError(f"{where}: '{field}' must be a string")
-        if row["instruction"] is None or row["response"] is None:
-            raise UsageError(f"{where}: 'instruction' and 'response' must not be null")
+        for field in ("instruction", "response"):
+            if row[field] is None:
+                raise UsageError(f"{where}: '{field}' must not be null")
         record = {
             "instruction": row["instruction"],
             "context": row["context"] or "",
@@ -442,7 +477,7 @@ def evaluate_perplexity(model, examples, pad_token_id, batch_size=8, device=None
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
     per_example = [None] * len(examples)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: FSDP's gathered weights must stay ordinary tensors
         for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
             chunk = order[first:first + batch_size]
             batch = pad_batch([examples[i] for i in chunk], pad_token_id)
@@ -519,7 +554,7 @@ def seed_style_perplexity(model, tokenizer, records, batch_size=8, device=None, 
     ]
     batch_losses = []
     model.eval()
-    with torch.inference_mode():
+    with torch.no_grad():
         for first in range(0, len(texts), batch_size):
             encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
                        for text in texts[first:first + batch_size]]
@@ -618,22 +653,29 @@ def convert_gguf_preset(name, preset):
     return target
 
 
-def ensure_hub_reachable(repo_id, kind="model", timeout=3.0):
-    """Fails in seconds, not after the ~25-50 s network time-out, when a Hub id cannot be fetched."""
-    import socket
+def ensure_hub_reachable(repo_id, kind="model", timeout=5.0):
+    """Fails in seconds, not after the ~25-50 s network time-out, when a Hub id cannot be fetched:
+    one metadata request with a short time-out, which also catches a typo or a gated repo."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.constants import is_offline_mode
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        if not _in_hub_cache(repo_id, kind):
-            raise UsageError(f"{kind} {repo_id!r} is not a local path and HF_HUB_OFFLINE=1 (not in the cache)")
-        return
     if _in_hub_cache(repo_id, kind):
         return
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = re.sub(r"^\w+://", "", endpoint).split("/")[0].split(":")[0]
+    if is_offline_mode():
+        raise UsageError(f"{kind} {repo_id!r} is not a local path and HF_HUB_OFFLINE=1 (not in the cache)")
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        raise UsageError(f"{kind} {repo_id!r} is not a local path and the Hub ({host}) cannot be reached") from None
+        info = HfApi().repo_info(repo_id, repo_type=kind, timeout=timeout)
+    except GatedRepoError:
+        raise UsageError(f"{kind} {repo_id!r} is gated: accept its licence on the Hub, then log in") from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"{kind} {repo_id!r} not found on the Hub (or private: log in first)") from None
+    except Exception as error:  # connection refused, DNS, time-out, proxy: all mean "cannot reach"
+        raise UsageError(f"{kind} {repo_id!r} is not a local path and the Hub cannot be reached "
+                         f"({type(error).__name__})") from None
+    if info.gated and get_token() is None:
+        raise UsageError(f"{kind} {repo_id!r} is gated: accept its licence on the Hub, then log in "
+                         "(hf auth login, or set HF_TOKEN)")
 
 
 def _in_hub_cache(repo_id, kind):
@@ -643,12 +685,15 @@ def _in_hub_cache(repo_id, kind):
     return folder.is_dir()
 
 
-def check_model_source(name):
-    """A clear error for a model that is neither a local folder nor a reachable Hub id."""
+def check_model_source(name, need_weights=True):
+    """A clear error for a model that is neither a local folder nor a reachable Hub id, and for a
+    folder without safetensors weights (pickled .bin weights can run code when loaded)."""
     resolved = resolve_model(name)
     if Path(resolved).exists():
         if not Path(resolved, "config.json").is_file():
             raise UsageError(f"model folder {resolved} has no config.json")
+        if need_weights and not any(Path(resolved).glob("*.safetensors")):
+            raise UsageError(f"model folder {resolved} has no .safetensors weights (only safetensors are loaded)")
         return resolved
     if resolved.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", resolved):
         raise UsageError(f"model not found: {name} (neither a local folder nor a Hub id)")
@@ -666,14 +711,31 @@ def load_tokenizer(source, args):
 def load_model(source, args, dtype, quantization_config=None):
     from transformers import AutoModelForCausalLM
 
+    device_map = None
+    if quantization_config is not None and args.device == "cuda":
+        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # bitsandbytes quantises on this rank's GPU
     return AutoModelForCausalLM.from_pretrained(
         source,
         dtype=dtype,
         attn_implementation="sdpa",
         quantization_config=quantization_config,
+        device_map=device_map,
         trust_remote_code=args.trust_remote_code,
         use_safetensors=True,
     )
+
+
+def four_bit_config(device):
+    """QLoRA's quantisation: NF4 weights with double quantisation; bf16 compute on CUDA, fp32 on CPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--quantize 4bit needs bitsandbytes (pip install bitsandbytes)")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
 
 
 def model_config(name, trust_remote_code=False):
@@ -682,7 +744,7 @@ def model_config(name, trust_remote_code=False):
 
     if name in (DEFAULT_MODEL, "llama3-8b-instruct"):
         return LlamaConfig(**{k: v for k, v in LLAMA3_8B_CONFIG.items() if k not in ("architectures", "model_type")})
-    source = check_model_source(name)
+    source = check_model_source(name, need_weights=False)
     return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
@@ -696,11 +758,13 @@ def meta_model(config):
 
 
 def count_parameters(model):
-    """(trainable, total). peft's counter also counts packed 4-bit weights at their true size."""
+    """(trainable, total). peft's counter also counts packed 4-bit weights at their true size and
+    DeepSpeed ZeRO-3's partitioned weights (ds_numel) at their full size."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total
 
 
@@ -742,7 +806,14 @@ def make_trainer_class():
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM ask the Trainer to save a checkpoint and stop after the current step."""
+    """While active, SIGINT/SIGTERM ask the Trainer to save a checkpoint and stop after the current
+    optimizer step; outside training the default behaviour is back.
+
+    Every rank stops at the same step (the flag is all-reduced each step): a launcher may signal the
+    ranks at different moments, and a rank that stops alone would leave the others waiting forever.
+    A second signal stops at once, without a checkpoint, unless it comes within a second of the first
+    (that is a launcher forwarding the same Ctrl-C the workers already got from the terminal).
+    """
 
     def __init__(self):
         from transformers import TrainerCallback
@@ -751,24 +822,48 @@ class StopOnSignal:
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if outer.received is not None:
+                if outer.any_rank_received(args.device):
+                    outer.stopped = True
                     control.should_save = True
                     control.should_training_stop = True
                 return control
 
         self.received = None
+        self.received_at = None
+        self.stopped = False
         self.callback = Callback()
+        self._previous_handlers = {}
 
-    def install(self):
-        def handler(signum, frame):
-            if self.received is not None:  # a second signal: stop now
+    def any_rank_received(self, device):
+        import torch
+        import torch.distributed as dist
+
+        received = self.received is not None
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor(int(received), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            received = bool(flag.item())
+        return received
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.received is not None:
+            if now - self.received_at > 1.0:
                 raise KeyboardInterrupt
-            self.received = signum
-            print(f"\n[signal {signum}] saving a checkpoint after this step; rerun with --resume to continue",
-                  file=sys.stderr)
+            return
+        self.received, self.received_at = signum, now
+        if is_main_process():
+            print(f"\n[signal {signum}] saving a checkpoint after this step; rerun with --resume to continue "
+                  "(signal again to stop at once, without one)", file=sys.stderr)
 
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
 
 
 def training_arguments(args, device, train_examples):
@@ -778,7 +873,7 @@ def training_arguments(args, device, train_examples):
     steps_per_epoch = max(1, math.ceil(train_examples / (args.batch_size * args.grad_accum * world)))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_epochs)
     eval_steps = args.eval_steps or max(1, math.ceil(total_steps / 5))
-    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device == "cuda")
+    checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, device)
     return TrainingArguments(
         output_dir=str(args.output_dir),
         per_device_train_batch_size=args.batch_size,
@@ -814,6 +909,13 @@ def training_arguments(args, device, train_examples):
     )
 
 
+def use_gradient_checkpointing(setting, device):
+    """auto: on with CUDA, unless FSDP checkpoints activations itself (the two cannot be combined)."""
+    if setting == "auto":
+        return device == "cuda" and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING") != "true"
+    return setting == "on"
+
+
 def to_dataset(examples):
     import datasets
 
@@ -828,7 +930,6 @@ def train(args, model, tokenizer, train_examples, val_examples, device):
     from transformers import DataCollatorForSeq2Seq
 
     stopper = StopOnSignal()
-    stopper.install()
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                       pad_to_multiple_of=8 if device == "cuda" else None)
     trainer = make_trainer_class()(
@@ -846,10 +947,15 @@ def train(args, model, tokenizer, train_examples, val_examples, device):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    with stopper:
+        if is_main_process():
+            print(f"training: checkpoints in {args.output_dir}; SIGINT or SIGTERM saves one and stops "
+                  f"(exit status {SIGNAL_EXIT_STATUS}), --resume continues", file=sys.stderr, flush=True)
+        trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
-    if stopper.received is not None:
-        raise Interrupted(f"training stopped by signal {stopper.received}; checkpoint saved in {args.output_dir}")
+    if stopper.stopped:
+        raise Interrupted(f"training stopped by a signal; checkpoint saved in {latest_checkpoint(args.output_dir)}; "
+                          "rerun the same command with --resume to continue")
     local_tokens = trainer.scored_tokens if trainer.scored_tokens is not None else torch.zeros((), dtype=torch.long)
     train_tokens = int(trainer.accelerator.reduce(local_tokens.to(trainer.args.device), "sum"))
     busy_seconds = max(train_seconds - trainer.seconds_away, 1e-9)
@@ -870,9 +976,16 @@ class Interrupted(Exception):
 
 
 def latest_checkpoint(output_dir):
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+    """The newest complete checkpoint-N folder, or None. The Trainer writes trainer_state.json last,
+    so a folder without it was cut short (a kill during saving) and is skipped."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    complete = [item for item in folder.iterdir()
+                if re.fullmatch(r"checkpoint-\d+", item.name) and (item / "trainer_state.json").is_file()]
+    if not complete:
+        return None
+    return str(max(complete, key=lambda item: int(item.name.split("-")[1])))
 
 
 # --------------------------------------------------------------------------- measurements and results
@@ -927,7 +1040,7 @@ RESULT_FIELDS = [
 def build_results(args, method, **fields):
     """Every field of the schema; those that do not apply are null."""
     results = dict.fromkeys(RESULT_FIELDS)
-    config = {key: value for key, value in vars(args).items() if key != "hub_token"}
+    config = {key: value for key, value in vars(args).items() if not SECRET_NAME.search(key)}
     results.update(
         method=method,
         model=args.model,
@@ -947,7 +1060,33 @@ def build_results(args, method, **fields):
     unknown = set(results) - set(RESULT_FIELDS)
     if unknown:
         raise KeyError(f"fields outside the schema: {sorted(unknown)}")
-    return results
+    return redact_secrets(results)
+
+
+SECRET_NAME = re.compile(r"token|secret|password|api_?key", re.IGNORECASE)
+
+
+def known_secrets():
+    """The Hub token (from HF_TOKEN or the login file) and any environment value named like a secret."""
+    secrets = {value for key, value in os.environ.items() if SECRET_NAME.search(key) and len(value) >= 8}
+    try:
+        from huggingface_hub import get_token
+
+        secrets.add(get_token() or "")
+    except ImportError:
+        pass
+    return {secret for secret in secrets if len(secret) >= 8}
+
+
+def redact_secrets(results):
+    """Last line of defence: no known secret's value may appear anywhere in the results."""
+    text = json.dumps(results, default=str)
+    secrets = [secret for secret in known_secrets() if secret in text]
+    if not secrets:
+        return results
+    for secret in secrets:
+        text = text.replace(json.dumps(secret)[1:-1], "***")
+    return json.loads(text)
 
 
 def default_output(method):
@@ -956,22 +1095,35 @@ def default_output(method):
 
 def write_json_atomic(path, payload):
     """Write to a temporary file and rename, so a reader never sees half a file. An existing
-    file is moved to results/history/ with a timestamp rather than overwritten."""
+    file is first kept in history/ beside it, with a timestamp, rather than overwritten."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        history = path.parent / "history"
-        history.mkdir(exist_ok=True)
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        path.replace(history / f"{path.stem}-{stamp}{path.suffix}")
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            keep_in_history(path)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
+
+
+def keep_in_history(path):
+    """Copies path to history/<stem>-<UTC time><suffix> beside it; the original stays until replaced."""
+    history = path.parent / "history"
+    history.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    kept = history / f"{path.stem}-{stamp}{path.suffix}"
+    try:
+        os.link(path, kept)  # a second name for the same file: instant, and the path is never missing
+    except OSError:
+        shutil.copy2(path, kept)
+    return kept
 
 
 def is_main_process():
@@ -993,9 +1145,15 @@ def finish(results, output):
     print(summary)
 
 
+SIGNAL_EXIT_STATUS = 130  # after SIGINT or SIGTERM, whether or not a checkpoint was saved; no results file
+
+
 def main_guard(main):
-    """Runs a script's main: bad input is one line and exit 2; --debug or LVF_DEBUG=1 shows tracebacks."""
+    """Runs a script's main: bad input is one line and exit 2; a signal is exit 130 (with a checkpoint
+    when it comes during training); --debug or LVF_DEBUG=1 shows tracebacks."""
     debug = "--debug" in sys.argv or os.environ.get("LVF_DEBUG") == "1"
+    # Outside training, SIGTERM stops like Ctrl-C does: no results, status 130, no traceback.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
     except UsageError as error:
@@ -1003,16 +1161,23 @@ def main_guard(main):
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except Interrupted as error:
-        print(f"stopped: {error}", file=sys.stderr)
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt) as error:
+        if debug and isinstance(error, KeyboardInterrupt):
+            raise
+        print(f"stopped: {str(error) or 'by a signal, before any results were written'}", file=sys.stderr)
+        sys.exit(SIGNAL_EXIT_STATUS)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the shared training recipe
 
 
 def prepare_training_run(args, method):
-    """Resolves device, dtypes and paths, and refuses to mix a new run into old checkpoints."""
+    """Resolves device, dtypes and paths, seeds every generator (the adapters' random initialisation
+    comes before the Trainer seeds), and refuses to mix a new run into old checkpoints."""
+    seed_everything(args.seed)
+    warn_if_launched_alone()
     args.device = resolve_device()
     args.torch_dtype = resolve_dtype(args.dtype, args.device)
     args.bf16 = use_bf16_autocast(args.bf16_autocast, args.device)
@@ -1024,18 +1189,44 @@ def prepare_training_run(args, method):
     return args
 
 
+def warn_if_launched_alone():
+    """`accelerate launch --cpu --num_processes N` on one machine starts one process (its CPU launcher
+    needs mpirun for more); say so rather than let a user believe N processes trained."""
+    if os.environ.get("ACCELERATE_USE_CPU") == "True" and "MASTER_PORT" in os.environ and "RANK" not in os.environ:
+        print("warning: accelerate launch --cpu started a single process; for DDP on CPUs launch with "
+              "--multi_gpu --num_processes N and CUDA_VISIBLE_DEVICES= (see README)", file=sys.stderr)
+
+
+def seed_everything(seed):
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CUDA too
+
+
 def add_training_args(parser):
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in --output-dir (after a crash or a signal)")
 
 
 def save_artifact(trainer, output_dir):
-    """Saves the final model (adapter or full weights, safetensors) atomically to output_dir/final."""
+    """Saves the final model (adapter or full weights, safetensors only) atomically to output_dir/final.
+
+    Every rank calls it (FSDP and DeepSpeed gather the weights collectively) and writes into the same
+    staging folder; the main process then swaps it in, keeping an earlier final-* beside it."""
     final = Path(output_dir) / "final"
-    staging = final.with_name(f"final.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
+    staging = final.with_name("final.partial")
     if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        # A pickle (torch.save of the TrainingArguments); the results' config already records them.
+        (staging / "training_args.bin").unlink(missing_ok=True)
         if final.exists():
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
             final.replace(final.with_name(f"final-{stamp}"))
@@ -1043,22 +1234,31 @@ def save_artifact(trainer, output_dir):
     return final
 
 
-def finetune_and_evaluate(args, method, model, tokenizer, train_records, val_records, eval_records):
-    """Tokenize, train (best checkpoint by validation loss), evaluate on the held-out set, save,
-    and return the results dict. Shared by finetune.py and full_finetune.py."""
+def tokenize_splits(tokenizer, max_length, **splits):
+    """Tokenizes each split (train=, validation=, eval= records) and stops, before any model is
+    loaded, when a split has nothing that fits --max-length. Returns (examples, truncation) by split."""
+    examples, truncation = {}, {}
+    for name, records in splits.items():
+        examples[name], truncation[name] = tokenize_records(tokenizer, records, max_length, f"tokenize {name}")
+        if not examples[name]:
+            purpose = "evaluate" if name == "eval" else f"use for {name}"
+            raise UsageError(f"nothing to {purpose}: the prompt of every one of its {len(records)} examples "
+                             f"leaves no room within --max-length {max_length}")
+    return examples, truncation
+
+
+def finetune_and_evaluate(args, method, model, tokenizer, examples, truncation, eval_records):
+    """Train (best checkpoint by validation loss), evaluate on the held-out set, save, and return the
+    results dict. Shared by finetune.py and full_finetune.py; examples come from tokenize_splits."""
     trainable, total = count_parameters(model)
     base = total - trainable if method in ("lora", "qlora") else total
-    train_examples, train_truncation = tokenize_records(tokenizer, train_records, args.max_length, "tokenize train")
-    val_examples, val_truncation = tokenize_records(tokenizer, val_records, args.max_length, "tokenize validation")
-    eval_examples, eval_truncation = tokenize_records(tokenizer, eval_records, args.max_length, "tokenize eval")
-    if not train_examples or not val_examples:
-        raise UsageError("no training or validation example fits --max-length")
-    if not eval_examples:
-        raise UsageError("nothing to evaluate: every evaluation example was dropped by --max-length")
+    train_examples, eval_examples = examples["train"], examples["eval"]
 
-    trainer, measured = train(args, model, tokenizer, train_examples, val_examples, args.device)
+    trainer, measured = train(args, model, tokenizer, train_examples, examples["validation"], args.device)
 
-    evaluated_model = trainer.model_wrapped  # every rank runs the same forwards (DDP and FSDP alike)
+    # Every rank evaluates the whole set through the wrapped model: the same forwards everywhere, which
+    # FSDP and DeepSpeed need (they gather weights collectively); the main process writes the results.
+    evaluated_model = trainer.model_wrapped
     evaluation = evaluate_perplexity(evaluated_model, eval_examples, tokenizer.pad_token_id, args.eval_batch_size,
                                      trainer.args.device, args.seed, args.bootstrap_resamples,
                                      desc=f"evaluate {method}")
@@ -1074,7 +1274,7 @@ def finetune_and_evaluate(args, method, model, tokenizer, train_records, val_rec
         peak_memory_bytes=memory, memory_kind=memory_kind,
         artifact_path=str(artifact), artifact_bytes=weights_bytes(artifact) if artifact.exists() else None,
         device=args.device, dtype=str(args.torch_dtype).removeprefix("torch."), bf16_autocast=args.bf16,
-        truncation={"train": train_truncation, "validation": val_truncation, "eval": eval_truncation},
+        truncation=truncation,
     )
 
 

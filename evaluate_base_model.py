@@ -27,11 +27,13 @@ def main(argv=None):
                                        device=device, dtype=str(dtype).removeprefix("torch."))
         return common.finish(results, output)
 
-    # Data first: a bad file should cost seconds, not a model load. With --eval-file only that file is read.
-    _, _, eval_records = common.load_splits(args, need_train=False)
+    # Everything that can be wrong with the input fails here, in seconds, before the model loads.
+    # With --eval-file only that file is read.
     source = common.check_model_source(args.model)
+    _, _, eval_records = common.load_splits(args, need_train=False)
     tokenizer = common.load_tokenizer(source, args)
-    eval_examples, eval_truncation = common.tokenize_records(tokenizer, eval_records, args.max_length, "tokenize eval")
+    examples, truncation = common.tokenize_splits(tokenizer, args.max_length, eval=eval_records)
+    eval_examples = examples["eval"]
     model = common.load_model(source, args, dtype).to(device)
 
     evaluation = common.evaluate_perplexity(model, eval_examples, tokenizer.pad_token_id, args.eval_batch_size,
@@ -44,7 +46,7 @@ def main(argv=None):
     results = common.build_results(
         args, "base", **evaluation, trainable_params=0, total_params=total, base_params=total,
         peak_memory_bytes=memory, memory_kind=memory_kind, device=device, dtype=str(dtype).removeprefix("torch."),
-        truncation={"eval": eval_truncation},
+        truncation=truncation,
     )
     common.finish(results, output)
 

@@ -1,0 +1,206 @@
+"""Bad input: one line on stderr, exit status 2, no traceback, no results file, and no model loaded.
+
+Each case runs all three scripts in-process under common.main_guard (exactly what `python script.py`
+runs); a few run as real subprocesses to show the same from the command line.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import common
+import evaluate_base_model
+import finetune
+import full_finetune
+
+SCRIPTS = {"evaluate_base_model.py": evaluate_base_model, "finetune.py": finetune, "full_finetune.py": full_finetune}
+TRAINING_SCRIPTS = {name: module for name, module in SCRIPTS.items() if name != "evaluate_base_model.py"}
+GOOD = {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"}
+
+
+@pytest.fixture(autouse=True)
+def refuse_model_loads(monkeypatch):
+    """Every error below must come before a model is loaded."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(common, "load_model", refuse)
+    monkeypatch.delenv("LVF_DEBUG", raising=False)
+
+
+def jsonl(tmp_path, *lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def fails_cleanly(tmp_path, capsys, tiny_llama_dir):
+    """check(args, problem): each script exits with status 2, no traceback, no results file, and a
+    message that names the problem. A real local model is given unless args name another."""
+    def check(args, problem, scripts=SCRIPTS, usage_line=False):
+        for name, module in scripts.items():
+            output = tmp_path / "results" / f"{name}.json"
+            argv = ["--model", str(tiny_llama_dir), *map(str, args), "--output", str(output),
+                    "--output-dir", str(tmp_path / "outputs" / name)]
+            with pytest.raises(SystemExit) as exit_info:
+                common.main_guard(lambda module=module, argv=argv: module.main(argv))
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2, (name, err)
+            assert "Traceback" not in err, (name, err)
+            assert problem in err, (name, err)
+            if not usage_line:  # argparse's own errors come with a usage line first
+                assert err.count("\n") == 1 and err.startswith("error: "), (name, err)
+            assert not output.exists() and not output.parent.exists(), name
+
+    return check
+
+
+def test_missing_data_file(tmp_path, fails_cleanly):
+    fails_cleanly(["--dataset", tmp_path / "nope.jsonl"], "data file not found")
+
+
+def test_empty_data_file(tmp_path, fails_cleanly):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    fails_cleanly(["--dataset", tmp_path / "empty.jsonl"], "data file is empty")
+
+
+def test_non_utf8_data_file_names_the_line(tmp_path, fails_cleanly):
+    path = tmp_path / "latin1.jsonl"
+    latin1 = json.dumps({**GOOD, "response": "Caf\u00e9"}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + latin1 + b"\n")
+    fails_cleanly(["--dataset", path], "latin1.jsonl: line 2 is not valid UTF-8")
+
+
+def test_malformed_json_names_the_line_counting_blank_lines(tmp_path, fails_cleanly):
+    path = jsonl(tmp_path, GOOD, "", '{"instruction": "unterminated')
+    fails_cleanly(["--dataset", path], "data.jsonl: line 3 is not valid JSON")
+
+
+def test_line_that_is_not_an_object(tmp_path, fails_cleanly):
+    path = jsonl(tmp_path, GOOD, '["instruction", "context", "response"]', GOOD)
+    fails_cleanly(["--dataset", path], "data.jsonl: line 2 is not a JSON object")
+
+
+def test_record_without_a_required_field_names_field_and_line(tmp_path, fails_cleanly):
+    # The blank line makes record 3 sit on line 4: the message must give the line.
+    incomplete = {key: value for key, value in GOOD.items() if key != "context"}
+    path = jsonl(tmp_path, GOOD, "", GOOD, incomplete, GOOD)
+    fails_cleanly(["--dataset", path], "data.jsonl: line 4 has no 'context' field")
+
+
+def test_every_response_empty(tmp_path, fails_cleanly):
+    path = jsonl(tmp_path, *[{**GOOD, "response": " "}] * 5)
+    fails_cleanly(["--dataset", path], "every response is empty")
+
+
+def test_eval_file_with_a_problem_is_named(tmp_path, fails_cleanly, dolly_path):
+    path = jsonl(tmp_path, GOOD, {**GOOD, "instruction": None}, name="eval.jsonl")
+    fails_cleanly(["--dataset", dolly_path, "--eval-file", path], "eval.jsonl: line 2: 'instruction' must not be null")
+
+
+def test_model_path_that_does_not_exist(tmp_path, fails_cleanly, dolly_path):
+    fails_cleanly(["--dataset", dolly_path, "--model", tmp_path / "no-such-model"], "model not found")
+
+
+def test_model_folder_without_safetensors_weights(tmp_path, fails_cleanly, dolly_path, tiny_llama_dir):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    fails_cleanly(["--dataset", dolly_path, "--model", folder], "has no .safetensors weights")
+
+
+def test_max_length_zero(fails_cleanly):
+    fails_cleanly(["--max-length", "0"], "argument --max-length: must be a positive integer", usage_line=True)
+
+
+def test_negative_learning_rate(fails_cleanly):
+    fails_cleanly(["--learning-rate=-1e-4"], "argument --learning-rate: must be a positive number", usage_line=True)
+
+
+def test_max_eval_samples_zero(fails_cleanly):
+    fails_cleanly(["--max-eval-samples", "0"], "argument --max-eval-samples: must be a positive integer",
+                  usage_line=True)
+
+
+def test_eval_file_that_leaves_nothing_to_evaluate(tmp_path, fails_cleanly):
+    # Training examples fit in 96 tokens; every evaluation prompt is far longer, so nothing is left.
+    long_prompt = {**GOOD, "context": "word " * 400}
+    path = jsonl(tmp_path, *[long_prompt] * 3, name="eval.jsonl")
+    short = [{**GOOD, "instruction": f"Name colour number {i}."} for i in range(12)]
+    data = jsonl(tmp_path, *short, name="train.jsonl")
+    fails_cleanly(["--dataset", data, "--eval-file", path, "--max-eval-samples", "2", "--max-length", "96"],
+                  "nothing to evaluate")
+
+
+def test_lora_targets_that_match_nothing(fails_cleanly):
+    fails_cleanly(["--dry-run", "--lora-targets", "nope"], "--lora-targets nope", scripts={"finetune.py": finetune})
+
+
+def test_training_refuses_to_mix_into_earlier_checkpoints(tmp_path, fails_cleanly, dolly_path):
+    for name in TRAINING_SCRIPTS:
+        (tmp_path / "outputs" / name / "checkpoint-3").mkdir(parents=True)
+        (tmp_path / "outputs" / name / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    fails_cleanly(["--dataset", dolly_path], "pass --resume", scripts=TRAINING_SCRIPTS)
+
+
+def test_debug_environment_variable_shows_the_exception(tmp_path, monkeypatch, tiny_llama_dir):
+    monkeypatch.setenv("LVF_DEBUG", "1")
+    with pytest.raises(common.UsageError, match="data file not found"):
+        common.main_guard(lambda: finetune.main(["--model", str(tiny_llama_dir),
+                                                 "--dataset", str(tmp_path / "nope.jsonl")]))
+
+
+# --------------------------------------------------------------------------- from the command line
+
+
+def run_script(script, *args, env=None, offline=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not offline:
+        env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, str(common.PROJECT_DIR / script), *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def closed_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_command_line_bad_record_is_one_line_and_status_2(tmp_path, tiny_llama_dir):
+    path = jsonl(tmp_path, GOOD, {"instruction": "x", "context": ""})
+    result = run_script("finetune.py", "--model", tiny_llama_dir, "--dataset", path, "--output", tmp_path / "lora.json")
+    assert result.returncode == 2
+    assert result.stderr == f"error: {path}: line 2 has no 'response' field\n"
+    assert not (tmp_path / "lora.json").exists()
+
+
+def test_command_line_debug_shows_the_traceback(tmp_path, tiny_llama_dir):
+    result = run_script("full_finetune.py", "--model", tiny_llama_dir, "--dataset", tmp_path / "nope.jsonl", "--debug")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "UsageError: data file not found" in result.stderr
+
+
+def test_unreachable_hub_fails_fast(tmp_path):
+    """A Hub id with no Hub: HF_HUB_OFFLINE unset and the endpoint a closed local port."""
+    result = run_script("evaluate_base_model.py", "--model", "someone/some-model", "--output", tmp_path / "base.json",
+                        env={"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HUB_CACHE": str(tmp_path)},
+                        offline=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model 'someone/some-model' is not a local path and the Hub cannot be reached" in result.stderr
+    assert not (tmp_path / "base.json").exists()
+
+
+def test_offline_hub_id_not_in_cache(tmp_path):
+    result = run_script("evaluate_base_model.py", "--model", "someone/some-model", "--output", tmp_path / "base.json",
+                        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "HF_HUB_OFFLINE=1 (not in the cache)" in result.stderr
+    assert not (tmp_path / "base.json").exists()

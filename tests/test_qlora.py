@@ -1,0 +1,73 @@
+"""QLoRA (--quantize 4bit): NF4 weights, parameter counts as if unquantised, method "qlora"."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+
+import common
+import finetune
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_64_dir(tmp_path_factory, llama3_tokenizer_dir):
+    """Layer sizes that are multiples of 64 (bitsandbytes' 4-bit blocks on CPU)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama-64")
+    config = tiny_llama_config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(llama3_tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def test_dry_run_for_the_8b_default_counts_like_lora(tmp_path):
+    finetune.main(["--dry-run", "--quantize", "4bit", "--output", str(tmp_path / "qlora.json")])
+    result = json.loads((tmp_path / "qlora.json").read_text())
+    assert result["method"] == "qlora" and result["dry_run"] is True
+    assert result["trainable_params"] == 13_631_488  # the same numbers as LoRA (tests/test_dry_run.py)
+    assert result["total_params"] == 8_043_892_736
+    assert result["base_params"] == 8_030_261_248
+
+
+def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, monkeypatch, tiny_llama_64_dir,
+                                                                      dolly_path):
+    from transformers import AutoModelForCausalLM
+
+    loaded = []
+    load_model = common.load_model
+    monkeypatch.setattr(common, "load_model", lambda *a, **kw: loaded.append(load_model(*a, **kw)) or loaded[-1])
+    args = ["--model", str(tiny_llama_64_dir), "--dataset", str(dolly_path), "--quantize", "4bit",
+            "--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128",
+            "--batch-size", "2", "--max-steps", "2", "--output-dir", str(tmp_path / "qlora")]
+    finetune.main([*args, "--output", str(tmp_path / "qlora.json")])
+    result = json.loads((tmp_path / "qlora.json").read_text())
+
+    import bitsandbytes
+
+    four_bit = [module for module in loaded[0].modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    assert all(module.weight.quant_state.quant_type == "nf4" and module.weight.quant_state.nested  # double quant
+               for module in four_bit)
+    assert result["method"] == "qlora" and result["optimizer_steps"] == 2
+    assert math.isfinite(result["perplexity"]) and result["eval_tokens"] > 0
+
+    # Packed 4-bit weights hold two parameters per byte; the counts must be the unquantised model's.
+    unquantised = AutoModelForCausalLM.from_pretrained(tiny_llama_64_dir)
+    base_params = sum(parameter.numel() for parameter in unquantised.parameters())
+    trainable, total = common.count_parameters(finetune.add_adapters(unquantised, finetune.parse_args(args)))
+    assert result["base_params"] == base_params == total - trainable
+    assert (result["trainable_params"], result["total_params"]) == (trainable, total)
+
+
+def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        find_spec(name, *a))
+    with pytest.raises(common.UsageError, match="--quantize 4bit needs bitsandbytes"):
+        common.four_bit_config("cpu")

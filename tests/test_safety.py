@@ -1,0 +1,82 @@
+"""Nothing lost (atomic writes, earlier results kept) and safe by default (no remote code, safetensors
+only, no secret in the results)."""
+
+import json
+
+import pytest
+
+import common
+import finetune
+
+
+def test_results_are_written_atomically_and_earlier_ones_kept(tmp_path):
+    path = tmp_path / "results" / "lora.json"
+    common.write_json_atomic(path, {"run": 1})
+    common.write_json_atomic(path, {"run": 2})
+    common.write_json_atomic(path, {"run": 3})
+    assert json.loads(path.read_text()) == {"run": 3}
+    kept = sorted((tmp_path / "results" / "history").glob("lora-*.json"))
+    assert [json.loads(item.read_text()) for item in kept] == [{"run": 1}, {"run": 2}]
+    assert sorted(item.name for item in path.parent.iterdir()) == ["history", "lora.json"]  # no temporary left
+
+
+def test_a_failed_write_leaves_the_earlier_results_in_place(tmp_path):
+    path = tmp_path / "lora.json"
+    common.write_json_atomic(path, {"run": 1})
+    with pytest.raises(TypeError):
+        common.write_json_atomic(path, {"run": object()})  # not serialisable: fails half-way through
+    assert json.loads(path.read_text()) == {"run": 1}
+    assert [item.name for item in tmp_path.iterdir()] == ["lora.json"]
+
+
+def test_only_the_main_process_writes_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    common.finish({"method": "lora"}, tmp_path / "lora.json")
+    assert not (tmp_path / "lora.json").exists()
+
+
+def test_no_token_or_secret_reaches_the_results(tmp_path, monkeypatch, capsys, tiny_llama_dir):
+    secret = "hf_NotARealTokenButLongEnough123"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    args = finetune.parse_args(["--dry-run", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "r.json"),
+                                "--output-dir", str(tmp_path / "out")])
+    args.hub_token = secret  # as if a flag or a library had put one on the arguments
+    args.api_key = "another-secret-value"
+    args.note = f"Bearer {secret}"
+    results = common.build_results(args, "lora", device="cpu")
+    text = json.dumps(results)
+    assert secret not in text and "another-secret-value" not in text
+    assert "hub_token" not in results["config"] and "api_key" not in results["config"]
+    assert results["config"]["note"] == "Bearer ***"
+
+    finetune.main(["--dry-run", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "dry.json")])
+    assert secret not in (tmp_path / "dry.json").read_text()
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flag", [[], ["--trust-remote-code"]])
+def test_remote_code_is_off_unless_asked_and_weights_are_safetensors_only(monkeypatch, flag):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", record)
+    args = finetune.parse_args(flag)
+    args.device = "cpu"
+    for load in (lambda: common.load_model("some/model", args, dtype=None),
+                 lambda: common.load_tokenizer("some/model", args)):
+        with pytest.raises(Stop):
+            load()
+    model_kwargs, tokenizer_kwargs = calls
+    assert model_kwargs["trust_remote_code"] is tokenizer_kwargs["trust_remote_code"] is bool(flag)
+    assert model_kwargs["use_safetensors"] is True
