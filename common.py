@@ -157,6 +157,9 @@ def build_parser(description, method):
         help="bf16 autocast for training: auto turns it on on CUDA, and on CPUs with AMX/AVX512-BF16")
     add("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
         help="auto: on with CUDA, off on CPU")
+    add("--packing", action="store_true",
+        help="padding-free training: each batch is flattened into one row with position ids restarting per "
+             "example (pays off with FlashAttention-2 on CUDA; on CPU length-grouped batches are faster)")
     add("--bootstrap-resamples", type=positive_int, default=1000, help="resamples for the 95%% interval")
     add("--seed-style-metric", action="store_true",
         help="also compute the write-up's flawed perplexity (labels = input ids, padded to 512 with eos, "
@@ -771,20 +774,25 @@ def count_parameters(model):
 # --------------------------------------------------------------------------- training
 
 
-def make_trainer_class():
+def make_trainer_class(base=None):
     """Trainer that also counts the scored tokens it trains on and the time it spends away
-    from training (validation and checkpoints), so tokens/s means training tokens/s."""
+    from training (validation and checkpoints), so tokens/s means training tokens/s.
+    `base` (default: transformers.Trainer) lets bench/throughput.py measure other trainers the same way."""
     from transformers import Trainer
 
-    class MeasuredTrainer(Trainer):
+    class MeasuredTrainer(base or Trainer):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.scored_tokens = None
             self.seconds_away = 0.0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            # Scored = a target that counts in the loss and is not padding (some pipelines label padding).
             # Summed on the device: no host sync per step.
-            count = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+            scored = inputs["labels"][..., 1:] != IGNORE_INDEX
+            if "attention_mask" in inputs:
+                scored = scored & inputs["attention_mask"][..., 1:].bool()
+            count = scored.sum()
             self.scored_tokens = count if self.scored_tokens is None else self.scored_tokens + count
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -924,17 +932,61 @@ def to_dataset(examples):
     ).add_column("length", [len(example["input_ids"]) for example in examples])
 
 
+def accepts_logits_to_keep(model):
+    """Whether the (unwrapped) causal LM takes logits_to_keep, as transformers 5 models do."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def training_collator(tokenizer, device, packing=False, scored_logits_only=True):
+    """Pads a batch (or, with packing, flattens it into one row with position ids), then adds two
+    things that make a step cheaper without changing its loss or gradients:
+
+    - logits_to_keep, a boolean mask of the positions whose next token is scored, and the matching
+      shift_labels: the model projects onto the vocabulary only there. On Dolly ~60% of the tokens are
+      prompt, and in a small model the vocabulary projection and its softmax are a large share of a
+      step's time and memory.
+    - use_cache=False: training never reads a KV cache, and transformers derives the per-example
+      attention mask of a packed row from its position ids only when no cache is passed (with a cache,
+      examples in a packed row silently attend to each other).
+    """
+    import torch
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        # Labels get -100 at every example's first token, so no example predicts across a boundary.
+        pad_or_flatten = DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
+    else:
+        pad_or_flatten = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                                pad_to_multiple_of=8 if device == "cuda" else None)
+
+    def collate(features):
+        batch = pad_or_flatten(features)
+        batch["use_cache"] = False
+        if scored_logits_only:
+            targets = batch["labels"][..., 1:]
+            scored = targets != IGNORE_INDEX
+            batch["logits_to_keep"] = torch.nn.functional.pad(scored, (0, 1), value=False)
+            batch["shift_labels"] = targets[scored]
+        return batch
+
+    return collate
+
+
 def train(args, model, tokenizer, train_examples, val_examples, device):
     """Trains with the Trainer, keeps the best checkpoint by validation loss, returns measurements."""
     import torch
-    from transformers import DataCollatorForSeq2Seq
 
     stopper = StopOnSignal()
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
-                                      pad_to_multiple_of=8 if device == "cuda" else None)
+    training_args = training_arguments(args, device, len(train_examples))
+    # DataParallel (several GPUs, one process) would split the flat shift_labels across replicas.
+    scored_logits_only = training_args.n_gpu <= 1 and accepts_logits_to_keep(model)
+    collator = training_collator(tokenizer, device, args.packing, scored_logits_only)
     trainer = make_trainer_class()(
         model=model,
-        args=training_arguments(args, device, len(train_examples)),
+        args=training_args,
         train_dataset=to_dataset(train_examples),
         eval_dataset=to_dataset(val_examples),
         data_collator=collator,

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU check for one GPU (sized for an H200), offline, under 8 minutes: LoRA and full fine-tuning of the
+# Llama-3-8B architecture with random bf16 weights at sequence 2048, batch 2, a few steps each; tokens/s and
+# torch.cuda.max_memory_allocated as JSON, beside torchtune's published figures.
+#
+#   bash bench/gpu_check.sh                    # writes $OUT/gpu_check.json, else bench/results/gpu_check.json
+#   bash bench/gpu_check.sh --output x.json    # any bench/gpu_check.py flag passes through
+#
+# Needs torch (CUDA), transformers, peft and accelerate; uses bitsandbytes' paged 8-bit AdamW for full
+# fine-tuning only if it imports. PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Fewer fragmentation stalls when the full fine-tuning run follows the LoRA run in the same process.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+
+echo "[gpu_check.sh] $(date -u +%Y-%m-%dT%H:%M:%SZ) python: $PYTHON"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "[gpu_check.sh] nvidia-smi not available"
+"$PYTHON" -c "import torch, transformers, peft; print('[gpu_check.sh] torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__)"
+# The Python side stops timing new steps after --budget-seconds (420); the hard limit below is the backstop.
+exec timeout --signal=TERM --kill-after=15 460 "$PYTHON" bench/gpu_check.py "$@"
