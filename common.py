@@ -945,7 +945,7 @@ def training_collator(tokenizer, device, packing=False, scored_logits_only=True)
     things that make a step cheaper without changing its loss or gradients:
 
     - logits_to_keep, a boolean mask of the positions whose next token is scored, and the matching
-      shift_labels: the model projects onto the vocabulary only there. On Dolly ~60% of the tokens are
+      shift_labels: the model projects onto the vocabulary only there. In our Dolly records ~60% of tokens are
       prompt, and in a small model the vocabulary projection and its softmax are a large share of a
       step's time and memory.
     - use_cache=False: training never reads a KV cache, and transformers derives the per-example

@@ -130,8 +130,12 @@ def probe_parameter(model, method):
     raise RuntimeError("no q_proj parameter to probe")
 
 
-def batch_loss(model, input_ids):
-    return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+def batch_loss(model, input_ids, autocast):
+    import torch
+
+    # bf16 autocast as the Trainer applies it on CUDA (bf16=True): LoRA's fp32 adapters then run in bf16 too.
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
 
 def run_method(args, method, device, dtype, started):
@@ -150,9 +154,10 @@ def run_method(args, method, device, dtype, started):
     input_ids = torch.randint(0, vocab, (args.batch_size, args.sequence_length), generator=generator).to(device)
     probe_name, probe = probe_parameter(model, method)
     probe_before = probe.detach().float().clone()
+    autocast = common.use_bf16_autocast("auto", device)
 
     with torch.no_grad():
-        loss_before = float(batch_loss(model, input_ids))
+        loss_before = float(batch_loss(model, input_ids, autocast))
     losses, step_seconds = [], []
     total_steps = args.warmup_steps + args.steps
     for step in range(total_steps):
@@ -162,7 +167,7 @@ def run_method(args, method, device, dtype, started):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = batch_loss(model, input_ids)
+        loss = batch_loss(model, input_ids, autocast)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -175,7 +180,7 @@ def run_method(args, method, device, dtype, started):
         log(f"{method}: step {step + 1}/{total_steps} loss {losses[-1]:.4f} in {elapsed:.2f} s"
             + ("" if step >= args.warmup_steps else " (warm-up, not timed)"))
     with torch.no_grad():
-        loss_after = float(batch_loss(model, input_ids))
+        loss_after = float(batch_loss(model, input_ids, autocast))
     delta = probe.detach().float() - probe_before
     tokens_per_step = args.batch_size * args.sequence_length
     result = {
@@ -186,6 +191,7 @@ def run_method(args, method, device, dtype, started):
         "gradient_checkpointing": "use_reentrant=False",
         "attention": model.config._attn_implementation,
         "dtype": str(dtype).removeprefix("torch."),
+        "bf16_autocast": autocast,
         "tokens_per_step": tokens_per_step,
         "warmup_steps": args.warmup_steps,
         "timed_steps": len(step_seconds),

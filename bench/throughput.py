@@ -1,0 +1,538 @@
+"""Training throughput of this kit against TRL's SFTTrainer and the write-up's recipe, on the same work.
+
+    python bench/throughput.py            # LoRA and full fine-tuning, three contenders each (< 20 min on 2 cores)
+    python bench/throughput.py --quick    # a smoke run for development; its figures mean nothing
+
+One subprocess per contender and method, run one after the other. All of them train SmolLM2-135M-Instruct
+(the `smollm2-135m` preset) in fp32 weights on the same training records, with the same hyperparameters, for
+the same number of optimizer steps: exactly one epoch over steps x batch x accumulation records.
+
+  ours     finetune.py / full_finetune.py themselves; their figures are the ones their results JSON reports
+  trl      TRL's SFTTrainer with its defaults, on a conversational prompt-completion dataset (loss on the
+           completion only); TRL's defaults include bf16 autocast and gradient checkpointing
+  writeup  the write-up's pipeline: Dolly's context dropped, padding="max_length" to 512 with pad = eos,
+           labels = input_ids (prompt and padding are targets), a plain Trainer
+
+Shared by all: model weights and dtype, LoRA config (r=16, alpha=32, dropout 0.05 on q/k/v/o), learning rate
+(the scripts' defaults), batch and accumulation, optimizer (torch AdamW), cosine schedule, warm-up, seed.
+Each contender keeps its own defaults for everything else: that is what a user of it gets.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_DIR))
+
+import common  # noqa: E402
+
+CONTENDERS = ("ours", "trl", "writeup")
+METHODS = ("lora", "full")
+SCRIPTS = {"lora": "finetune.py", "full": "full_finetune.py"}
+WRITEUP_LENGTH = 512
+
+DEFINITIONS = {
+    "scored_tokens": "targets that count in the contender's own loss and are not padding: positions t >= 1 with "
+                     "labels[t] != -100 and attention_mask[t] = 1. For ours and TRL: the response and its "
+                     "end-of-turn token; for the write-up also the prompt, which its labels = input_ids trains on",
+    "scored_tokens_per_second": "scored tokens / seconds inside Trainer.train() less validation and checkpoint "
+                                "saving (the results JSON's train_tokens / train_step_seconds); the same trainer "
+                                "subclass (common.make_trainer_class) counts and times every contender",
+    "response_tokens_per_second": "tokens of the responses trained on per second: the same as scored for ours "
+                                  "and TRL; for the write-up its scored tokens less the prompt, i.e. the useful "
+                                  "part of its signal",
+    "input_tokens_per_second": "non-padding tokens fed to the model per second (prompt included)",
+    "peak_rss": "the contender process's maximum resident set size over its whole life (os.wait4 ru_maxrss): "
+                "model load, data preparation and training; for ours also its short validation, final "
+                "evaluation and saving",
+    "mfu": "model FLOPs utilisation = 6 x N x input tokens/s / matmul peak, N = the base model's parameters "
+           "(tied embeddings once), the peak measured in this run with the same threads, in the dtype the "
+           "contender computes in (bf16 with autocast, else fp32). Recomputation by gradient checkpointing is "
+           "not counted. For LoRA 6N is the usual convention but overstates the work: frozen weights need no "
+           "weight gradients, so ~4N is done and the LoRA MFU reads ~1.5x too high. Ours also skips the vocabulary "
+           "projection at prompt positions; 6N counts that skipped work as done",
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--quick", action="store_true",
+        help="development smoke run: --steps 2 --batch-size 2 --grad-accum 1 --max-length 512 unless given")
+    add("--steps", type=common.positive_int, default=None, help="optimizer steps per contender (default 4)")
+    add("--batch-size", type=common.positive_int, default=None,
+        help="per-step batch for both methods, so LoRA and full memory compare on the same batch (default 2)")
+    add("--grad-accum", type=common.positive_int, default=None, help="gradient accumulation steps (default 2)")
+    add("--max-length", type=common.positive_int, default=None,
+        help="tokens per example for ours and TRL (default 1024, both tools' default)")
+    add("--methods", default=",".join(METHODS), help="comma-separated: lora, full")
+    add("--contenders", default=",".join(CONTENDERS), help="comma-separated: ours, trl, writeup")
+    add("--trl-precision", choices=["defaults", "ours"], default="defaults",
+        help="defaults: TRL's own (bf16 autocast, gradient checkpointing); ours: the settings our path uses "
+             "on this machine, to separate those two defaults from the rest of TRL")
+    add("--model", default="smollm2-135m", help="model preset, Hub id or folder")
+    add("--dataset", default=None,
+        help="records (default: ../shared/dolly/dolly-subset.jsonl when present, else data/demo.jsonl)")
+    add("--seed", type=int, default=42)
+    add("--output", default=None,
+        help="results JSON (default: bench/results/throughput.json, or throughput-quick.json with --quick)")
+    add("--timeout", type=common.positive_int, default=900, help="seconds allowed to each contender")
+    add("--keep", action="store_true", help="keep the temporary folder (records, logs, checkpoints)")
+    # Internal: a contender process.
+    add("--worker", choices=CONTENDERS[1:], help=argparse.SUPPRESS)
+    add("--method", choices=METHODS, help=argparse.SUPPRESS)
+    add("--records", help=argparse.SUPPRESS)
+    add("--samples", type=int, help=argparse.SUPPRESS)
+    add("--result", help=argparse.SUPPRESS)
+    add("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = dict(steps=2, batch_size=2, grad_accum=1, max_length=512)
+    full = dict(steps=4, batch_size=2, grad_accum=2, max_length=1024)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.contenders = [c for c in args.contenders.split(",") if c]
+    unknown = set(args.methods) - set(METHODS) | set(args.contenders) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown method or contender: {sorted(unknown)}")
+    args.samples = args.samples or args.steps * args.batch_size * args.grad_accum
+    return args
+
+
+def default_dataset():
+    shared = PROJECT_DIR.parent / "shared" / "dolly" / "dolly-subset.jsonl"
+    return shared if shared.is_file() else PROJECT_DIR / "data" / "demo.jsonl"
+
+
+def script_defaults(method):
+    """The scripts' own defaults (learning rate, LoRA config), read from their parsers."""
+    import finetune
+    import full_finetune
+
+    return (finetune if method == "lora" else full_finetune).parse_args([])
+
+
+def warmup_steps(steps):
+    return max(1, round(0.03 * steps))  # as common.training_arguments
+
+
+# --------------------------------------------------------------------------- the shared work
+
+
+def load_tokenizer(model_source):
+    from transformers import AutoTokenizer
+
+    return common.setup_tokenizer(AutoTokenizer.from_pretrained(model_source))
+
+
+def write_fitting_records(source, tokenizer, max_length, folder):
+    """The records whose prompt fits max_length, as JSON Lines outside the repository. We and TRL both drop
+    the others; dropping them up front keeps every contender at exactly one epoch."""
+    fitting = [record for record in common.load_records(str(source))
+               if common.tokenize_example(tokenizer, record, max_length)[0] is not None]
+    path = Path(folder) / "records.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in fitting:
+            handle.write(json.dumps({key: record[key] for key in ("instruction", "context", "response", "category")},
+                                    ensure_ascii=False) + "\n")
+    return path
+
+
+def training_records(records_file, samples, seed):
+    """What the scripts train on given --max-train-samples: the same split and the same subset."""
+    train, _, _ = common.split_records(common.load_records(str(records_file)), seed=seed)
+    if len(train) < samples:
+        raise common.UsageError(f"{records_file}: {len(train)} training records, {samples} needed")
+    return common.take_subset(train, samples, seed)
+
+
+def matmul_peak(dtype_name, size, repeats=5):
+    """Best GFLOP/s of a square matmul in this process, with the threads the contenders get."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+# --------------------------------------------------------------------------- contenders (worker processes)
+
+
+def load_model(model_source, method, peft_yourself):
+    """The model as our scripts load it: same dtype (fp32 on the CPU), SDPA; LoRA from finetune.py's config."""
+    dtype = common.resolve_dtype("auto", common.resolve_device())
+    model = common.load_model(model_source, argparse.Namespace(trust_remote_code=False), dtype)
+    lora = None
+    if method == "lora":
+        import finetune
+
+        lora = finetune.lora_config(script_defaults("lora"))
+        if peft_yourself:
+            from peft import get_peft_model
+
+            model, lora = get_peft_model(model, lora), None
+    return model, lora
+
+
+def shared_hyperparameters(args):
+    return dict(
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=script_defaults(args.method).learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup_steps(args.steps),
+        optim="adamw_torch",
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        use_cpu=common.resolve_device() == "cpu",
+        output_dir=str(Path(args.workdir) / f"{args.worker}-{args.method}"),
+    )
+
+
+def trl_trainer(args, model_source, tokenizer, records):
+    """TRL's SFTTrainer, its defaults, on a conversational prompt-completion dataset."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    model, lora = load_model(model_source, args.method, peft_yourself=False)
+    rows = [{"prompt": [{"role": "user", "content": common.user_turn(record)}],
+             "completion": [{"role": "assistant", "content": record["response"]}]} for record in records]
+    extra = {}
+    if args.trl_precision == "ours":
+        device = common.resolve_device()
+        extra = dict(bf16=common.use_bf16_autocast("auto", device), gradient_checkpointing=device == "cuda")
+    config = SFTConfig(**shared_hyperparameters(args), max_length=args.max_length, **extra)
+    trainer = common.make_trainer_class(SFTTrainer)(model=model, args=config,
+                                                    train_dataset=datasets.Dataset.from_list(rows),
+                                                    processing_class=tokenizer, peft_config=lora)
+    input_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    return trainer, {"input_tokens": input_tokens, "train_examples": len(trainer.train_dataset)}
+
+
+def writeup_trainer(args, model_source, tokenizer, records):
+    """The write-up's recipe: context dropped, padded to 512 with eos, labels = input_ids, plain Trainer."""
+    import datasets
+    from transformers import TrainingArguments, default_data_collator
+
+    model, _ = load_model(model_source, args.method, peft_yourself=True)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": record["instruction"]},
+                                            {"role": "assistant", "content": record["response"]}], tokenize=False)
+             for record in records]
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=WRITEUP_LENGTH,
+                        add_special_tokens=False)
+    rows = [{"input_ids": ids, "attention_mask": mask, "labels": list(ids)}
+            for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)]
+    trainer = common.make_trainer_class()(model=model, args=TrainingArguments(**shared_hyperparameters(args)),
+                                          train_dataset=datasets.Dataset.from_list(rows),
+                                          data_collator=default_data_collator)
+    # Its labels cover the prompt too; what follows the prompt (cut at 512) is the response it learns.
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": record["instruction"]}],
+                                             add_generation_prompt=True, tokenize=False) for record in records]
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    lengths = [sum(mask) for mask in encoded["attention_mask"]]
+    return trainer, {"input_tokens": sum(lengths), "train_examples": len(rows),
+                     "response_tokens": sum(max(0, n - p) for n, p in zip(lengths, prompt_lengths, strict=True))}
+
+
+def run_worker(args):
+    """One contender: build its trainer, train, and write what common.train would measure."""
+    model_source = common.check_model_source(args.model)
+    tokenizer = load_tokenizer(model_source)
+    records = training_records(args.records, args.samples, args.seed)
+    build = trl_trainer if args.worker == "trl" else writeup_trainer
+    trainer, work = build(args, model_source, tokenizer, records)
+    start = time.perf_counter()  # timed as common.train times our own path
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    busy_seconds = train_seconds - trainer.seconds_away
+    train_tokens = int(trainer.scored_tokens)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result = {
+        "train_tokens": train_tokens,
+        "train_seconds": train_seconds,
+        "train_step_seconds": busy_seconds,
+        "train_tokens_per_second": train_tokens / busy_seconds,
+        "response_tokens": work.get("response_tokens", train_tokens),
+        **work,
+        "optimizer_steps": trainer.state.global_step,
+        "bf16_autocast": bool(trainer.args.bf16),
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        "peak_memory_bytes": common.peak_memory("cpu")[0],
+        "losses": losses,
+    }
+    Path(args.result).write_text(json.dumps(result, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- the run (parent process)
+
+
+def contender_command(args, contender, method, model_source, records_file, workdir):
+    result = Path(workdir) / f"{contender}-{method}.json"
+    if contender == "ours":
+        command = [sys.executable, str(PROJECT_DIR / SCRIPTS[method]), "--model", model_source,
+                   "--dataset", str(records_file), "--max-train-samples", str(args.samples),
+                   "--max-steps", str(args.steps), "--eval-steps", str(args.steps),
+                   "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
+                   "--max-length", str(args.max_length), "--seed", str(args.seed),
+                   # validation, evaluation and saving are not timed; keep them short
+                   "--max-val-samples", "2", "--max-eval-samples", "2", "--bootstrap-resamples", "10",
+                   "--output", str(result), "--output-dir", str(Path(workdir) / f"ours-{method}")]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", contender, "--method", method,
+                   "--records", str(records_file), "--samples", str(args.samples), "--steps", str(args.steps),
+                   "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
+                   "--max-length", str(args.max_length), "--seed", str(args.seed), "--model", model_source,
+                   "--trl-precision", args.trl_precision, "--result", str(result), "--workdir", str(workdir)]
+    return command, result
+
+
+def run_contender(command, log_path, timeout):
+    """Runs one contender to the end; returns (exit status, wall seconds, peak RSS bytes from os.wait4)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR)
+        killer = threading.Timer(timeout, process.kill)
+        killer.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        killer.cancel()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024
+
+
+def measure(args, contender, method, model_source, records_file, workdir):
+    command, result_path = contender_command(args, contender, method, model_source, records_file, workdir)
+    log_path = Path(workdir) / f"{contender}-{method}.log"
+    print(f"[{contender}/{method}] running ...", file=sys.stderr, flush=True)
+    status, wall, peak_rss = run_contender(command, log_path, args.timeout)
+    if status != 0 or not result_path.is_file():
+        tail = log_path.read_text(errors="replace")[-2500:]
+        print(f"[{contender}/{method}] FAILED (exit {status}); log tail:\n{tail}", file=sys.stderr)
+        return {"contender": contender, "method": method, "error": f"exit status {status}", "wall_seconds": wall}
+    reported = json.loads(result_path.read_text())
+    print(f"[{contender}/{method}] {reported['train_tokens_per_second']:.1f} scored tokens/s, "
+          f"{wall:.0f} s in all", file=sys.stderr, flush=True)
+    return {"contender": contender, "method": method, "wall_seconds": wall, "peak_rss_bytes": peak_rss,
+            "reported": reported}
+
+
+def expected_work(tokenizer, records, max_length):
+    """Scored and input tokens of one epoch of our examples, counted from the data, not by a trainer."""
+    examples, _ = common.tokenize_records(tokenizer, records, max_length)
+    scored = sum(sum(label != common.IGNORE_INDEX for label in example["labels"][1:]) for example in examples)
+    return {"examples": len(examples), "scored_tokens": scored,
+            "input_tokens": sum(len(example["input_ids"]) for example in examples)}
+
+
+def summarize(run, expected, params, peaks):
+    """The row of the table: figures every contender is measured by."""
+    reported = run["reported"]
+    ours = run["contender"] == "ours"
+    input_tokens = expected["input_tokens"] if ours else reported["input_tokens"]
+    response_tokens = reported["train_tokens"] if ours else reported["response_tokens"]
+    dtype = "bfloat16" if reported["bf16_autocast"] else "float32"
+    input_rate = input_tokens / reported["train_step_seconds"]
+    return {
+        "contender": run["contender"], "method": run["method"],
+        "scored_tokens": reported["train_tokens"],
+        "scored_tokens_per_second": reported["train_tokens_per_second"],
+        "response_tokens": response_tokens,
+        "response_tokens_per_second": response_tokens / reported["train_step_seconds"],
+        "input_tokens": input_tokens,
+        "input_tokens_per_second": input_rate,
+        "train_step_seconds": reported["train_step_seconds"],
+        "optimizer_steps": reported["optimizer_steps"],
+        "peak_rss_bytes": run["peak_rss_bytes"],
+        "compute_dtype": dtype,
+        "mfu": 6 * params * input_rate / (peaks[dtype] * 1e9),
+        "wall_seconds": run["wall_seconds"],
+        "bf16_autocast": reported["bf16_autocast"],
+        "gradient_checkpointing": reported["gradient_checkpointing"] if not ours else
+        reported["config"]["gradient_checkpointing"] == "on"
+        or (reported["config"]["gradient_checkpointing"] == "auto" and reported["device"] == "cuda"),
+    }
+
+
+def cross_checks(runs, expected, steps):
+    """Our JSON against counts from the data and the process's own peak; the contenders against each other."""
+    checks = []
+    for run in runs:
+        if "error" in run:
+            continue
+        reported, name = run["reported"], f"{run['contender']}/{run['method']}"
+        checks.append({"check": f"{name}: optimizer steps", "expected": steps, "got": reported["optimizer_steps"],
+                       "ok": reported["optimizer_steps"] == steps})
+        if run["contender"] in ("ours", "trl"):
+            checks.append({"check": f"{name}: scored tokens = one epoch of our examples' response tokens",
+                           "expected": expected["scored_tokens"], "got": reported["train_tokens"],
+                           "ok": reported["train_tokens"] == expected["scored_tokens"]})
+        if run["contender"] == "ours":
+            gap = abs(reported["peak_memory_bytes"] - run["peak_rss_bytes"]) / run["peak_rss_bytes"]
+            checks.append({"check": f"{name}: results JSON peak_memory_bytes vs the process's peak RSS (os.wait4)",
+                           "expected": run["peak_rss_bytes"], "got": reported["peak_memory_bytes"],
+                           "ok": gap < 0.05})
+            rate = reported["train_tokens"] / reported["train_step_seconds"]
+            checks.append({"check": f"{name}: JSON train_tokens_per_second = train_tokens / train_step_seconds",
+                           "expected": rate, "got": reported["train_tokens_per_second"],
+                           "ok": abs(rate - reported["train_tokens_per_second"]) <= 1e-6 * rate})
+            checks.append({"check": f"{name}: timed seconds within the process's wall time",
+                           "expected": run["wall_seconds"], "got": reported["train_step_seconds"],
+                           "ok": reported["train_step_seconds"] < run["wall_seconds"]})
+    return checks
+
+
+def goals(rows):
+    found = {(row["contender"], row["method"]): row for row in rows}
+    results = []
+    for method in METHODS:
+        ours = found.get(("ours", method))
+        for contender, target in (("trl", 1.5), ("writeup", 3.0)):
+            other = found.get((contender, method))
+            if ours and other:
+                ratio = ours["scored_tokens_per_second"] / other["scored_tokens_per_second"]
+                results.append({"goal": f"{method}: ours >= {target}x {contender} scored tokens/s",
+                                "value": ratio, "met": ratio >= target})
+    lora, full = found.get(("ours", "lora")), found.get(("ours", "full"))
+    if lora and full:
+        ratio = lora["peak_rss_bytes"] / full["peak_rss_bytes"]
+        results.append({"goal": "ours: LoRA peak RSS <= 0.6x full fine-tuning's (same batch)", "value": ratio,
+                        "met": ratio <= 0.6})
+    return results
+
+
+def print_table(rows, goal_results, checks):
+    gib = 1024**3
+    ours = {row["method"]: row for row in rows if row["contender"] == "ours"}
+    print("\n| method | contender | scored tok/s | ours is | response tok/s | ours is | input tok/s | "
+          "peak RSS GiB | ours uses | MFU | dtype |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for row in rows:
+        mine = ours.get(row["method"], row)
+        print(f"| {row['method']} | {row['contender']} | {row['scored_tokens_per_second']:.1f} | "
+              f"{mine['scored_tokens_per_second'] / row['scored_tokens_per_second']:.2f}x | "
+              f"{row['response_tokens_per_second']:.1f} | "
+              f"{mine['response_tokens_per_second'] / row['response_tokens_per_second']:.2f}x | "
+              f"{row['input_tokens_per_second']:.1f} | {row['peak_rss_bytes'] / gib:.2f} | "
+              f"{mine['peak_rss_bytes'] / row['peak_rss_bytes']:.2f}x | {100 * row['mfu']:.1f}% | "
+              f"{row['compute_dtype']} |")
+    print()
+    for goal in goal_results:
+        print(f"goal {'MET ' if goal['met'] else 'MISS'} {goal['goal']}: {goal['value']:.2f}")
+    for check in checks:
+        if not check["ok"]:
+            print(f"check FAILED {check['check']}: expected {check['expected']}, got {check['got']}")
+    print(f"{sum(c['ok'] for c in checks)}/{len(checks)} cross-checks passed")
+    print("\nDefinitions:")
+    for key, text in DEFINITIONS.items():
+        print(f"- {key}: {text}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    import torch
+
+    started = time.perf_counter()
+    dataset = Path(args.dataset) if args.dataset else default_dataset()
+    model_source = common.check_model_source(args.model)  # converts the demo model once if needed
+    output = Path(args.output or PROJECT_DIR / "bench" / "results" /
+                  ("throughput-quick.json" if args.quick else "throughput.json"))
+    workdir = Path(tempfile.mkdtemp(prefix="lvf-throughput-"))
+    try:
+        tokenizer = load_tokenizer(model_source)
+        records_file = write_fitting_records(dataset, tokenizer, args.max_length, workdir)
+        records = training_records(records_file, args.samples, args.seed)
+        expected = expected_work(tokenizer, records, args.max_length)
+        params = common.count_parameters(common.meta_model(common.model_config(model_source)))[1]
+        peak_size = 1024 if args.quick else 2048
+        peaks = {name: matmul_peak(name, peak_size) for name in ("float32", "bfloat16")}
+        print(f"{args.samples} records from {dataset}; {expected['scored_tokens']} scored of "
+              f"{expected['input_tokens']} tokens per epoch; {params:,} parameters; matmul peak on "
+              f"{torch.get_num_threads()} threads: fp32 {peaks['float32']:.0f}, bf16 {peaks['bfloat16']:.0f} GFLOP/s",
+              file=sys.stderr, flush=True)
+
+        runs = [measure(args, contender, method, model_source, records_file, workdir)
+                for method in args.methods for contender in args.contenders]
+        rows = [summarize(run, expected, params, peaks) for run in runs if "error" not in run]
+        goal_results, checks = goals(rows), cross_checks(runs, expected, args.steps)
+        print_table(rows, goal_results, checks)
+        report = {
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "quick": args.quick,
+            "settings": {key: getattr(args, key) for key in ("steps", "batch_size", "grad_accum", "samples",
+                                                             "max_length", "seed", "trl_precision", "model")},
+            "dataset": str(dataset),
+            "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads(), "bf16_cpu": common.cpu_has_bf16()},
+            "versions": {**common.package_versions(), "trl": version_of("trl")},
+            "model_parameters": params,
+            "matmul_peak_gflops": peaks,
+            "expected_work": expected,
+            "definitions": DEFINITIONS,
+            "results": rows,
+            "ratios_ours_over": ratios(rows),
+            "goals": goal_results,
+            "checks": checks,
+            "failures": [run for run in runs if "error" in run],
+            "git_commit": common.git_commit(),
+            "total_seconds": time.perf_counter() - started,
+        }
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {output} ({report['total_seconds'] / 60:.1f} min)")
+        if report["failures"] or not all(check["ok"] for check in checks):
+            sys.exit(1)
+    finally:
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ratios(rows):
+    found = {(row["contender"], row["method"]): row for row in rows}
+    out = {}
+    for (contender, method), row in found.items():
+        ours = found.get(("ours", method))
+        if ours and contender != "ours":
+            out[f"{contender}/{method}"] = {
+                "scored_tokens_per_second": ours["scored_tokens_per_second"] / row["scored_tokens_per_second"],
+                "response_tokens_per_second": ours["response_tokens_per_second"] / row["response_tokens_per_second"],
+                "peak_rss": ours["peak_rss_bytes"] / row["peak_rss_bytes"],
+            }
+    return out
+
+
+def version_of(name):
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
