@@ -24,6 +24,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) report.py --check
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
