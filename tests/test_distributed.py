@@ -25,11 +25,11 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def test_lora_on_two_processes_writes_one_result_with_global_counts(tmp_path, tiny_llama_dir, dolly_path):
+def test_lora_on_two_processes_writes_one_result_with_global_counts(tmp_path, tiny_llama_dir, records_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    args = ["--model", str(tiny_llama_dir), "--dataset", str(dolly_path), *RUN]
+    args = ["--model", str(tiny_llama_dir), "--dataset", str(records_path), *RUN]
     # On a machine without GPUs, --multi_gpu starts the processes with torchrun and they join over gloo.
     # (`--cpu --num_processes 2` would start a single process: accelerate's CPU launcher needs mpirun.)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

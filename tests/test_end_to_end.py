@@ -1,4 +1,4 @@
-"""All three scripts on a tiny random Llama (real Llama 3 tokenizer) and real Dolly records."""
+"""All three scripts on a tiny random Llama (real Llama 3 tokenizer) and the project's own Dolly-schema records."""
 
 import json
 import math
@@ -25,9 +25,9 @@ def run_script(script, *args, check=True):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_llama_dir, dolly_path):
+def runs(tmp_path_factory, tiny_llama_dir, records_path):
     out = tmp_path_factory.mktemp("e2e")
-    common_args = ["--model", tiny_llama_dir, "--dataset", dolly_path, *SMALL]
+    common_args = ["--model", tiny_llama_dir, "--dataset", records_path, *SMALL]
     run_script("evaluate_base_model.py", *common_args, "--output", out / "base.json", "--seed-style-metric")
     run_script("finetune.py", *common_args, "--output", out / "lora.json", "--output-dir", out / "lora",
                "--max-steps", "4", "--learning-rate", "5e-2", "--eval-steps", "2")
@@ -78,7 +78,7 @@ def test_training_fields_and_counts(runs):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_saved_artifact_reproduces_the_reported_perplexity(runs, method, tiny_llama_dir, dolly_path):
+def test_saved_artifact_reproduces_the_reported_perplexity(runs, method, tiny_llama_dir, records_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,15 +90,15 @@ def test_saved_artifact_reproduces_the_reported_perplexity(runs, method, tiny_ll
         model = AutoModelForCausalLM.from_pretrained(result["artifact_path"])
     tokenizer = common.setup_tokenizer(AutoTokenizer.from_pretrained(result["artifact_path"]))
     wanted = {item["id"] for item in result["per_example"]}
-    records = [r for r in common.load_records(str(dolly_path)) if r["id"] in wanted]
+    records = [r for r in common.load_records(str(records_path)) if r["id"] in wanted]
     examples, _ = common.tokenize_records(tokenizer, records, 256)
     again = common.evaluate_perplexity(model, examples, tokenizer.pad_token_id, batch_size=3)
     assert again["perplexity"] == pytest.approx(result["perplexity"], rel=1e-4)
 
 
-def test_eval_file_replaces_the_test_split_and_base_reads_nothing_else(tmp_path, tiny_llama_dir, dolly_path):
+def test_eval_file_replaces_the_test_split_and_base_reads_nothing_else(tmp_path, tiny_llama_dir, records_path):
     eval_file = tmp_path / "eval.jsonl"
-    lines = dolly_path.read_text(encoding="utf-8").splitlines()[:5]
+    lines = records_path.read_text(encoding="utf-8").splitlines()[:5]
     eval_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     output = tmp_path / "base.json"
     run_script("evaluate_base_model.py", "--model", tiny_llama_dir, "--dataset", tmp_path / "missing.jsonl",

@@ -99,21 +99,22 @@ def test_every_response_empty(tmp_path, fails_cleanly):
     fails_cleanly(["--dataset", path], "every response is empty")
 
 
-def test_eval_file_with_a_problem_is_named(tmp_path, fails_cleanly, dolly_path):
+def test_eval_file_with_a_problem_is_named(tmp_path, fails_cleanly, records_path):
     path = jsonl(tmp_path, GOOD, {**GOOD, "instruction": None}, name="eval.jsonl")
-    fails_cleanly(["--dataset", dolly_path, "--eval-file", path], "eval.jsonl: line 2: 'instruction' must not be null")
+    fails_cleanly(["--dataset", records_path, "--eval-file", path],
+                  "eval.jsonl: line 2: 'instruction' must not be null")
 
 
-def test_model_path_that_does_not_exist(tmp_path, fails_cleanly, dolly_path):
-    fails_cleanly(["--dataset", dolly_path, "--model", tmp_path / "no-such-model"], "model not found")
+def test_model_path_that_does_not_exist(tmp_path, fails_cleanly, records_path):
+    fails_cleanly(["--dataset", records_path, "--model", tmp_path / "no-such-model"], "model not found")
 
 
-def test_model_folder_without_safetensors_weights(tmp_path, fails_cleanly, dolly_path, tiny_llama_dir):
+def test_model_folder_without_safetensors_weights(tmp_path, fails_cleanly, records_path, tiny_llama_dir):
     folder = tmp_path / "pickled"
     folder.mkdir()
     (folder / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
-    fails_cleanly(["--dataset", dolly_path, "--model", folder], "has no .safetensors weights")
+    fails_cleanly(["--dataset", records_path, "--model", folder], "has no .safetensors weights")
 
 
 def test_max_length_zero(fails_cleanly):
@@ -143,11 +144,11 @@ def test_lora_targets_that_match_nothing(fails_cleanly):
     fails_cleanly(["--dry-run", "--lora-targets", "nope"], "--lora-targets nope", scripts={"finetune.py": finetune})
 
 
-def test_training_refuses_to_mix_into_earlier_checkpoints(tmp_path, fails_cleanly, dolly_path):
+def test_training_refuses_to_mix_into_earlier_checkpoints(tmp_path, fails_cleanly, records_path):
     for name in TRAINING_SCRIPTS:
         (tmp_path / "outputs" / name / "checkpoint-3").mkdir(parents=True)
         (tmp_path / "outputs" / name / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    fails_cleanly(["--dataset", dolly_path], "pass --resume", scripts=TRAINING_SCRIPTS)
+    fails_cleanly(["--dataset", records_path], "pass --resume", scripts=TRAINING_SCRIPTS)
 
 
 def test_debug_environment_variable_shows_the_exception(tmp_path, monkeypatch, tiny_llama_dir):

@@ -34,13 +34,13 @@ def test_dry_run_for_the_8b_default_counts_like_lora(tmp_path):
 
 
 def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, monkeypatch, tiny_llama_64_dir,
-                                                                      dolly_path):
+                                                                      records_path):
     from transformers import AutoModelForCausalLM
 
     loaded = []
     load_model = common.load_model
     monkeypatch.setattr(common, "load_model", lambda *a, **kw: loaded.append(load_model(*a, **kw)) or loaded[-1])
-    args = ["--model", str(tiny_llama_64_dir), "--dataset", str(dolly_path), "--quantize", "4bit",
+    args = ["--model", str(tiny_llama_64_dir), "--dataset", str(records_path), "--quantize", "4bit",
             "--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128",
             "--batch-size", "2", "--max-steps", "2", "--output-dir", str(tmp_path / "qlora")]
     finetune.main([*args, "--output", str(tmp_path / "qlora.json")])

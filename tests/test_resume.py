@@ -29,9 +29,9 @@ def wait_for_line(process, log_path, prefix, limit=300):
     pytest.fail(f"no line starting with {prefix!r} in {log_path}")
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_dir, dolly_path):
+def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_dir, records_path):
     def args(name, *extra):
-        return ["--model", str(tiny_llama_dir), "--dataset", str(dolly_path), *RUN,
+        return ["--model", str(tiny_llama_dir), "--dataset", str(records_path), *RUN,
                 "--output", str(tmp_path / f"{name}.json"), "--output-dir", str(tmp_path / name), *extra]
 
     # The run that gets the signal is a real process; the others run in this one (same code, no start-up).

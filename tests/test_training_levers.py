@@ -83,12 +83,12 @@ def test_measured_trainer_counts_scored_non_padding_targets(tmp_path):
     assert int(trainer.scored_tokens) == 3 + 5  # targets after the first token, padding never
 
 
-def test_packed_run_trains_on_exactly_the_scored_tokens(tmp_path, tiny_llama_dir, dolly_path, llama3_tokenizer):
+def test_packed_run_trains_on_exactly_the_scored_tokens(tmp_path, tiny_llama_dir, records_path, llama3_tokenizer):
     """One epoch with --packing: the results JSON counts the tokens the examples hold, no more, no less."""
     import finetune
 
     output = tmp_path / "lora.json"
-    argv = ["--model", tiny_llama_dir, "--dataset", dolly_path, "--max-train-samples", "8", "--max-val-samples", "2",
+    argv = ["--model", tiny_llama_dir, "--dataset", records_path, "--max-train-samples", "8", "--max-val-samples", "2",
             "--max-eval-samples", "2", "--max-length", "4096", "--batch-size", "4", "--max-steps", "2",
             "--eval-steps", "2", "--packing", "--bootstrap-resamples", "10", "--output", output,
             "--output-dir", tmp_path / "lora"]
@@ -100,7 +100,7 @@ def test_packed_run_trains_on_exactly_the_scored_tokens(tmp_path, tiny_llama_dir
             signal.signal(sig, handler)
     results = json.loads(output.read_text())
 
-    train, _, _ = common.split_records(common.load_records(str(dolly_path)))
+    train, _, _ = common.split_records(common.load_records(str(records_path)))
     examples, _ = common.tokenize_records(llama3_tokenizer, common.take_subset(train, 8, 42), 4096)
     assert len(examples) == 8  # 2 steps x 4 = one epoch
     expected = sum(sum(label != PROMPT for label in example["labels"][1:]) for example in examples)
