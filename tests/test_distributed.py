@@ -12,9 +12,9 @@ import pytest
 import common
 import finetune
 
-# 11 sampled records leave 8 that fit 256 tokens: 2 processes x batch 2 x 2 steps, so the launcher pads
+# 9 sampled demo records leave 8 that fit 256 tokens: 2 processes x batch 2 x 2 steps, so the launcher pads
 # nothing and one epoch trains on every example exactly once.
-RUN = ["--max-train-samples", "11", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "256",
+RUN = ["--max-train-samples", "9", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "256",
        "--batch-size", "2", "--eval-batch-size", "4", "--learning-rate", "1e-2"]
 CONFIGS = common.PROJECT_DIR / "configs"
 
