@@ -5,51 +5,42 @@
 """
 
 import common
+from lvf import errors, models, results, settings
+
+METHOD = "base"
 
 
 def parse_args(argv=None):
-    parser = common.build_parser(__doc__.splitlines()[0], method="base")
-    args = parser.parse_args(argv)
-    args.resume = False
-    return args
+    parser = settings.evaluation_parser(__doc__.splitlines()[0], METHOD)
+    return settings.parse(parser, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    output = args.output or common.default_output("base")
-    device = common.resolve_device()
-    dtype = common.resolve_dtype(args.dtype, device)
+    runtime = settings.evaluation_runtime(args, METHOD)
 
     if args.dry_run:
-        model = common.meta_model(common.model_config(args.model, args.trust_remote_code))
-        trainable, total = common.count_parameters(model)
-        results = common.build_results(args, "base", trainable_params=0, total_params=total, base_params=total,
-                                       device=device, dtype=str(dtype).removeprefix("torch."))
-        return common.finish(results, output)
+        _, total = models.count_parameters(models.meta_model(models.model_config(args.model, args.trust_remote_code)))
+        record = results.build_results(args, runtime, METHOD, trainable_params=0, total_params=total,
+                                       base_params=total)
+        return results.finish(record, runtime.output)
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     # With --eval-file only that file is read.
-    source = common.check_model_source(args.model)
-    _, _, eval_records = common.load_splits(args, need_train=False)
-    tokenizer = common.load_tokenizer(source, args)
-    examples, truncation = common.tokenize_splits(tokenizer, args.max_length, eval=eval_records)
-    eval_examples = examples["eval"]
-    model = common.load_model(source, args, dtype).to(device)
+    source = models.check_model_source(args.model)
+    tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
+    examples, truncation, eval_records = common.load_examples(args, tokenizer, training=False)
+    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code).to(runtime.device)
 
-    evaluation = common.evaluate_perplexity(model, eval_examples, tokenizer.pad_token_id, args.eval_batch_size,
-                                            device, args.seed, args.bootstrap_resamples, desc="evaluate base")
-    if args.seed_style_metric:
-        evaluation["seed_style_perplexity"] = common.seed_style_perplexity(model, tokenizer, eval_records,
-                                                                           args.eval_batch_size, device)
-    memory, memory_kind = common.peak_memory(device)
-    trainable, total = common.count_parameters(model)
-    results = common.build_results(
-        args, "base", **evaluation, trainable_params=0, total_params=total, base_params=total,
-        peak_memory_bytes=memory, memory_kind=memory_kind, device=device, dtype=str(dtype).removeprefix("torch."),
-        truncation=truncation,
-    )
-    common.finish(results, output)
+    evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
+                                       desc="evaluate base")
+    memory, memory_kind = results.peak_memory(runtime.device)
+    _, total = models.count_parameters(model)
+    record = results.build_results(args, runtime, METHOD, **evaluation, trainable_params=0, total_params=total,
+                                   base_params=total, peak_memory_bytes=memory, memory_kind=memory_kind,
+                                   truncation=truncation)
+    results.finish(record, runtime.output)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    errors.main_guard(main)

@@ -5,74 +5,61 @@
 """
 
 import common
+from lvf import adapters, errors, models, results, settings, training
 
 
 def parse_args(argv=None):
-    parser = common.build_parser(__doc__.splitlines()[0], method="lora")
-    common.add_training_args(parser)
-    parser.add_argument("--lora-r", type=common.positive_int, default=16, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=common.positive_float, default=32, help="LoRA alpha (scale alpha/r)")
-    parser.add_argument("--lora-dropout", type=common.dropout_rate, default=0.05, help="dropout on the LoRA input")
-    parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
-                        help="comma-separated module names that get adapters")
-    parser.add_argument("--quantize", choices=["none", "4bit"], default="none",
-                        help="4bit: QLoRA (NF4, double quantisation, bf16 compute; needs bitsandbytes)")
-    parser.set_defaults(learning_rate=2e-4, batch_size=4, grad_accum=1)
-    return parser.parse_args(argv)
+    parser = settings.evaluation_parser(__doc__.splitlines()[0], "lora")
+    settings.add_training_flags(parser, "lora", learning_rate=2e-4, batch_size=4, grad_accum=1)
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--lora-r", type=settings.positive_int, default=16, help="LoRA rank")
+    group.add_argument("--lora-alpha", type=settings.positive_float, default=32, help="LoRA alpha (scale alpha/r)")
+    group.add_argument("--lora-dropout", type=settings.dropout_rate, default=0.05, help="dropout on the LoRA input")
+    group.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+                       help="comma-separated module names that get adapters")
+    group.add_argument("--quantize", choices=["none", "4bit"], default="none",
+                       help="4bit: QLoRA (NF4, double quantisation, bf16 compute; needs bitsandbytes)")
+    return settings.parse(parser, argv)
 
 
 def lora_config(args):
-    from peft import LoraConfig
-
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=[name.strip() for name in args.lora_targets.split(",") if name.strip()],
-                      bias="none", task_type="CAUSAL_LM")
+    return adapters.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
 
 
 def add_adapters(model, args):
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, lora_config(args))
-    except ValueError as error:  # e.g. --lora-targets that name no module of this model
-        raise common.UsageError(f"--lora-targets {args.lora_targets}: {error}".splitlines()[0]) from error
-
-
-def prepare_for_4bit_training(model, args):
-    """peft's recipe for training adapters on a 4-bit model: norms in fp32, input gradients on."""
-    from peft import prepare_model_for_kbit_training
-
-    checkpointing = common.use_gradient_checkpointing(args.gradient_checkpointing, args.device)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    return adapters.add_adapters(model, lora_config(args), args.lora_targets)
 
 
 def main(argv=None):
     args = parse_args(argv)
     method = "qlora" if args.quantize == "4bit" else "lora"
-    common.prepare_training_run(args, method)
-    args.optim = "adamw_torch"
+    runtime = settings.training_runtime(args, method, optimizer="adamw_torch")
+    training.start_run(args, runtime)
 
     if args.dry_run:  # counted unquantised: 4-bit storage does not change the parameter counts
-        model = add_adapters(common.meta_model(common.model_config(args.model, args.trust_remote_code)), args)
-        return common.finish(common.dry_run_results(args, method, model), args.output)
+        model = add_adapters(models.meta_model(models.model_config(args.model, args.trust_remote_code)), args)
+        trainable, total = models.count_parameters(model)
+        record = results.build_results(args, runtime, method, trainable_params=trainable, total_params=total,
+                                       base_params=total - trainable)
+        return results.finish(record, runtime.output)
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
-    source = common.check_model_source(args.model)
-    quantization = common.four_bit_config(args.device) if args.quantize == "4bit" else None
-    train_records, val_records, eval_records = common.load_splits(args)
-    tokenizer = common.load_tokenizer(source, args)
-    examples, truncation = common.tokenize_splits(tokenizer, args.max_length, train=train_records,
-                                                  validation=val_records, eval=eval_records)
+    source = models.check_model_source(args.model)
+    quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
+    tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
+    examples, truncation, eval_records = common.load_examples(args, tokenizer)
 
-    model = common.load_model(source, args, args.torch_dtype, quantization)
+    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization)
     if quantization is not None:
-        model = prepare_for_4bit_training(model, args)
+        model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
     model = add_adapters(model, args)
+    trainable, total = models.count_parameters(model)
 
-    results = common.finetune_and_evaluate(args, method, model, tokenizer, examples, truncation, eval_records)
-    common.finish(results, args.output)
+    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method)
+    record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
+                                   total_params=total, base_params=total - trainable, truncation=truncation)
+    results.finish(record, runtime.output)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    errors.main_guard(main)

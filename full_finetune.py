@@ -8,16 +8,18 @@ import importlib.util
 import os
 
 import common
+from lvf import errors, models, results, settings, training
+
+METHOD = "full"
 
 
 def parse_args(argv=None):
-    parser = common.build_parser(__doc__.splitlines()[0], method="full")
-    common.add_training_args(parser)
-    parser.add_argument("--optim", default="auto",
-                        help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch under "
-                             "FSDP or DeepSpeed), else adamw_torch")
-    parser.set_defaults(learning_rate=1e-5, batch_size=2, grad_accum=2)
-    return parser.parse_args(argv)
+    parser = settings.evaluation_parser(__doc__.splitlines()[0], METHOD)
+    group = settings.add_training_flags(parser, METHOD, learning_rate=1e-5, batch_size=2, grad_accum=2)
+    group.add_argument("--optim", default="auto",
+                       help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch "
+                            "under FSDP or DeepSpeed), else adamw_torch")
+    return settings.parse(parser, argv)
 
 
 def default_optimizer(device):
@@ -30,25 +32,29 @@ def default_optimizer(device):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.prepare_training_run(args, "full")
-    if args.optim == "auto":
-        args.optim = default_optimizer(args.device)
+    optimizer = default_optimizer if args.optim == "auto" else args.optim
+    runtime = settings.training_runtime(args, METHOD, optimizer)
+    training.start_run(args, runtime)
 
     if args.dry_run:
-        model = common.meta_model(common.model_config(args.model, args.trust_remote_code))
-        return common.finish(common.dry_run_results(args, "full", model), args.output)
+        model = models.meta_model(models.model_config(args.model, args.trust_remote_code))
+        trainable, total = models.count_parameters(model)
+        record = results.build_results(args, runtime, METHOD, trainable_params=trainable, total_params=total,
+                                       base_params=total)
+        return results.finish(record, runtime.output)
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
-    source = common.check_model_source(args.model)
-    train_records, val_records, eval_records = common.load_splits(args)
-    tokenizer = common.load_tokenizer(source, args)
-    examples, truncation = common.tokenize_splits(tokenizer, args.max_length, train=train_records,
-                                                  validation=val_records, eval=eval_records)
-    model = common.load_model(source, args, args.torch_dtype)
+    source = models.check_model_source(args.model)
+    tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
+    examples, truncation, eval_records = common.load_examples(args, tokenizer)
+    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code)
 
-    results = common.finetune_and_evaluate(args, "full", model, tokenizer, examples, truncation, eval_records)
-    common.finish(results, args.output)
+    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD)
+    trainable, total = models.count_parameters(model)
+    record = results.build_results(args, runtime, METHOD, **measured, trainable_params=trainable,
+                                   total_params=total, base_params=total, truncation=truncation)
+    results.finish(record, runtime.output)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    errors.main_guard(main)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import common
+from lvf import results
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 METHOD_ORDER = ["base", "lora", "qlora", "full"]
@@ -208,9 +209,7 @@ def main(argv=None):
         return 0
 
     if updated != readme_text:
-        temporary = args.readme.with_name(f".{args.readme.name}.tmp")
-        temporary.write_text(updated, encoding="utf-8")
-        temporary.replace(args.readme)
+        results.write_atomic(args.readme, updated)
     print(f"updated the results table in {args.readme} ({len(runs)} runs)")
     if runs:
         plot = draw_plot(runs, args.plot or args.results_dir / "comparison.png")

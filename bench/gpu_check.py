@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-import common  # noqa: E402  (imports neither datasets nor bitsandbytes)
+from lvf import models, results, settings  # noqa: E402
 
 GIB = 1024**3
 # Published single-GPU figures to compare with: torchtune, Llama 3.1 8B, batch 2, packed sequences of 2,048.
@@ -52,11 +52,11 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--tiny", action="store_true", help="a tiny Llama on the CPU, for tests: sequence 64, 3 steps")
     add("--methods", default="lora,full", help="comma-separated: lora, full")
-    add("--sequence-length", type=common.positive_int, default=None, help="tokens per row (default 2048)")
-    add("--batch-size", type=common.positive_int, default=2, help="rows per step")
+    add("--sequence-length", type=settings.positive_int, default=None, help="tokens per row (default 2048)")
+    add("--batch-size", type=settings.positive_int, default=2, help="rows per step")
     add("--warmup-steps", type=int, default=None, help="untimed steps first (default 2; tiny 1)")
-    add("--steps", type=common.positive_int, default=None, help="timed steps (default 6; tiny 2)")
-    add("--budget-seconds", type=common.positive_float, default=420,
+    add("--steps", type=settings.positive_int, default=None, help="timed steps (default 6; tiny 2)")
+    add("--budget-seconds", type=settings.positive_float, default=420,
         help="stop timing more steps once the whole run has taken this long")
     add("--output", default=None, help="JSON path (default: $OUT/gpu_check.json, else bench/results/gpu_check.json)")
     add("--seed", type=int, default=0)
@@ -90,7 +90,7 @@ def build_model(args, method, device, dtype):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**TINY_CONFIG) if args.tiny else common.model_config(common.DEFAULT_MODEL)
+    config = LlamaConfig(**TINY_CONFIG) if args.tiny else models.model_config(models.DEFAULT_MODEL)
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -100,7 +100,7 @@ def build_model(args, method, device, dtype):
         import finetune
 
         model = get_peft_model(model, finetune.lora_config(finetune.parse_args([])))
-    # What the Trainer does on CUDA with common.training_arguments' {"use_reentrant": False}.
+    # What the Trainer does on CUDA with training.training_arguments' {"use_reentrant": False}.
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
@@ -146,7 +146,7 @@ def run_method(args, method, device, dtype, started):
         torch.cuda.reset_peak_memory_stats()
     log(f"{method}: building the model ({'tiny' if args.tiny else 'Llama-3-8B'} architecture, {dtype})")
     model = build_model(args, method, device, dtype)
-    trainable, total = common.count_parameters(model)
+    trainable, total = models.count_parameters(model)
     optimizer, optimizer_name, learning_rate = make_optimizer(method, model, device)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(args.seed)
@@ -154,7 +154,7 @@ def run_method(args, method, device, dtype, started):
     input_ids = torch.randint(0, vocab, (args.batch_size, args.sequence_length), generator=generator).to(device)
     probe_name, probe = probe_parameter(model, method)
     probe_before = probe.detach().float().clone()
-    autocast = common.use_bf16_autocast("auto", device)
+    autocast = settings.use_bf16_autocast("auto", device)
 
     with torch.no_grad():
         loss_before = float(batch_loss(model, input_ids, autocast))
@@ -210,7 +210,7 @@ def run_method(args, method, device, dtype, started):
         result["max_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
     else:
         result["max_memory_allocated_bytes"] = None  # CPU: no allocator statistics; peak RSS is the process's
-        result["peak_rss_bytes"] = common.peak_memory("cpu")[0]
+        result["peak_rss_bytes"] = results.peak_memory("cpu")[0]
     del model, optimizer, probe, loss
     gc.collect()
     if cuda:
@@ -246,17 +246,17 @@ def main(argv=None):
     started = time.perf_counter()
     import torch
 
-    device = "cpu" if args.tiny else common.resolve_device()
+    device = "cpu" if args.tiny else settings.resolve_device()
     if device != "cuda" and not args.tiny:
         log("no CUDA device: the 8B check needs a GPU (use --tiny on a CPU)")
         sys.exit(2)
-    dtype = common.resolve_dtype("auto", device)
+    dtype = settings.resolve_dtype("auto", device)
     report = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tiny": args.tiny,
         "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU",
-        "architecture": "tiny Llama" if args.tiny else "Llama-3-8B (common.LLAMA3_8B_CONFIG), random weights",
+        "architecture": "tiny Llama" if args.tiny else "Llama-3-8B (models.LLAMA3_8B_CONFIG), random weights",
         "sequence_length": args.sequence_length,
         "batch_size": args.batch_size,
         "versions": {name: version(name) for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes")},

@@ -34,6 +34,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
 import common  # noqa: E402
+from lvf import errors, models, results, settings, training  # noqa: E402
 
 CONTENDERS = ("ours", "trl", "writeup")
 METHODS = ("lora", "full")
@@ -46,7 +47,7 @@ DEFINITIONS = {
                      "end-of-turn token; for the write-up also the prompt, which its labels = input_ids trains on",
     "scored_tokens_per_second": "scored tokens / seconds inside Trainer.train() less validation and checkpoint "
                                 "saving (the results JSON's train_tokens / train_step_seconds); the same trainer "
-                                "subclass (common.make_trainer_class) counts and times every contender",
+                                "subclass (training.make_trainer_class) counts and times every contender",
     "response_tokens_per_second": "tokens of the responses trained on per second: the same as scored for ours "
                                   "and TRL; for the write-up its scored tokens less the prompt, i.e. the useful "
                                   "part of its signal",
@@ -69,11 +70,11 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--quick", action="store_true",
         help="development smoke run: --steps 2 --batch-size 2 --grad-accum 1 --max-length 512 unless given")
-    add("--steps", type=common.positive_int, default=None, help="optimizer steps per contender (default 4)")
-    add("--batch-size", type=common.positive_int, default=None,
+    add("--steps", type=settings.positive_int, default=None, help="optimizer steps per contender (default 4)")
+    add("--batch-size", type=settings.positive_int, default=None,
         help="per-step batch for both methods, so LoRA and full memory compare on the same batch (default 2)")
-    add("--grad-accum", type=common.positive_int, default=None, help="gradient accumulation steps (default 2)")
-    add("--max-length", type=common.positive_int, default=None,
+    add("--grad-accum", type=settings.positive_int, default=None, help="gradient accumulation steps (default 2)")
+    add("--max-length", type=settings.positive_int, default=None,
         help="tokens per example for ours and TRL (default 1024, both tools' default)")
     add("--methods", default=",".join(METHODS), help="comma-separated: lora, full")
     add("--contenders", default=",".join(CONTENDERS), help="comma-separated: ours, trl, writeup")
@@ -86,7 +87,7 @@ def parse_args(argv=None):
     add("--seed", type=int, default=42)
     add("--output", default=None,
         help="results JSON (default: bench/results/throughput.json, or throughput-quick.json with --quick)")
-    add("--timeout", type=common.positive_int, default=900, help="seconds allowed to each contender")
+    add("--timeout", type=settings.positive_int, default=900, help="seconds allowed to each contender")
     add("--keep", action="store_true", help="keep the temporary folder (records, logs, checkpoints)")
     # Internal: a contender process.
     add("--worker", choices=CONTENDERS[1:], help=argparse.SUPPRESS)
@@ -124,7 +125,7 @@ def script_defaults(method):
 
 
 def warmup_steps(steps):
-    return max(1, round(0.03 * steps))  # as common.training_arguments
+    return max(1, round(0.03 * steps))  # as training.training_arguments
 
 
 # --------------------------------------------------------------------------- the shared work
@@ -153,7 +154,7 @@ def training_records(records_file, samples, seed):
     """What the scripts train on given --max-train-samples: the same split and the same subset."""
     train, _, _ = common.split_records(common.load_records(str(records_file)), seed=seed)
     if len(train) < samples:
-        raise common.UsageError(f"{records_file}: {len(train)} training records, {samples} needed")
+        raise errors.UsageError(f"{records_file}: {len(train)} training records, {samples} needed")
     return common.take_subset(train, samples, seed)
 
 
@@ -177,8 +178,8 @@ def matmul_peak(dtype_name, size, repeats=5):
 
 def load_model(model_source, method, peft_yourself):
     """The model as our scripts load it: same dtype (fp32 on the CPU), SDPA; LoRA from finetune.py's config."""
-    dtype = common.resolve_dtype("auto", common.resolve_device())
-    model = common.load_model(model_source, argparse.Namespace(trust_remote_code=False), dtype)
+    dtype = settings.resolve_dtype("auto", settings.resolve_device())
+    model = models.load_model(model_source, dtype, settings.resolve_device())
     lora = None
     if method == "lora":
         import finetune
@@ -205,7 +206,7 @@ def shared_hyperparameters(args):
         report_to="none",
         save_strategy="no",
         eval_strategy="no",
-        use_cpu=common.resolve_device() == "cpu",
+        use_cpu=settings.resolve_device() == "cpu",
         output_dir=str(Path(args.workdir) / f"{args.worker}-{args.method}"),
     )
 
@@ -220,10 +221,10 @@ def trl_trainer(args, model_source, tokenizer, records):
              "completion": [{"role": "assistant", "content": record["response"]}]} for record in records]
     extra = {}
     if args.trl_precision == "ours":
-        device = common.resolve_device()
-        extra = dict(bf16=common.use_bf16_autocast("auto", device), gradient_checkpointing=device == "cuda")
+        device = settings.resolve_device()
+        extra = dict(bf16=settings.use_bf16_autocast("auto", device), gradient_checkpointing=device == "cuda")
     config = SFTConfig(**shared_hyperparameters(args), max_length=args.max_length, **extra)
-    trainer = common.make_trainer_class(SFTTrainer)(model=model, args=config,
+    trainer = training.make_trainer_class(SFTTrainer)(model=model, args=config,
                                                     train_dataset=datasets.Dataset.from_list(rows),
                                                     processing_class=tokenizer, peft_config=lora)
     input_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
@@ -243,7 +244,7 @@ def writeup_trainer(args, model_source, tokenizer, records):
                         add_special_tokens=False)
     rows = [{"input_ids": ids, "attention_mask": mask, "labels": list(ids)}
             for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)]
-    trainer = common.make_trainer_class()(model=model, args=TrainingArguments(**shared_hyperparameters(args)),
+    trainer = training.make_trainer_class()(model=model, args=TrainingArguments(**shared_hyperparameters(args)),
                                           train_dataset=datasets.Dataset.from_list(rows),
                                           data_collator=default_data_collator)
     # Its labels cover the prompt too; what follows the prompt (cut at 512) is the response it learns.
@@ -256,13 +257,13 @@ def writeup_trainer(args, model_source, tokenizer, records):
 
 
 def run_worker(args):
-    """One contender: build its trainer, train, and write what common.train would measure."""
-    model_source = common.check_model_source(args.model)
+    """One contender: build its trainer, train, and write what training.train would measure."""
+    model_source = models.check_model_source(args.model)
     tokenizer = load_tokenizer(model_source)
     records = training_records(args.records, args.samples, args.seed)
     build = trl_trainer if args.worker == "trl" else writeup_trainer
     trainer, work = build(args, model_source, tokenizer, records)
-    start = time.perf_counter()  # timed as common.train times our own path
+    start = time.perf_counter()  # timed as training.train times our own path
     trainer.train()
     train_seconds = time.perf_counter() - start
     busy_seconds = train_seconds - trainer.seconds_away
@@ -278,7 +279,7 @@ def run_worker(args):
         "optimizer_steps": trainer.state.global_step,
         "bf16_autocast": bool(trainer.args.bf16),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
-        "peak_memory_bytes": common.peak_memory("cpu")[0],
+        "peak_memory_bytes": results.peak_memory("cpu")[0],
         "losses": losses,
     }
     Path(args.result).write_text(json.dumps(result, indent=2) + "\n")
@@ -456,7 +457,7 @@ def main(argv=None):
 
     started = time.perf_counter()
     dataset = Path(args.dataset) if args.dataset else default_dataset()
-    model_source = common.check_model_source(args.model)  # converts the demo model once if needed
+    model_source = models.check_model_source(args.model)  # converts the demo model once if needed
     output = Path(args.output or PROJECT_DIR / "bench" / "results" /
                   ("throughput-quick.json" if args.quick else "throughput.json"))
     workdir = Path(tempfile.mkdtemp(prefix="lvf-throughput-"))
@@ -465,7 +466,7 @@ def main(argv=None):
         records_file = write_fitting_records(dataset, tokenizer, args.max_length, workdir)
         records = training_records(records_file, args.samples, args.seed)
         expected = expected_work(tokenizer, records, args.max_length)
-        params = common.count_parameters(common.meta_model(common.model_config(model_source)))[1]
+        params = models.count_parameters(models.meta_model(models.model_config(model_source)))[1]
         peak_size = 1024 if args.quick else 2048
         peaks = {name: matmul_peak(name, peak_size) for name in ("float32", "bfloat16")}
         print(f"{args.samples} records from {dataset}; {expected['scored_tokens']} scored of "
@@ -485,8 +486,8 @@ def main(argv=None):
                                                              "max_length", "seed", "trl_precision", "model")},
             "dataset": str(dataset),
             "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(), "bf16_cpu": common.cpu_has_bf16()},
-            "versions": {**common.package_versions(), "trl": version_of("trl")},
+                        "torch_threads": torch.get_num_threads(), "bf16_cpu": settings.cpu_has_bf16()},
+            "versions": {**results.package_versions(), "trl": version_of("trl")},
             "model_parameters": params,
             "matmul_peak_gflops": peaks,
             "expected_work": expected,
@@ -496,7 +497,7 @@ def main(argv=None):
             "goals": goal_results,
             "checks": checks,
             "failures": [run for run in runs if "error" in run],
-            "git_commit": common.git_commit(),
+            "git_commit": results.git_commit(),
             "total_seconds": time.perf_counter() - started,
         }
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -535,4 +536,4 @@ def version_of(name):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    errors.main_guard(main)

@@ -6,6 +6,9 @@ from collections import Counter
 import pytest
 
 import common
+from lvf import models
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
 DEMO_DATA = common.PROJECT_DIR / "data" / "demo.jsonl"
 CATEGORIES = {"open_qa", "closed_qa", "general_qa", "classification", "information_extraction", "summarization",
@@ -38,8 +41,8 @@ def test_demo_data_is_valid():
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = common.resolve_model("smollm2-135m")
-    assert (common.cache_dir() / "smollm2-135m" / "config.json").is_file(), source  # local, not the Hub id
+    source = models.resolve_model("smollm2-135m")
+    assert (models.cache_dir() / "smollm2-135m" / "config.json").is_file(), source  # local, not the Hub id
     tokenizer = common.setup_tokenizer(AutoTokenizer.from_pretrained(source))
     model = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
     return tokenizer, model

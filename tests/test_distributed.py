@@ -11,6 +11,9 @@ import pytest
 
 import common
 import finetune
+from lvf import models
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
 # 9 sampled demo records leave 8 that fit 256 tokens: 2 processes x batch 2 x 2 steps, so the launcher pads
 # nothing and one epoch trains on every example exactly once.
@@ -51,7 +54,7 @@ def test_lora_on_two_processes_writes_one_result_with_global_counts(tmp_path, ti
     train_records, val_records, eval_records = common.load_splits(parsed)
     examples, _ = common.tokenize_splits(tokenizer, parsed.max_length, train=train_records, eval=eval_records)
     assert len(examples["train"]) == 8
-    trainable, total = common.count_parameters(
+    trainable, total = models.count_parameters(
         finetune.add_adapters(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), parsed))
     assert (ddp["trainable_params"], ddp["total_params"]) == (trainable, total)
     assert ddp["base_params"] == total - trainable

@@ -9,10 +9,13 @@ import sys
 import pytest
 
 import common
+from lvf import results
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
 PROJECT_DIR = common.PROJECT_DIR
-SMALL = ["--max-train-samples", "24", "--max-val-samples", "6", "--max-eval-samples", "12", "--max-length", "256",
-         "--eval-batch-size", "4"]
+SMALL = ["--max-eval-samples", "12", "--max-length", "256", "--eval-batch-size", "4"]
+SMALL_TRAINING = ["--max-train-samples", "24", "--max-val-samples", "6"]
 
 
 def run_script(script, *args, check=True):
@@ -29,9 +32,11 @@ def runs(tmp_path_factory, tiny_llama_dir, records_path):
     out = tmp_path_factory.mktemp("e2e")
     common_args = ["--model", tiny_llama_dir, "--dataset", records_path, *SMALL]
     run_script("evaluate_base_model.py", *common_args, "--output", out / "base.json", "--seed-style-metric")
-    run_script("finetune.py", *common_args, "--output", out / "lora.json", "--output-dir", out / "lora",
+    run_script("finetune.py", *common_args, *SMALL_TRAINING, "--output", out / "lora.json",
+               "--output-dir", out / "lora",
                "--max-steps", "4", "--learning-rate", "5e-2", "--eval-steps", "2")
-    run_script("full_finetune.py", *common_args, "--output", out / "full.json", "--output-dir", out / "full",
+    run_script("full_finetune.py", *common_args, *SMALL_TRAINING, "--output", out / "full.json",
+               "--output-dir", out / "full",
                "--max-steps", "4", "--learning-rate", "1e-3", "--eval-steps", "2")
     return {method: json.loads((out / f"{method}.json").read_text()) for method in ("base", "lora", "full")}
 
@@ -47,7 +52,7 @@ def test_results_follow_the_definitions(runs):
         assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-9)
         low, high = result["perplexity_ci95"]
         assert low <= result["perplexity"] <= high
-        assert set(common.RESULT_FIELDS) <= set(result)
+        assert set(results.RESULT_FIELDS) <= set(result)
         assert result["versions"]["torch"] and result["created_at"]
         assert result["truncation"]["eval"]["examples"] == 12
 

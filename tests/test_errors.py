@@ -1,6 +1,6 @@
 """Bad input: one line on stderr, exit status 2, no traceback, no results file, and no model loaded.
 
-Each case runs all three scripts in-process under common.main_guard (exactly what `python script.py`
+Each case runs all three scripts in-process under errors.main_guard (exactly what `python script.py`
 runs); a few run as real subprocesses to show the same from the command line.
 """
 
@@ -16,6 +16,7 @@ import common
 import evaluate_base_model
 import finetune
 import full_finetune
+from lvf import errors, models
 
 SCRIPTS = {"evaluate_base_model.py": evaluate_base_model, "finetune.py": finetune, "full_finetune.py": full_finetune}
 TRAINING_SCRIPTS = {name: module for name, module in SCRIPTS.items() if name != "evaluate_base_model.py"}
@@ -28,7 +29,7 @@ def refuse_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(common, "load_model", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
     monkeypatch.delenv("LVF_DEBUG", raising=False)
 
 
@@ -46,10 +47,11 @@ def fails_cleanly(tmp_path, capsys, tiny_llama_dir):
     def check(args, problem, scripts=SCRIPTS, usage_line=False):
         for name, module in scripts.items():
             output = tmp_path / "results" / f"{name}.json"
-            argv = ["--model", str(tiny_llama_dir), *map(str, args), "--output", str(output),
-                    "--output-dir", str(tmp_path / "outputs" / name)]
+            argv = ["--model", str(tiny_llama_dir), *map(str, args), "--output", str(output)]
+            if name in TRAINING_SCRIPTS:
+                argv += ["--output-dir", str(tmp_path / "outputs" / name)]
             with pytest.raises(SystemExit) as exit_info:
-                common.main_guard(lambda module=module, argv=argv: module.main(argv))
+                errors.main_guard(lambda module=module, argv=argv: module.main(argv))
             err = capsys.readouterr().err
             assert exit_info.value.code == 2, (name, err)
             assert "Traceback" not in err, (name, err)
@@ -122,7 +124,13 @@ def test_max_length_zero(fails_cleanly):
 
 
 def test_negative_learning_rate(fails_cleanly):
-    fails_cleanly(["--learning-rate=-1e-4"], "argument --learning-rate: must be a positive number", usage_line=True)
+    fails_cleanly(["--learning-rate=-1e-4"], "argument --learning-rate: must be a positive number", usage_line=True,
+                  scripts=TRAINING_SCRIPTS)
+
+
+def test_base_script_refuses_a_training_flag(fails_cleanly):
+    fails_cleanly(["--learning-rate", "1e-4"], "unrecognized arguments: --learning-rate",
+                  scripts={"evaluate_base_model.py": evaluate_base_model}, usage_line=True)
 
 
 def test_max_eval_samples_zero(fails_cleanly):
@@ -153,8 +161,8 @@ def test_training_refuses_to_mix_into_earlier_checkpoints(tmp_path, fails_cleanl
 
 def test_debug_environment_variable_shows_the_exception(tmp_path, monkeypatch, tiny_llama_dir):
     monkeypatch.setenv("LVF_DEBUG", "1")
-    with pytest.raises(common.UsageError, match="data file not found"):
-        common.main_guard(lambda: finetune.main(["--model", str(tiny_llama_dir),
+    with pytest.raises(errors.UsageError, match="data file not found"):
+        errors.main_guard(lambda: finetune.main(["--model", str(tiny_llama_dir),
                                                  "--dataset", str(tmp_path / "nope.jsonl")]))
 
 

@@ -4,6 +4,7 @@ import pytest
 from llama3_tokenizer import BOS_ID, EOT_ID
 
 import common
+from lvf import errors
 
 RECORD = {"id": "r1", "instruction": "Who wrote the passage?", "context": "A note by Ada, 1843.",
           "response": "Ada Lovelace wrote it.", "category": "closed_qa"}
@@ -51,7 +52,7 @@ def test_missing_chat_template_points_to_llama3_flag(llama3_tokenizer_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
     tokenizer.chat_template = None
-    with pytest.raises(common.UsageError, match="--chat-template llama3"):
+    with pytest.raises(errors.UsageError, match="--chat-template llama3"):
         common.setup_tokenizer(tokenizer)
     common.setup_tokenizer(tokenizer, "llama3")
     assert tokenizer.chat_template == common.LLAMA3_CHAT_TEMPLATE
@@ -81,5 +82,5 @@ def test_template_whose_prompt_is_not_a_prefix_is_rejected(llama3_tokenizer_dir)
     bad = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}X:{% endif %}"
     tokenizer.chat_template = bad
     common.setup_tokenizer(tokenizer)
-    with pytest.raises(common.UsageError, match="prefix"):
+    with pytest.raises(errors.UsageError, match="prefix"):
         common.tokenize_example(tokenizer, RECORD, 1024)

@@ -11,6 +11,8 @@ import pytest
 
 import common
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
+
 # Make `import datasets` and `import bitsandbytes` fail, as on a machine without them, then run the script.
 RUN_WITHOUT_DATASETS = (
     "import runpy, sys; sys.modules['datasets'] = None; sys.modules['bitsandbytes'] = None; "

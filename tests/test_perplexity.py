@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_llama_config
 
 import common
+from lvf import errors
 
 
 class UniformModel(torch.nn.Module):
@@ -103,7 +104,7 @@ def test_batch_size_does_not_change_the_result_on_a_real_llama():
 
 
 def test_empty_evaluation_set_is_a_usage_error():
-    with pytest.raises(common.UsageError):
+    with pytest.raises(errors.UsageError):
         common.evaluate_perplexity(UniformModel(5), [], pad_token_id=0)
 
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
-import common
 import finetune
+from lvf import errors, models
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,8 @@ def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, 
     from transformers import AutoModelForCausalLM
 
     loaded = []
-    load_model = common.load_model
-    monkeypatch.setattr(common, "load_model", lambda *a, **kw: loaded.append(load_model(*a, **kw)) or loaded[-1])
+    load_model = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: loaded.append(load_model(*a, **kw)) or loaded[-1])
     args = ["--model", str(tiny_llama_64_dir), "--dataset", str(records_path), "--quantize", "4bit",
             "--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128",
             "--batch-size", "2", "--max-steps", "2", "--output-dir", str(tmp_path / "qlora")]
@@ -58,7 +60,7 @@ def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, 
     # Packed 4-bit weights hold two parameters per byte; the counts must be the unquantised model's.
     unquantised = AutoModelForCausalLM.from_pretrained(tiny_llama_64_dir)
     base_params = sum(parameter.numel() for parameter in unquantised.parameters())
-    trainable, total = common.count_parameters(finetune.add_adapters(unquantised, finetune.parse_args(args)))
+    trainable, total = models.count_parameters(finetune.add_adapters(unquantised, finetune.parse_args(args)))
     assert result["base_params"] == base_params == total - trainable
     assert (result["trainable_params"], result["total_params"]) == (trainable, total)
 
@@ -69,5 +71,5 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
                         find_spec(name, *a))
-    with pytest.raises(common.UsageError, match="--quantize 4bit needs bitsandbytes"):
-        common.four_bit_config("cpu")
+    with pytest.raises(errors.UsageError, match="--quantize 4bit needs bitsandbytes"):
+        models.four_bit_config("cpu")

@@ -12,6 +12,9 @@ import pytest
 
 import common
 import finetune
+from lvf import errors, training
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
 RUN = ["--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128",
        "--batch-size", "2", "--max-steps", "4", "--eval-steps", "2", "--learning-rate", "1e-2",
@@ -45,11 +48,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
 
     finetune.main(args("reference"))  # meanwhile: the same run, never interrupted
 
-    assert run.wait(timeout=300) == common.SIGNAL_EXIT_STATUS == 130, log.read_text()[-3000:]
+    assert run.wait(timeout=300) == errors.SIGNAL_EXIT_STATUS == 130, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text()
     assert "rerun the same command with --resume" in log.read_text()
     assert not (tmp_path / "run.json").exists()  # an interrupted run writes no results
-    checkpoint = common.latest_checkpoint(tmp_path / "run")
+    checkpoint = training.latest_checkpoint(tmp_path / "run")
     assert checkpoint is not None and checkpoint.endswith("checkpoint-1")
 
     finetune.main(args("run", "--resume"))
@@ -70,7 +73,7 @@ def test_sigterm_outside_training_exits_130_without_a_traceback(capsys):
 
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
-        common.main_guard(main)
+        errors.main_guard(main)
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "stopped: by a signal, before any results were written\n"
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the caller's again

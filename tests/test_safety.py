@@ -1,19 +1,20 @@
 """Nothing lost (atomic writes, earlier results kept) and safe by default (no remote code, safetensors
 only, no secret in the results)."""
 
+import argparse
 import json
 
 import pytest
 
-import common
 import finetune
+from lvf import models, results, settings
 
 
 def test_results_are_written_atomically_and_earlier_ones_kept(tmp_path):
     path = tmp_path / "results" / "lora.json"
-    common.write_json_atomic(path, {"run": 1})
-    common.write_json_atomic(path, {"run": 2})
-    common.write_json_atomic(path, {"run": 3})
+    results.write_json_atomic(path, {"run": 1})
+    results.write_json_atomic(path, {"run": 2})
+    results.write_json_atomic(path, {"run": 3})
     assert json.loads(path.read_text()) == {"run": 3}
     kept = sorted((tmp_path / "results" / "history").glob("lora-*.json"))
     assert [json.loads(item.read_text()) for item in kept] == [{"run": 1}, {"run": 2}]
@@ -22,16 +23,16 @@ def test_results_are_written_atomically_and_earlier_ones_kept(tmp_path):
 
 def test_a_failed_write_leaves_the_earlier_results_in_place(tmp_path):
     path = tmp_path / "lora.json"
-    common.write_json_atomic(path, {"run": 1})
+    results.write_json_atomic(path, {"run": 1})
     with pytest.raises(TypeError):
-        common.write_json_atomic(path, {"run": object()})  # not serialisable: fails half-way through
+        results.write_json_atomic(path, {"run": object()})  # not serialisable: fails half-way through
     assert json.loads(path.read_text()) == {"run": 1}
     assert [item.name for item in tmp_path.iterdir()] == ["lora.json"]
 
 
 def test_only_the_main_process_writes_results(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    common.finish({"method": "lora"}, tmp_path / "lora.json")
+    results.finish({"method": "lora"}, tmp_path / "lora.json")
     assert not (tmp_path / "lora.json").exists()
 
 
@@ -40,14 +41,14 @@ def test_no_token_or_secret_reaches_the_results(tmp_path, monkeypatch, capsys, t
     monkeypatch.setenv("HF_TOKEN", secret)
     args = finetune.parse_args(["--dry-run", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "r.json"),
                                 "--output-dir", str(tmp_path / "out")])
-    args.hub_token = secret  # as if a flag or a library had put one on the arguments
-    args.api_key = "another-secret-value"
-    args.note = f"Bearer {secret}"
-    results = common.build_results(args, "lora", device="cpu")
-    text = json.dumps(results)
+    # As if a flag or a library had put secrets among the settings:
+    args = settings.freeze(argparse.Namespace(**settings.as_dict(args), hub_token=secret,
+                                              api_key="another-secret-value", note=f"Bearer {secret}"))
+    record = results.build_results(args, settings.training_runtime(args, "lora", "adamw_torch"), "lora")
+    text = json.dumps(record)
     assert secret not in text and "another-secret-value" not in text
-    assert "hub_token" not in results["config"] and "api_key" not in results["config"]
-    assert results["config"]["note"] == "Bearer ***"
+    assert "hub_token" not in record["config"] and "api_key" not in record["config"]
+    assert record["config"]["note"] == "Bearer ***"
 
     finetune.main(["--dry-run", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "dry.json")])
     assert secret not in (tmp_path / "dry.json").read_text()
@@ -72,9 +73,8 @@ def test_remote_code_is_off_unless_asked_and_weights_are_safetensors_only(monkey
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record)
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", record)
     args = finetune.parse_args(flag)
-    args.device = "cpu"
-    for load in (lambda: common.load_model("some/model", args, dtype=None),
-                 lambda: common.load_tokenizer("some/model", args)):
+    for load in (lambda: models.load_model("some/model", None, "cpu", args.trust_remote_code),
+                 lambda: models.load_tokenizer("some/model", args.chat_template, args.trust_remote_code)):
         with pytest.raises(Stop):
             load()
     model_kwargs, tokenizer_kwargs = calls

@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 
 import common
+from lvf import errors
 
 
 def make_records(counts):
@@ -58,7 +59,7 @@ def test_small_files_and_rare_categories_do_not_crash(counts):
 
 
 def test_too_few_records_is_a_usage_error():
-    with pytest.raises(common.UsageError):
+    with pytest.raises(errors.UsageError):
         common.split_records(make_records({"a": 2}), 0.1, 0.05, seed=42)
 
 

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_llama_config
 
 import common
+from lvf import training
 
 PROMPT = common.IGNORE_INDEX
 
@@ -46,7 +47,7 @@ def test_scored_logits_and_packing_keep_loss_and_gradients(packing, llama3_token
     reference = DataCollatorForSeq2Seq(llama3_tokenizer, padding=True, label_pad_token_id=PROMPT)(features())
     reference_loss, reference_grads = loss_and_grads(model, dict(reference))
 
-    batch = common.training_collator(llama3_tokenizer, "cpu", packing=packing)(features())
+    batch = training.training_collator(llama3_tokenizer, "cpu", packing=packing)(features())
     assert batch["use_cache"] is False
     assert int(batch["logits_to_keep"].sum()) == len(batch["shift_labels"]) == 5 + 9 + 3
     if packing:
@@ -64,7 +65,7 @@ def test_scored_logits_and_packing_keep_loss_and_gradients(packing, llama3_token
 
 def test_scored_logits_are_computed_only_where_a_target_is_scored(llama3_tokenizer):
     model = tiny_model()
-    batch = common.training_collator(llama3_tokenizer, "cpu")(features())
+    batch = training.training_collator(llama3_tokenizer, "cpu")(features())
     outputs = model(**batch)
     assert outputs.logits.shape == (5 + 9 + 3, model.config.vocab_size)  # not 3 rows x 14 positions
 
@@ -74,7 +75,7 @@ def test_measured_trainer_counts_scored_non_padding_targets(tmp_path):
 
     model = tiny_model()
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2)
-    trainer = common.make_trainer_class()(model=model, args=args)
+    trainer = training.make_trainer_class()(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test skips
     # The write-up's batch: labels = input ids everywhere, padding (attention 0) included.
     input_ids = torch.tensor([[5, 6, 7, 8, 2, 2], [5, 6, 7, 8, 9, 10]])
@@ -83,6 +84,7 @@ def test_measured_trainer_counts_scored_non_padding_targets(tmp_path):
     assert int(trainer.scored_tokens) == 3 + 5  # targets after the first token, padding never
 
 
+@pytest.mark.slow
 def test_packed_run_trains_on_exactly_the_scored_tokens(tmp_path, tiny_llama_dir, records_path, llama3_tokenizer):
     """One epoch with --packing: the results JSON counts the tokens the examples hold, no more, no less."""
     import finetune

@@ -1,0 +1,38 @@
+"""How a script ends: bad input is one line and exit 2, a signal is exit 130, anything else a traceback."""
+
+import os
+import signal
+import sys
+
+USAGE_EXIT_STATUS = 2
+SIGNAL_EXIT_STATUS = 130  # after SIGINT or SIGTERM, whether or not a checkpoint was saved; no results file
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit status 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
+
+
+def main_guard(main):
+    """Runs a script's main: bad input is one line and exit 2; a signal is exit 130 (with a checkpoint
+    when it comes during training); --debug or LVF_DEBUG=1 shows tracebacks."""
+    debug = "--debug" in sys.argv or os.environ.get("LVF_DEBUG") == "1"
+    # Outside training, SIGTERM stops like Ctrl-C does: no results, status 130, no traceback.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        main()
+    except UsageError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USAGE_EXIT_STATUS)
+    except (Interrupted, KeyboardInterrupt) as error:
+        if debug and isinstance(error, KeyboardInterrupt):
+            raise
+        print(f"stopped: {str(error) or 'by a signal, before any results were written'}", file=sys.stderr)
+        sys.exit(SIGNAL_EXIT_STATUS)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,171 @@
+"""What a run records and how it is written: the results schema, provenance (versions, git commit),
+secrets kept out, and atomic writes that keep earlier results."""
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from huggingface_hub import get_token
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def peak_memory(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+
+
+def weights_bytes(path):
+    """Bytes on disk of the saved weights (safetensors files): the adapter alone for LoRA."""
+    return sum(item.stat().st_size for item in Path(path).rglob("*.safetensors"))
+
+
+def package_versions():
+    names = ["torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+RESULT_FIELDS = [
+    "method", "model", "dataset", "eval_file", "perplexity", "perplexity_ci95", "eval_loss", "eval_tokens",
+    "eval_examples", "seed_style_perplexity", "trainable_params", "total_params", "base_params",
+    "trainable_percent", "train_examples", "train_tokens", "train_seconds", "train_step_seconds",
+    "train_tokens_per_second", "optimizer_steps", "best_checkpoint", "best_validation_loss", "resumed_from",
+    "eval_seconds", "peak_memory_bytes", "memory_kind", "artifact_path", "artifact_bytes", "device", "dtype",
+    "bf16_autocast", "seed", "truncation", "config", "runtime", "versions", "git_commit", "created_at", "dry_run",
+    "per_example",
+]
+
+
+def build_results(settings, runtime, method, **fields):
+    """Every field of the schema; those that do not apply are null. `config` is what was asked (as
+    given), `runtime` what the run resolved from it."""
+    results = dict.fromkeys(RESULT_FIELDS)
+    config = {key: value for key, value in dataclasses.asdict(settings).items() if not SECRET_NAME.search(key)}
+    eval_file = getattr(settings, "eval_file", None)
+    results.update(
+        method=method,
+        model=settings.model,
+        dataset=None if (method == "base" and eval_file) else settings.dataset,
+        eval_file=eval_file,
+        seed=settings.seed,
+        config=json.loads(json.dumps(config, default=str)),
+        runtime=runtime.record(),
+        device=runtime.device,
+        dtype=str(runtime.dtype).removeprefix("torch."),
+        bf16_autocast=runtime.bf16_autocast,
+        versions=package_versions(),
+        git_commit=git_commit(),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        dry_run=bool(settings.dry_run),
+    )
+    results.update(fields)
+    trainable, total = results.get("trainable_params"), results.get("total_params")
+    if trainable is not None and total:
+        results["trainable_percent"] = 100.0 * trainable / total
+    unknown = set(results) - set(RESULT_FIELDS)
+    if unknown:
+        raise KeyError(f"fields outside the schema: {sorted(unknown)}")
+    return redact_secrets(results)
+
+
+SECRET_NAME = re.compile(r"token|secret|password|api_?key", re.IGNORECASE)
+
+
+def known_secrets():
+    """The Hub token (from HF_TOKEN or the login file) and any environment value named like a secret."""
+    secrets = {value for key, value in os.environ.items() if SECRET_NAME.search(key) and len(value) >= 8}
+    secrets.add(get_token() or "")
+    return {secret for secret in secrets if len(secret) >= 8}
+
+
+def redact_secrets(results):
+    """Last line of defence: no known secret's value may appear anywhere in the results."""
+    text = json.dumps(results, default=str)
+    secrets = [secret for secret in known_secrets() if secret in text]
+    if not secrets:
+        return results
+    for secret in secrets:
+        text = text.replace(json.dumps(secret)[1:-1], "***")
+    return json.loads(text)
+
+
+def write_atomic(path, text, keep_history=False):
+    """The kit's one way to write a file: to a temporary file, then a rename, so a reader never sees half
+    a file. With keep_history, an existing file is first kept in history/ beside it, with a timestamp."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if keep_history and path.exists():
+            keep_in_history(path)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(path, payload):
+    """Results JSON, written atomically; earlier results are kept in history/, never overwritten."""
+    return write_atomic(path, json.dumps(payload, indent=2) + "\n", keep_history=True)
+
+
+def keep_in_history(path):
+    """Copies path to history/<stem>-<UTC time><suffix> beside it; the original stays until replaced."""
+    history = path.parent / "history"
+    history.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    kept = history / f"{path.stem}-{stamp}{path.suffix}"
+    try:
+        os.link(path, kept)  # a second name for the same file: instant, and the path is never missing
+    except OSError:
+        shutil.copy2(path, kept)
+    return kept
+
+
+def is_main_process():
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def finish(results, output):
+    """Writes the results (main process only; nowhere when output is None, as in a dry run without
+    --output) and prints a one-line summary."""
+    if not is_main_process():
+        return
+    ppl = results.get("perplexity")
+    summary = f"[{results['method']}]"
+    if output is not None:
+        summary += f" wrote {write_json_atomic(output, results)}"
+    if ppl is not None:
+        low, high = results["perplexity_ci95"]
+        summary += f": perplexity {ppl:.4f} (95% CI {low:.4f}-{high:.4f}) on {results['eval_tokens']} tokens"
+    if results.get("trainable_params") is not None:
+        summary += f"; trainable {results['trainable_params']:,} of {results['total_params']:,}"
+    print(summary)

@@ -1,0 +1,279 @@
+"""What the user asked, and what the run resolved from it.
+
+Each script composes the flag groups it uses (model, data, evaluation, output, training) and parses them
+once into frozen `Settings`: recorded exactly as given. What the run derives (device, dtypes, autocast,
+optimizer, paths) is a separate frozen `Runtime`, recorded beside them.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lvf import models
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_DATASET = "databricks/databricks-dolly-15k"
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def step_limit(text):
+    value = int(text)
+    if value <= 0 and value != -1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, or -1 for no limit, got {text}")
+    return value
+
+
+def dropout_rate(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------- flag groups
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once, and only when there is one (not for None or an unset switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def evaluation_parser(description, method):
+    """The flags every script shares: what to evaluate, on which data, and where the results go."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_model_flags(parser)
+    add_data_flags(parser)
+    add_evaluation_flags(parser)
+    add_output_flags(parser, method)
+    return parser
+
+
+def add_model_flags(parser):
+    group = parser.add_argument_group("model")
+    add = group.add_argument
+    add("--model", default=models.DEFAULT_MODEL,
+        help="Hub id, local model folder, or preset name (" + ", ".join(models.MODEL_PRESETS) + ")")
+    add("--chat-template", default=None,
+        help="'llama3' installs the official Llama 3 Instruct template; or a path to a Jinja template file")
+    add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+        help="weight dtype: auto is bfloat16 on CUDA, float32 on CPU")
+    add("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
+
+
+def add_data_flags(parser):
+    group = parser.add_argument_group("data")
+    add = group.add_argument
+    add("--dataset", default=DEFAULT_DATASET,
+        help="Hub dataset id or local .json/.jsonl/.csv/.parquet file with instruction, context, response "
+             "(category optional)")
+    add("--eval-file", default=None,
+        help="evaluate on every record of this file instead of the held-out test split")
+    add("--test-fraction", type=fraction, default=0.1, help="held-out test share of the data")
+    add("--max-eval-samples", type=positive_int, default=None, help="deterministic subset of the evaluation set")
+    add("--max-length", type=positive_int, default=1024,
+        help="tokens per example; longer responses are cut at the end, prompts that leave no room are dropped")
+    add("--split-seed", type=int, default=42,
+        help="seed of the train/validation/test split and of every subset: fixes the evaluated examples")
+    add("--seed", type=int, default=42,
+        help="seed of training (initialisation, data order, dropout) and of the bootstrap")
+
+
+def add_evaluation_flags(parser):
+    group = parser.add_argument_group("evaluation")
+    add = group.add_argument
+    add("--eval-batch-size", type=positive_int, default=8, help="batch size for perplexity evaluation")
+    add("--bootstrap-resamples", type=positive_int, default=1000, help="resamples for the 95%% interval")
+    add("--seed-style-metric", action="store_true",
+        help="also compute the write-up's flawed perplexity (labels = input ids, padded to 512 with eos, "
+             "context dropped) on the same examples, as seed_style_perplexity")
+
+
+def add_output_flags(parser, method):
+    group = parser.add_argument_group("output")
+    add = group.add_argument
+    add("--output", default=None,
+        help=f"results JSON path (default: results/{method}.json; with --dry-run, none: the counts are printed)")
+    add("--dry-run", action="store_true",
+        help="build the model on the meta device and count parameters; loads no weights or data")
+    add("--debug", action="store_true", help="show full tracebacks (or set LVF_DEBUG=1)")
+
+
+def add_training_flags(parser, method, learning_rate, batch_size, grad_accum):
+    """Training flags; the defaults that differ between methods are the script's to give."""
+    group = parser.add_argument_group("training")
+    add = group.add_argument
+    add("--output-dir", default=None, help=f"where checkpoints and the saved model go (default: outputs/{method})")
+    add("--val-fraction", type=fraction, default=0.05,
+        help="validation share of the training part; it alone selects the checkpoint")
+    add("--max-train-samples", type=positive_int, default=None, help="deterministic subset of the training split")
+    add("--max-val-samples", type=positive_int, default=None,
+        help="deterministic subset of the validation slice (checkpoint selection)")
+    add("--max-steps", type=step_limit, default=-1, help="stop after this many optimizer steps (-1: run the epochs)")
+    add("--num-epochs", type=positive_float, default=1.0, help="training epochs")
+    add("--learning-rate", type=positive_float, default=learning_rate, help="peak learning rate")
+    add("--batch-size", type=positive_int, default=batch_size, help="per-device training batch size")
+    add("--grad-accum", type=positive_int, default=grad_accum, help="gradient accumulation steps")
+    add("--eval-steps", type=positive_int, default=None,
+        help="validate (and checkpoint) every N optimizer steps (default: about 5 times per run)")
+    add("--bf16-autocast", choices=["auto", "on", "off"], default="auto",
+        help="bf16 autocast for training: auto turns it on on CUDA, and on CPUs with AMX/AVX512-BF16")
+    add("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+        help="auto: on with CUDA, off on CPU")
+    add("--packing", action="store_true",
+        help="padding-free training: each batch is flattened into one row with position ids restarting per "
+             "example (on CPU length-grouped batches are faster)")
+    add("--resume", action="store_true",
+        help="continue from the last checkpoint in --output-dir (after a crash or a signal)")
+    return group
+
+
+# --------------------------------------------------------------------------- frozen settings
+
+
+def parse(parser, argv=None):
+    """Parses once into a frozen object: what was asked stays as it was asked."""
+    return freeze(parser.parse_args(argv))
+
+
+def freeze(namespace):
+    fields = list(vars(namespace))
+    settings_class = dataclasses.make_dataclass("Settings", fields, frozen=True)
+    return settings_class(**vars(namespace))
+
+
+def as_dict(settings):
+    return dataclasses.asdict(settings)
+
+
+# --------------------------------------------------------------------------- what the run resolved
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Derived once from the settings and the machine; never written back into the settings."""
+
+    device: str
+    dtype: torch.dtype  # the weights' dtype
+    output: Path | None  # results JSON (None: a dry run that only prints)
+    output_dir: Path | None = None  # checkpoints and the saved model (training only)
+    bf16_autocast: bool = False
+    gradient_checkpointing: bool = False
+    optimizer: str | None = None
+    world_size: int = 1
+
+    def record(self):
+        """JSON-ready, with paths relative to the working directory when they are inside it."""
+        values = dataclasses.asdict(self)
+        values["dtype"] = dtype_name(self.dtype)
+        for key in ("output", "output_dir"):
+            values[key] = display_path(values[key])
+        return values
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def display_path(path):
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def resolve_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def cpu_has_bf16():
+    """AMX or AVX512-BF16: where bf16 matmuls beat fp32 on a CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16_autocast(setting, device):
+    if setting == "auto":
+        return device == "cuda" or cpu_has_bf16()
+    return setting == "on"
+
+
+def use_gradient_checkpointing(setting, device):
+    """auto: on with CUDA, unless FSDP checkpoints activations itself (the two cannot be combined)."""
+    if setting == "auto":
+        return device == "cuda" and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING") != "true"
+    return setting == "on"
+
+
+def default_output(method):
+    return PROJECT_DIR / "results" / f"{method}.json"
+
+
+def results_path(settings, method):
+    """--output, else results/<method>.json; a dry run writes only where --output says."""
+    if settings.output:
+        return Path(settings.output)
+    return None if settings.dry_run else default_output(method)
+
+
+def evaluation_runtime(settings, method):
+    device = resolve_device()
+    return Runtime(device=device, dtype=resolve_dtype(settings.dtype, device),
+                   output=results_path(settings, method))
+
+
+def training_runtime(settings, method, optimizer):
+    device = resolve_device()
+    return Runtime(
+        device=device,
+        dtype=resolve_dtype(settings.dtype, device),
+        output=results_path(settings, method),
+        output_dir=Path(settings.output_dir or PROJECT_DIR / "outputs" / method),
+        bf16_autocast=use_bf16_autocast(settings.bf16_autocast, device),
+        gradient_checkpointing=use_gradient_checkpointing(settings.gradient_checkpointing, device),
+        optimizer=optimizer(device) if callable(optimizer) else optimizer,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )

@@ -1,0 +1,350 @@
+"""The Trainer harness: arguments, collator, a Trainer that counts what it trains on, stopping on a
+signal with a checkpoint, resuming, and saving the final artifact."""
+
+import contextlib
+import datetime as dt
+import inspect
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import common
+from common import IGNORE_INDEX
+from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
+from lvf.results import is_main_process, peak_memory, weights_bytes
+from lvf.settings import display_path
+
+
+def make_trainer_class(base=None):
+    """Trainer that also counts the scored tokens it trains on and the time it spends away
+    from training (validation and checkpoints), so tokens/s means training tokens/s.
+    `base` (default: transformers.Trainer) lets bench/throughput.py measure other trainers the same way."""
+    class MeasuredTrainer(base or Trainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.scored_tokens = None
+            self.seconds_away = 0.0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # Scored = a target that counts in the loss and is not padding (some pipelines label padding).
+            # Summed on the device: no host sync per step.
+            scored = inputs["labels"][..., 1:] != IGNORE_INDEX
+            if "attention_mask" in inputs:
+                scored = scored & inputs["attention_mask"][..., 1:].bool()
+            count = scored.sum()
+            self.scored_tokens = count if self.scored_tokens is None else self.scored_tokens + count
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        @contextlib.contextmanager
+        def away_from_training(self):
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds_away += time.perf_counter() - start
+
+        def evaluate(self, *a, **kw):
+            with self.away_from_training():
+                return super().evaluate(*a, **kw)
+
+        def _save_checkpoint(self, *a, **kw):
+            with self.away_from_training():
+                return super()._save_checkpoint(*a, **kw)
+
+    return MeasuredTrainer
+
+
+class StopOnSignal:
+    """While active, SIGINT/SIGTERM ask the Trainer to save a checkpoint and stop after the current
+    optimizer step; outside training the default behaviour is back.
+
+    Every rank stops at the same step (the flag is all-reduced each step): a launcher may signal the
+    ranks at different moments, and a rank that stops alone would leave the others waiting forever.
+    A second signal stops at once, without a checkpoint, unless it comes within a second of the first
+    (that is a launcher forwarding the same Ctrl-C the workers already got from the terminal).
+    """
+
+    def __init__(self):
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.any_rank_received(args.device):
+                    outer.stopped = True
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        self.received = None
+        self.received_at = None
+        self.stopped = False
+        self.callback = Callback()
+        self._previous_handlers = {}
+
+    def any_rank_received(self, device):
+        received = self.received is not None
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor(int(received), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            received = bool(flag.item())
+        return received
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.received is not None:
+            if now - self.received_at > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.received, self.received_at = signum, now
+        if is_main_process():
+            print(f"\n[signal {signum}] saving a checkpoint after this step; rerun with --resume to continue "
+                  "(signal again to stop at once, without one)", file=sys.stderr)
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+
+
+def optimizer_steps(settings, runtime, train_examples):
+    """Optimizer steps the run will take: --max-steps, or the epochs over every process's share."""
+    if settings.max_steps > 0:
+        return settings.max_steps
+    examples_per_step = settings.batch_size * settings.grad_accum * runtime.world_size
+    return math.ceil(max(1, math.ceil(train_examples / examples_per_step)) * settings.num_epochs)
+
+
+def warmup_steps(total_steps):
+    """3% of the run, at least one step (the schedule the kit trains with, and the benchmark's)."""
+    return max(1, round(0.03 * total_steps))
+
+
+def training_arguments(settings, runtime, train_examples):
+    total_steps = optimizer_steps(settings, runtime, train_examples)
+    eval_steps = settings.eval_steps or max(1, math.ceil(total_steps / 5))
+    checkpointing = runtime.gradient_checkpointing
+    return TrainingArguments(
+        output_dir=str(runtime.output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.num_epochs,
+        max_steps=settings.max_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup_steps(total_steps),
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, min(10, eval_steps)),
+        bf16=runtime.bf16_autocast,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        optim=runtime.optimizer,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        train_sampling_strategy="group_by_length",
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=runtime.device == "cpu",
+        dataloader_num_workers=0,
+        save_only_model=False,
+        ddp_find_unused_parameters=False if runtime.world_size > 1 else None,
+    )
+
+
+def to_dataset(examples):
+    """A plain list of features: the Trainer's length-grouped sampler reads each one's input_ids length, and
+    training needs no `datasets` (which the GPU image lacks)."""
+    return [{key: example[key] for key in ("input_ids", "attention_mask", "labels")} for example in examples]
+
+
+def accepts_logits_to_keep(model):
+    """Whether the (unwrapped) causal LM takes logits_to_keep, as transformers 5 models do."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def training_collator(tokenizer, device, packing=False, scored_logits_only=True):
+    """Pads a batch (or, with packing, flattens it into one row with position ids), then adds two
+    things that make a step cheaper without changing its loss or gradients:
+
+    - logits_to_keep, a boolean mask of the positions whose next token is scored, and the matching
+      shift_labels: the model projects onto the vocabulary only there. In our Dolly records ~60% of tokens are
+      prompt, and in a small model the vocabulary projection and its softmax are a large share of a
+      step's time and memory.
+    - use_cache=False: training never reads a KV cache, and transformers derives the per-example
+      attention mask of a packed row from its position ids only when no cache is passed (with a cache,
+      examples in a packed row silently attend to each other).
+    """
+    if packing:
+        # Labels get -100 at every example's first token, so no example predicts across a boundary.
+        pad_or_flatten = DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
+    else:
+        pad_or_flatten = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                                pad_to_multiple_of=8 if device == "cuda" else None)
+
+    def collate(features):
+        batch = pad_or_flatten(features)
+        batch["use_cache"] = False
+        if scored_logits_only:
+            targets = batch["labels"][..., 1:]
+            scored = targets != IGNORE_INDEX
+            batch["logits_to_keep"] = torch.nn.functional.pad(scored, (0, 1), value=False)
+            batch["shift_labels"] = targets[scored]
+        return batch
+
+    return collate
+
+
+def start_run(settings, runtime):
+    """Seeds every generator (the adapters' random initialisation comes before the Trainer seeds) and
+    refuses to mix a new run into the checkpoints of an earlier one."""
+    seed_everything(settings.seed)
+    warn_if_launched_alone()
+    if not settings.dry_run and not settings.resume and latest_checkpoint(runtime.output_dir) is not None:
+        raise UsageError(f"{runtime.output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                         "or choose another --output-dir")
+
+
+def train(settings, runtime, model, tokenizer, train_examples, val_examples):
+    """Trains with the Trainer, keeps the best checkpoint by validation loss, returns measurements."""
+    stopper = StopOnSignal()
+    training_args = training_arguments(settings, runtime, len(train_examples))
+    # DataParallel (several GPUs, one process) would split the flat shift_labels across replicas.
+    scored_logits_only = training_args.n_gpu <= 1 and accepts_logits_to_keep(model)
+    collator = training_collator(tokenizer, runtime.device, settings.packing, scored_logits_only)
+    trainer = make_trainer_class()(
+        model=model,
+        args=training_args,
+        train_dataset=to_dataset(train_examples),
+        eval_dataset=to_dataset(val_examples),
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[stopper.callback],
+    )
+    output_dir = runtime.output_dir
+    resume = latest_checkpoint(output_dir) if settings.resume else None
+    if settings.resume and resume is None:
+        print(f"--resume: no checkpoint in {output_dir}; starting from the beginning", file=sys.stderr)
+    if runtime.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with stopper:
+        if is_main_process():
+            print(f"training: checkpoints in {output_dir}; SIGINT or SIGTERM saves one and stops "
+                  f"(exit status {SIGNAL_EXIT_STATUS}), --resume continues", file=sys.stderr, flush=True)
+        trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - start
+    if stopper.stopped:
+        raise Interrupted(f"training stopped by a signal; checkpoint saved in {latest_checkpoint(output_dir)}; "
+                          "rerun the same command with --resume to continue")
+    local_tokens = trainer.scored_tokens if trainer.scored_tokens is not None else torch.zeros((), dtype=torch.long)
+    train_tokens = int(trainer.accelerator.reduce(local_tokens.to(trainer.args.device), "sum"))
+    busy_seconds = max(train_seconds - trainer.seconds_away, 1e-9)
+    return trainer, {
+        "train_examples": len(train_examples),
+        "train_seconds": train_seconds,
+        "train_step_seconds": busy_seconds,
+        "train_tokens": train_tokens,
+        "train_tokens_per_second": train_tokens / busy_seconds,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_validation_loss": trainer.state.best_metric,
+        "optimizer_steps": trainer.state.global_step,
+        "resumed_from": resume,
+    }
+
+
+def latest_checkpoint(output_dir):
+    """The newest complete checkpoint-N folder, or None. The Trainer writes trainer_state.json last,
+    so a folder without it was cut short (a kill during saving) and is skipped."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    complete = [item for item in folder.iterdir()
+                if re.fullmatch(r"checkpoint-\d+", item.name) and (item / "trainer_state.json").is_file()]
+    if not complete:
+        return None
+    return str(max(complete, key=lambda item: int(item.name.split("-")[1])))
+
+
+def warn_if_launched_alone():
+    """`accelerate launch --cpu --num_processes N` on one machine starts one process (its CPU launcher
+    needs mpirun for more); say so rather than let a user believe N processes trained."""
+    if os.environ.get("ACCELERATE_USE_CPU") == "True" and "MASTER_PORT" in os.environ and "RANK" not in os.environ:
+        print("warning: accelerate launch --cpu started a single process; for DDP on CPUs launch with "
+              "--multi_gpu --num_processes N and CUDA_VISIBLE_DEVICES= (see README)", file=sys.stderr)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CUDA too
+
+
+def save_artifact(trainer, output_dir):
+    """Saves the final model (adapter or full weights, safetensors only) atomically to output_dir/final.
+
+    Every rank calls it (FSDP and DeepSpeed gather the weights collectively) and writes into the same
+    staging folder; the main process then swaps it in, keeping an earlier final-* beside it."""
+    final = Path(output_dir) / "final"
+    staging = final.with_name("final.partial")
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        # A pickle (torch.save of the TrainingArguments); the results' config already records them.
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        if final.exists():
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+            final.replace(final.with_name(f"final-{stamp}"))
+        staging.replace(final)
+    return final
+
+
+
+
+def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_records, label):
+    """What a training script does once its model is built: train (best checkpoint by validation loss),
+    score the held-out set, save the artifact. Returns the measured results fields."""
+    trainer, measured = train(settings, runtime, model, tokenizer, examples["train"], examples["validation"])
+    # Every rank evaluates the whole set through the wrapped model: the same forwards everywhere, which
+    # FSDP and DeepSpeed need (they gather weights collectively); the main process writes the results.
+    evaluation = common.evaluate_model(trainer.model_wrapped, tokenizer, examples["eval"], eval_records, settings,
+                                       trainer.args.device, desc=f"evaluate {label}")
+    artifact = save_artifact(trainer, runtime.output_dir)
+    memory, memory_kind = peak_memory(runtime.device)
+    return {
+        **measured, **evaluation,
+        "peak_memory_bytes": memory, "memory_kind": memory_kind,
+        "artifact_path": display_path(artifact),
+        "artifact_bytes": weights_bytes(artifact) if artifact.exists() else None,
+    }
