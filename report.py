@@ -172,9 +172,9 @@ def example_tokens(run, field="per_example"):
     return {item["id"]: item["tokens"] for item in run.get(field) or []}
 
 
-def mismatch(run_a, run_b):
+def mismatch(run_a, run_b, field="per_example"):
     """None when both runs scored the same examples with the same token counts, else how they differ."""
-    a, b = example_tokens(run_a), example_tokens(run_b)
+    a, b = example_tokens(run_a, field), example_tokens(run_b, field)
     if a == b:
         return None
     shared = a.keys() & b.keys()
@@ -189,7 +189,9 @@ def mismatches(groups):
     for group in groups:
         found += [(group.runs[0], run) for run in group.runs[1:]]
     found += [(a.runs[0], b.runs[0]) for a, b in compared_pairs(groups)]
-    return [(a, b, why) for a, b in found if (why := mismatch(a, b))]
+    general = [(a, b) for a, b in found if a.get("general_per_example") and b.get("general_per_example")]
+    return ([(a, b, why) for a, b in found if (why := mismatch(a, b))]
+            + [(a, b, f"general text: {why}") for a, b in general if (why := mismatch(a, b, "general_per_example"))])
 
 
 def refuse_different_examples(groups):
@@ -349,7 +351,8 @@ def verdict(group_a, group_b, result):
     if unmeasured:
         if all(len(group.runs) == 1 for group in (group_a, group_b)):
             return ONE_RUN_EACH
-        return "; ".join(f"one run of {group.label}: seed variance not measured" for group in unmeasured)
+        return "; ".join(f"{'one run' if len(group.runs) == 1 else 'one seed'} of {group.label}: seed variance "
+                         "not measured" for group in unmeasured)
     if result["significant"]:
         return f"{group_a.label} is {'lower' if result['difference'] < 0 else 'higher'} (significant)"
     return "not significant: the interval contains 0"
@@ -575,7 +578,7 @@ def draw_validation_curves(groups, path):
                   label=None if group.label in labelled else group.label)
         labelled.add(group.label)
     axis.set_xlabel("training tokens")
-    axis.set_ylabel("validation loss (token-weighted NLL)")
+    axis.set_ylabel("validation loss (the Trainer's eval_loss)")
     axis.set_title("Validation loss during training, one line per run")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)

@@ -240,3 +240,12 @@ def test_tradeoff_and_validation_curves_are_drawn(tmp_path, results_dir):
     for name in ("learning_vs_forgetting.png", "validation_curves.png"):
         assert (results_dir / name).read_bytes()[:8] == PNG_MAGIC
     assert report.validation_curve(json.loads((results_dir / "lora.json").read_text()))[0] == (1000.0, 2.3)
+
+
+def test_general_text_on_different_examples_is_refused(results_dir):
+    for name, prefix in (("lora", "wiki"), ("full", "other")):
+        run = json.loads((results_dir / f"{name}.json").read_text())
+        run["general_per_example"] = [{"id": f"{prefix}{i}", "nll_sum": 40.0, "tokens": 20} for i in range(5)]
+        (results_dir / f"{name}.json").write_text(json.dumps(run))
+    with pytest.raises(errors.UsageError, match="full.json .general text: 5 vs 5 examples, 0 shared"):
+        report.main(["--results-dir", str(results_dir), "--check"])
