@@ -48,6 +48,7 @@ def main(argv=None):
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
+    training_args = training.init_distributed(args, runtime, len(examples["train"]))
 
     model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization)
     if quantization is not None:
@@ -55,7 +56,8 @@ def main(argv=None):
     model = add_adapters(model, args)
     trainable, total = models.count_parameters(model)
 
-    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method)
+    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method,
+                                           training_args)
     record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total - trainable, truncation=truncation)
     results.finish(record, runtime.output)

@@ -47,9 +47,11 @@ def main(argv=None):
     source = models.check_model_source(args.model)
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
+    training_args = training.init_distributed(args, runtime, len(examples["train"]))
     model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code)
 
-    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD)
+    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD,
+                                           training_args)
     trainable, total = models.count_parameters(model)
     record = results.build_results(args, runtime, METHOD, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total, truncation=truncation)
