@@ -55,11 +55,13 @@ def main(argv=None):
         model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
     model = add_adapters(model, args)
     trainable, total = models.count_parameters(model)
+    stored_as = models.dtype_by_part(model)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method,
                                            training_args)
     record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
-                                   total_params=total, base_params=total - trainable, truncation=truncation)
+                                   total_params=total, base_params=total - trainable, truncation=truncation,
+                                   dtype_by_part=stored_as)
     results.finish(record, runtime.output)
 
 

@@ -63,12 +63,14 @@ def main(argv=None):
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
     training_args = training.init_distributed(args, runtime, len(examples["train"]))
     model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code)
+    stored_as = models.dtype_by_part(model)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD,
                                            training_args)
     trainable, total = models.count_parameters(model)
     record = results.build_results(args, runtime, METHOD, **measured, trainable_params=trainable,
-                                   total_params=total, base_params=total, truncation=truncation)
+                                   total_params=total, base_params=total, truncation=truncation,
+                                   dtype_by_part=stored_as)
     results.finish(record, runtime.output)
 
 

@@ -185,3 +185,19 @@ def count_parameters(model):
     return trainable, total
 
 
+def dtype_by_part(model):
+    """How each part of the model is stored, e.g. {"linear_4bit": "nf4", "embed_tokens": "float32",
+    "input_layernorm": "float32", "lora_A": "float32"}: a part is the module holding the parameter, named without
+    layer numbers, peft's adapter name or its base_layer wrapper. 4-bit weights are packed in uint8 and named by
+    their quantisation type. A part with mixed dtypes lists them all."""
+    parts = {}
+    for name, parameter in model.named_parameters():
+        quant_state = getattr(parameter, "quant_state", None)
+        if quant_state is not None:
+            part, dtype = "linear_4bit", quant_state.quant_type
+        else:
+            modules = [item for item in name.split(".")[:-1]
+                       if not item.isdigit() and item not in ("default", "base_layer")]
+            part, dtype = modules[-1] if modules else name, str(parameter.dtype).removeprefix("torch.")
+        parts.setdefault(part, set()).add(dtype)
+    return {part: ",".join(sorted(dtypes)) for part, dtypes in parts.items()}
