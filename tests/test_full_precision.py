@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import full_finetune
 from lvf import settings
 
-pytestmark = pytest.mark.slow  # trains the tiny model three times
+pytestmark = pytest.mark.slow  # trains the tiny model twice through full_finetune.py
 
 
 def cuda_default_runtime(monkeypatch, argv=()):
