@@ -55,8 +55,8 @@ RESULT_FIELDS = [
     "trainable_percent", "train_examples", "train_tokens", "train_seconds", "train_step_seconds",
     "train_tokens_per_second", "optimizer_steps", "best_checkpoint", "best_validation_loss", "resumed_from",
     "eval_seconds", "peak_memory_bytes", "memory_kind", "artifact_path", "artifact_bytes", "device", "dtype",
-    "bf16_autocast", "seed", "truncation", "config", "runtime", "versions", "git_commit", "created_at", "dry_run",
-    "per_example",
+    "dtype_by_part", "bf16_autocast", "seed", "truncation", "config", "runtime", "versions", "git_commit", "created_at",
+    "dry_run", "per_example",
 ]
 
 
