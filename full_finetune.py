@@ -8,7 +8,7 @@ import importlib.util
 import os
 
 import common
-from lvf import errors, models, results, settings, training
+from lvf import artifacts, errors, models, results, settings, training
 
 METHOD = "full"
 
@@ -45,9 +45,13 @@ def main(argv=None):
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     source = models.check_model_source(args.model)
+    models.check_attention_implementation(args.attn_implementation)
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code)
+    if results.is_main_process():
+        artifacts.write_origin(runtime.output_dir, METHOD, args.model)
+    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
+                              attn_implementation=args.attn_implementation)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD)
     trainable, total = models.count_parameters(model)

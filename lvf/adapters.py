@@ -1,6 +1,6 @@
 """LoRA adapters through peft: the configuration, adding them to a model, and peft's 4-bit preparation."""
 
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from lvf.errors import UsageError
 
@@ -22,3 +22,8 @@ def prepare_for_4bit_training(model, gradient_checkpointing):
     """peft's recipe for training adapters on a 4-bit model: norms in fp32, input gradients on."""
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_adapter(model, folder):
+    """A saved adapter on its base model, for evaluation (weights frozen)."""
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=False)

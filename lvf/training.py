@@ -27,6 +27,7 @@ from transformers import (
 
 import common
 from common import IGNORE_INDEX
+from lvf.artifacts import ORIGIN_FILE
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
 from lvf.results import is_main_process, peak_memory, weights_bytes
 from lvf.settings import display_path
@@ -323,6 +324,9 @@ def save_artifact(trainer, output_dir):
     if trainer.args.should_save:
         # A pickle (torch.save of the TrainingArguments); the results' config already records them.
         (staging / "training_args.bin").unlink(missing_ok=True)
+        origin = Path(output_dir) / ORIGIN_FILE  # what the artifact is, kept with it wherever it is copied
+        if origin.is_file():
+            shutil.copy2(origin, staging / ORIGIN_FILE)
         if final.exists():
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
             final.replace(final.with_name(f"final-{stamp}"))
