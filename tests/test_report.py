@@ -1,6 +1,8 @@
 """report.py on fixture results: table contents, paired bootstrap verdicts, --check, the PNG."""
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -90,3 +92,30 @@ def test_paired_comparison_uses_shared_examples_only(results_dir):
     found = {(a, b): result for a, b, result in report.comparisons(runs, seed=42, resamples=500)}
     assert found[("lora", "full")]["examples"] == 50
     assert found[("lora", "base")]["examples"] == 80
+
+
+def git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)
+
+
+def test_check_reads_the_committed_results_not_a_local_run(tmp_path, results_dir, monkeypatch, capsys):
+    """A user's run rewrites results/*.json in the working tree: make test must still pass, and say why."""
+    repo = tmp_path / "repo"
+    shutil.copytree(results_dir, repo / "results")
+    (repo / "README.md").write_text(README)
+    argv = ["--results-dir", str(repo / "results"), "--readme", str(repo / "README.md")]
+    report.main(argv)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "demo")
+    monkeypatch.setattr(report.common, "PROJECT_DIR", repo)
+
+    local = json.loads((repo / "results" / "full.json").read_text())
+    local["peak_memory_bytes"] *= 2  # a local run, not committed
+    (repo / "results" / "full.json").write_text(json.dumps(local))
+    assert report.main([*argv, "--check"]) == 0
+    assert "git checkout README.md results/" in capsys.readouterr().err
+
+    git(repo, "commit", "-qam", "results changed, table not regenerated")
+    assert report.main([*argv, "--check"]) == 1
