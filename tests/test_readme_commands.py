@@ -1,6 +1,7 @@
 """Every command line in the README's (and docs/'s) code blocks that runs one of the kit's scripts parses:
 the script's own parser accepts its flags, so a renamed flag cannot leave the documentation behind."""
 
+import argparse
 import importlib.util
 import re
 import shlex
@@ -81,6 +82,13 @@ def problems_in(text, modules):
     return found, checked
 
 
+@pytest.fixture(autouse=True)
+def flags_in_full(monkeypatch):
+    """argparse takes any unique prefix of a flag, so a documented flag that a rename left as a prefix of the new
+    name would still parse: the documentation must spell every flag in full."""
+    monkeypatch.setattr(argparse.ArgumentParser, "_get_option_tuples", lambda self, option_string: [])
+
+
 @pytest.fixture(scope="module")
 def modules():
     return {path: load_script(path) for path in SCRIPTS}
@@ -100,9 +108,11 @@ def test_the_readme_shows_commands_to_check(modules):
 def test_a_renamed_flag_or_script_is_caught(modules):
     text = ("```bash\nHF_HUB_OFFLINE=1 python finetune.py --lora-rank 8   # was renamed\n"
             "python report.py --check && python compare.py\n"
+            "python finetune.py --lora-target q_proj   # abbreviated: argparse alone would take it\n"
             "accelerate launch --config_file configs/ddp.yaml finetune.py \\\n    --lora-r 8 --quantize 4bit\n```\n")
     problems, checked = problems_in(text, modules)
-    assert checked == 3
-    assert len(problems) == 2
+    assert checked == 4
+    assert len(problems) == 3
     assert "line 2: finetune.py refuses ['--lora-rank', '8']" in problems[0]
     assert "compare.py is not one of the kit's scripts" in problems[1]
+    assert "line 4: finetune.py refuses ['--lora-target', 'q_proj']" in problems[2]
