@@ -300,7 +300,7 @@ def warn_if_launched_alone():
     needs mpirun for more); say so rather than let a user believe N processes trained."""
     if os.environ.get("ACCELERATE_USE_CPU") == "True" and "MASTER_PORT" in os.environ and "RANK" not in os.environ:
         print("warning: accelerate launch --cpu started a single process; for DDP on CPUs launch with "
-              "--multi_gpu --num_processes N and CUDA_VISIBLE_DEVICES= (see README)", file=sys.stderr)
+              "--multi_gpu --num_processes N and CUDA_VISIBLE_DEVICES= (see docs/multi-gpu.md)", file=sys.stderr)
 
 
 def seed_everything(seed):
