@@ -74,3 +74,12 @@ def test_a_checkpoint_folder_finds_its_run_origin(trained, tiny_llama_dir):
     checkpoint = next((trained / "lora").glob("checkpoint-*"))
     found = artifacts.inspect_folder(str(checkpoint))
     assert found.is_adapter and found.method == "lora" and found.base_model == str(tiny_llama_dir)
+
+
+def test_adapter_names_a_preset_base_by_its_preset_name_not_a_cache_path():
+    import finetune
+    from lvf import models
+
+    args = finetune.parse_args(["--model", "llama3-8b-instruct"])
+    model = finetune.add_adapters(models.meta_model(models.model_config(args.model)), args)
+    assert model.peft_config["default"].base_model_name_or_path == "llama3-8b-instruct"
