@@ -2,27 +2,14 @@
 was trained from: never as the base model's result, and never over results/base.json."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-import common
+from test_end_to_end import run_script  # the scripts as a user runs them, in a subprocess
 
 pytestmark = pytest.mark.slow  # trains two tiny runs end to end
 
-PROJECT_DIR = common.PROJECT_DIR
 SMALL = ["--max-eval-samples", "6", "--max-length", "256", "--eval-batch-size", "3"]
 TRAIN = ["--max-train-samples", "8", "--max-val-samples", "3", "--max-steps", "2", "--eval-steps", "1"]
-
-
-def run_script(script, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(PROJECT_DIR / script), *map(str, args)], capture_output=True,
-                            text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")
