@@ -1,11 +1,15 @@
-"""Zero-shot perplexity of the base model on the held-out split (or on --eval-file).
+"""Zero-shot perplexity of the base model on the held-out split (or on --eval-file); also scores a saved
+adapter or model folder, recorded under the method that trained it.
 
     python evaluate_base_model.py                      # Llama 3 8B Instruct on dolly-15k's test split
     python evaluate_base_model.py --model smollm2-135m --dataset data/demo.jsonl
+    python evaluate_base_model.py --model outputs/lora/final   # a saved adapter: results/eval-lora-final.json
 """
 
+from pathlib import Path
+
 import common
-from lvf import errors, models, results, settings
+from lvf import adapters, artifacts, errors, models, results, settings
 
 METHOD = "base"
 
@@ -15,29 +19,50 @@ def parse_args(argv=None):
     return settings.parse(parser, argv)
 
 
+def load_scored_model(args, artifact, source, runtime):
+    """(model, parameters of the base before any adapter). An adapter is put on its recorded base."""
+    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
+                              attn_implementation=args.attn_implementation)
+    base_params = models.count_parameters(model)[1]
+    if artifact is not None and artifact.is_adapter:
+        model = adapters.load_adapter(model, artifact.folder)
+    return model, base_params
+
+
 def main(argv=None):
     args = parse_args(argv)
-    runtime = settings.evaluation_runtime(args, METHOD)
+    artifact = artifacts.inspect_folder(args.model)  # None: a base model (Hub id, preset or plain folder)
+    method = METHOD if artifact is None else artifact.method
+    base_model = args.model if artifact is None else artifact.base_model
+    weights_from = base_model if artifact is not None and artifact.is_adapter else args.model
+    runtime = settings.evaluation_runtime(args, METHOD if artifact is None else artifacts.results_name(args.model))
+    models.check_attention_implementation(args.attn_implementation)
+    # With --eval-file only that file is read; the dataset is then recorded as null.
+    recorded = dict(base_model=base_model, dataset=None if args.eval_file else args.dataset,
+                    trainable_params=0 if artifact is None else None)  # an artifact's training has its own results
 
     if args.dry_run:
-        _, total = models.count_parameters(models.meta_model(models.model_config(args.model, args.trust_remote_code)))
-        record = results.build_results(args, runtime, METHOD, trainable_params=0, total_params=total,
-                                       base_params=total)
+        _, total = models.count_parameters(models.meta_model(models.model_config(weights_from,
+                                                                                 args.trust_remote_code)))
+        record = results.build_results(args, runtime, method, **recorded, total_params=total, base_params=total)
         return results.finish(record, runtime.output)
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
-    # With --eval-file only that file is read.
-    source = models.check_model_source(args.model)
-    tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
+    source = models.check_model_source(weights_from)
+    # A saved artifact's own tokenizer carries the chat template it was trained with.
+    has_tokenizer = artifact is not None and Path(artifact.folder, "tokenizer_config.json").is_file()
+    tokenizer = models.load_tokenizer(str(artifact.folder) if has_tokenizer else source, args.chat_template,
+                                      args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer, training=False)
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code).to(runtime.device)
+    model, base_params = load_scored_model(args, artifact, source, runtime)
+    model = model.to(runtime.device)
 
     evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
-                                       desc="evaluate base")
+                                       desc=f"evaluate {method}")
     memory, memory_kind = results.peak_memory(runtime.device)
     _, total = models.count_parameters(model)
-    record = results.build_results(args, runtime, METHOD, **evaluation, trainable_params=0, total_params=total,
-                                   base_params=total, peak_memory_bytes=memory, memory_kind=memory_kind,
+    record = results.build_results(args, runtime, method, **evaluation, **recorded, total_params=total,
+                                   base_params=base_params, peak_memory_bytes=memory, memory_kind=memory_kind,
                                    truncation=truncation)
     results.finish(record, runtime.output)
 

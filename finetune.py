@@ -5,7 +5,7 @@
 """
 
 import common
-from lvf import adapters, errors, models, results, settings, training
+from lvf import adapters, artifacts, errors, models, results, settings, training
 
 
 def parse_args(argv=None):
@@ -27,7 +27,11 @@ def lora_config(args):
 
 
 def add_adapters(model, args):
-    return adapters.add_adapters(model, lora_config(args), args.lora_targets)
+    model = adapters.add_adapters(model, lora_config(args), args.lora_targets)
+    # The saved adapter (final and checkpoints) names its base as the user did: a preset or Hub id, not the
+    # cache folder a preset resolves to.
+    model.peft_config["default"].base_model_name_or_path = args.model
+    return model
 
 
 def main(argv=None):
@@ -45,12 +49,16 @@ def main(argv=None):
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     source = models.check_model_source(args.model)
+    models.check_attention_implementation(args.attn_implementation)
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
     training_args = training.init_distributed(args, runtime, len(examples["train"]))
+    if results.is_main_process():
+        artifacts.write_origin(runtime.output_dir, method, args.model)
 
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization)
+    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization,
+                              args.attn_implementation)
     if quantization is not None:
         model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
     model = add_adapters(model, args)

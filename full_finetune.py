@@ -11,7 +11,7 @@ import sys
 import torch
 
 import common
-from lvf import errors, models, results, settings, training
+from lvf import artifacts, errors, models, results, settings, training
 
 METHOD = "full"
 
@@ -59,10 +59,14 @@ def main(argv=None):
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     source = models.check_model_source(args.model)
+    models.check_attention_implementation(args.attn_implementation)
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
     training_args = training.init_distributed(args, runtime, len(examples["train"]))
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code)
+    if results.is_main_process():
+        artifacts.write_origin(runtime.output_dir, METHOD, args.model)
+    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
+                              attn_implementation=args.attn_implementation)
     stored_as = models.dtype_by_part(model)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD,

@@ -2,7 +2,7 @@
 
     python report.py                            # every run under results/ (not history/): README block, plots
     python report.py results/*.json results/study/**/*.json   # only the given files (or folders)
-    python report.py --check                    # exit 1 if the README block is stale (for CI and pre-commit)
+    python report.py --check                    # exit 1 if the committed README block is stale (make test, CI)
     python report.py --allow-intersection       # compare runs on the examples they share, and say so
 
 Runs are grouped by method and variant: the settings named by --variant-keys, everything that tells runs of one
@@ -15,8 +15,11 @@ them, unless --allow-intersection compares them on the shared examples and the t
 """
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--plot", type=Path, default=None,
                         help="PNG path of the bar charts (default: <results-dir>/comparison.png); the other "
                              "plots go beside it")
-    parser.add_argument("--check", action="store_true", help="only check that the README block is up to date")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that the README block matches the results; inside a git checkout it "
+                             "checks the committed README and results, so local runs cannot fail it")
     parser.add_argument("--variant-keys", default=VARIANT_KEYS,
                         help="comma-separated settings (a results field, else a config field) that tell runs of "
                              "one method apart; runs that differ only in others (the seed) are one group")
@@ -596,25 +601,85 @@ def draw_plots(groups, found, plot_path, seed, resamples):
 # --------------------------------------------------------------------------- main
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    runs = load_results(args.sources or [args.results_dir])
-    groups = group_runs(runs, [key.strip() for key in args.variant_keys.split(",") if key.strip()])
+# --------------------------------------------------------------------------- --check
+
+
+def git(*args):
+    """git's stdout, or None outside a git checkout (an unpacked archive, or no git installed)."""
+    try:
+        out = subprocess.run(["git", "-C", str(common.PROJECT_DIR), *args], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def committed_inputs(results_dir, readme):
+    """(results folder, README text) as committed at HEAD, so that `make test` checks the demo the repository
+    ships, not a local run (`make demo`, or a script's default output) that rewrote results/ or the README.
+    Yields the working tree's own files outside a git checkout, or for paths outside the repository."""
+    top = git("rev-parse", "--show-toplevel")
+    try:
+        root = Path(top.decode().strip()).resolve()
+        results_rel = Path(results_dir).resolve().relative_to(root).as_posix()
+        readme_rel = Path(readme).resolve().relative_to(root).as_posix()
+    except (AttributeError, ValueError):
+        yield Path(results_dir), Path(readme).read_text(encoding="utf-8")
+        return
+    listing = git("ls-tree", "-r", "--name-only", "HEAD", results_rel + "/") or b""
+    with tempfile.TemporaryDirectory() as folder:
+        for name in listing.decode().splitlines():
+            if name.endswith(".json"):
+                target = Path(folder, Path(name).relative_to(results_rel))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(git("show", f"HEAD:{name}"))
+        yield Path(folder), (git("show", f"HEAD:{readme_rel}") or b"").decode("utf-8")
+
+
+def load_groups(sources, args):
+    """The runs in sources, grouped; runs on different examples refused unless --allow-intersection."""
+    groups = group_runs(load_results(sources), [key.strip() for key in args.variant_keys.split(",") if key.strip()])
     if not args.allow_intersection:
         refuse_different_examples(groups)
+    return groups
+
+
+def rendered(sources, readme_text, args):
+    """The README text with its block rebuilt from the runs in sources."""
+    return replace_block(readme_text, render_block(load_groups(sources, args), args.seed, args.resamples))
+
+
+def check(args):
+    with committed_inputs(args.results_dir, args.readme) as (results_dir, readme_text):
+        stale = rendered([results_dir], readme_text, args) != readme_text
+    if stale:
+        print(f"{args.readme}: the committed results table does not match the committed {args.results_dir}/*.json;"
+              " run `python report.py` and commit both", file=sys.stderr)
+        return 1
+    print(f"{args.readme}: results table is up to date")
+    working_text = args.readme.read_text(encoding="utf-8")
+    try:
+        local_stale = rendered(args.sources or [args.results_dir], working_text, args) != working_text
+    except errors.UsageError:
+        local_stale = True
+    if local_stale:
+        print(f"note: in the working tree, {args.readme}'s table does not match {args.results_dir}/*.json (a local "
+              "run since the last commit); `git checkout README.md results/` restores the committed demo",
+              file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.check:
+        return check(args)
+    groups = load_groups(args.sources or [args.results_dir], args)
     readme_text = args.readme.read_text(encoding="utf-8")
     updated = replace_block(readme_text, render_block(groups, args.seed, args.resamples))
-
-    if args.check:
-        if updated != readme_text:
-            print(f"{args.readme}: the results table is stale; run `python report.py`", file=sys.stderr)
-            return 1
-        print(f"{args.readme}: results table is up to date")
-        return 0
-
     if updated != readme_text:
         results.write_atomic(args.readme, updated)
-    print(f"updated the results table in {args.readme} ({len(runs)} runs in {len(groups)} groups)")
+    runs = sum(len(group.runs) for group in groups)
+    print(f"updated the results table in {args.readme} ({runs} runs in {len(groups)} groups)")
     if groups:
         found = comparisons(groups, args.seed, args.resamples)
         for path in draw_plots(groups, found, args.plot or args.results_dir / "comparison.png", args.seed,

@@ -1,6 +1,6 @@
 """LoRA adapters through peft: the configuration, adding them to a model, and peft's 4-bit preparation."""
 
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from lvf.errors import UsageError
 
@@ -24,3 +24,8 @@ def prepare_for_4bit_training(model, gradient_checkpointing):
     Llama 3 8B that is +2.1 GB over bf16 (2 x 128,256 x 4,096 x 2 bytes); results record it in dtype_by_part."""
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_adapter(model, folder):
+    """A saved adapter on its base model, for evaluation (weights frozen)."""
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=False)

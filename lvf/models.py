@@ -118,16 +118,27 @@ def load_tokenizer(source, chat_template=None, trust_remote_code=False):
     return common.setup_tokenizer(tokenizer, chat_template)
 
 
-def load_model(source, dtype, device, trust_remote_code=False, quantization_config=None):
+ATTENTION_IMPLEMENTATIONS = ["sdpa", "flash_attention_2", "eager"]
+
+
+def check_attention_implementation(name):
+    """FlashAttention-2 comes from the separate flash-attn package: say so before anything loads."""
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UsageError("--attn-implementation flash_attention_2 needs the flash-attn package "
+                         "(pip install flash-attn, CUDA only); sdpa needs nothing extra")
+    return name
+
+
+def load_model(source, dtype, device, trust_remote_code=False, quantization_config=None, attn_implementation="sdpa"):
     if quantization_config is None and receives_weights_by_broadcast():
-        return empty_model(source, dtype, trust_remote_code)
+        return empty_model(source, dtype, trust_remote_code, attn_implementation)
     device_map = None
     if quantization_config is not None and device == "cuda":
         device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # bitsandbytes quantises on this rank's GPU
     return AutoModelForCausalLM.from_pretrained(
         source,
         dtype=dtype,
-        attn_implementation="sdpa",
+        attn_implementation=attn_implementation,
         quantization_config=quantization_config,
         device_map=device_map,
         trust_remote_code=trust_remote_code,
@@ -143,12 +154,12 @@ def receives_weights_by_broadcast():
     return is_fsdp_enabled() and int(os.environ.get("LOCAL_RANK", "-1")) != 0
 
 
-def empty_model(source, dtype, trust_remote_code=False):
+def empty_model(source, dtype, trust_remote_code=False, attn_implementation="sdpa"):
     """The architecture on the meta device, in the weights' dtype: FSDP gives it storage (param_init_fn)
     and fills it from rank 0."""
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
                                                 trust_remote_code=trust_remote_code)
 
 

@@ -50,8 +50,8 @@ def git_commit():
 
 
 RESULT_FIELDS = [
-    "method", "model", "dataset", "eval_file", "perplexity", "perplexity_ci95", "eval_loss", "eval_tokens",
-    "eval_examples", "seed_style_perplexity", "trainable_params", "total_params", "base_params",
+    "method", "model", "base_model", "dataset", "eval_file", "perplexity", "perplexity_ci95", "eval_loss",
+    "eval_tokens", "eval_examples", "seed_style_perplexity", "trainable_params", "total_params", "base_params",
     "trainable_percent", "train_examples", "train_tokens", "train_seconds", "train_step_seconds",
     "train_tokens_per_second", "optimizer_steps", "best_checkpoint", "best_validation_loss", "resumed_from",
     "eval_seconds", "peak_memory_bytes", "memory_kind", "artifact_path", "artifact_bytes", "device", "dtype",
@@ -69,6 +69,7 @@ def build_results(settings, runtime, method, **fields):
     results.update(
         method=method,
         model=settings.model,
+        base_model=settings.model,  # an evaluated artifact overrides it with the base it was trained from
         dataset=None if (method == "base" and eval_file) else settings.dataset,
         eval_file=eval_file,
         seed=settings.seed,

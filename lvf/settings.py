@@ -89,6 +89,9 @@ def add_model_flags(parser):
         help="'llama3' installs the official Llama 3 Instruct template; or a path to a Jinja template file")
     add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
         help="weight dtype: auto is bfloat16 on CUDA, float32 on CPU")
+    add("--attn-implementation", choices=models.ATTENTION_IMPLEMENTATIONS, default="sdpa",
+        help="attention kernels: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn "
+             "package), or eager")
     add("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
 
 

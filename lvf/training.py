@@ -27,6 +27,7 @@ from transformers import (
 
 import common
 from common import IGNORE_INDEX
+from lvf.artifacts import ORIGIN_FILE
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
 from lvf.results import is_main_process, peak_memory, weights_bytes
 from lvf.settings import display_path
@@ -307,7 +308,7 @@ def warn_if_launched_alone():
     needs mpirun for more); say so rather than let a user believe N processes trained."""
     if os.environ.get("ACCELERATE_USE_CPU") == "True" and "MASTER_PORT" in os.environ and "RANK" not in os.environ:
         print("warning: accelerate launch --cpu started a single process; for DDP on CPUs launch with "
-              "--multi_gpu --num_processes N and CUDA_VISIBLE_DEVICES= (see README)", file=sys.stderr)
+              "--multi_gpu --num_processes N and CUDA_VISIBLE_DEVICES= (see docs/multi-gpu.md)", file=sys.stderr)
 
 
 def seed_everything(seed):
@@ -331,6 +332,9 @@ def save_artifact(trainer, output_dir):
     if trainer.args.should_save:
         # A pickle (torch.save of the TrainingArguments); the results' config already records them.
         (staging / "training_args.bin").unlink(missing_ok=True)
+        origin = Path(output_dir) / ORIGIN_FILE  # what the artifact is, kept with it wherever it is copied
+        if origin.is_file():
+            shutil.copy2(origin, staging / ORIGIN_FILE)
         if final.exists():
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
             final.replace(final.with_name(f"final-{stamp}"))

@@ -38,3 +38,13 @@ def test_base_dry_run_counts(tmp_path):
 def test_lora_rank_changes_the_count(tmp_path):
     # r=8 halves the adapters: a count computed from the model, not a constant.
     assert run(finetune, tmp_path, "--lora-r", "8")["trainable_params"] == 13_631_488 // 2
+
+
+def test_dry_run_without_output_writes_no_file(tmp_path, monkeypatch, capsys):
+    from lvf import settings
+
+    monkeypatch.setattr(settings, "PROJECT_DIR", tmp_path)  # where results/<method>.json would go
+    for module in (evaluate_base_model, finetune, full_finetune):
+        module.main(["--dry-run"])
+    assert not (tmp_path / "results").exists()
+    assert "trainable 13,631,488 of 8,043,892,736" in capsys.readouterr().out

@@ -2,6 +2,8 @@
 two-level bootstrap and its verdicts, --check, and the plots."""
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -249,3 +251,30 @@ def test_general_text_on_different_examples_is_refused(results_dir):
         (results_dir / f"{name}.json").write_text(json.dumps(run))
     with pytest.raises(errors.UsageError, match="full.json .general text: 5 vs 5 examples, 0 shared"):
         report.main(["--results-dir", str(results_dir), "--check"])
+
+
+def git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)
+
+
+def test_check_reads_the_committed_results_not_a_local_run(tmp_path, results_dir, monkeypatch, capsys):
+    """A user's run rewrites results/*.json in the working tree: make test must still pass, and say why."""
+    repo = tmp_path / "repo"
+    shutil.copytree(results_dir, repo / "results")
+    (repo / "README.md").write_text(README)
+    argv = ["--results-dir", str(repo / "results"), "--readme", str(repo / "README.md")]
+    report.main(argv)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "demo")
+    monkeypatch.setattr(report.common, "PROJECT_DIR", repo)
+
+    local = json.loads((repo / "results" / "full.json").read_text())
+    local["peak_memory_bytes"] *= 2  # a local run, not committed
+    (repo / "results" / "full.json").write_text(json.dumps(local))
+    assert report.main([*argv, "--check"]) == 0
+    assert "git checkout README.md results/" in capsys.readouterr().err
+
+    git(repo, "commit", "-qam", "results changed, table not regenerated")
+    assert report.main([*argv, "--check"]) == 1

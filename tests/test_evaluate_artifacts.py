@@ -1,0 +1,72 @@
+"""A saved adapter or model, evaluated again, is recorded under the method that trained it and the base it
+was trained from: never as the base model's result, and never over results/base.json."""
+
+import json
+
+import pytest
+from test_end_to_end import run_script  # the scripts as a user runs them, in a subprocess
+
+pytestmark = pytest.mark.slow  # trains two tiny runs end to end
+
+SMALL = ["--max-eval-samples", "6", "--max-length", "256", "--eval-batch-size", "3"]
+TRAIN = ["--max-train-samples", "8", "--max-val-samples", "3", "--max-steps", "2", "--eval-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama_dir, records_path):
+    """Two steps of LoRA and of full fine-tuning; the base model is named as a user would (a folder here)."""
+    out = tmp_path_factory.mktemp("artifacts")
+    data = ["--model", tiny_llama_dir, "--dataset", records_path, *SMALL]
+    run_script("finetune.py", *data, *TRAIN, "--output", out / "lora.json", "--output-dir", out / "lora")
+    run_script("full_finetune.py", *data, *TRAIN, "--output", out / "full.json", "--output-dir", out / "full")
+    return out
+
+
+def test_adapter_records_the_name_the_user_gave_as_its_base(trained, tiny_llama_dir):
+    config = json.loads((trained / "lora" / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_llama_dir)
+    origin = json.loads((trained / "lora" / "final" / "origin.json").read_text())
+    assert origin == {"method": "lora", "base_model": str(tiny_llama_dir)}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_saved_artifact_is_scored_under_its_own_method(trained, method, tiny_llama_dir, records_path, tmp_path,
+                                                      monkeypatch):
+    import evaluate_base_model
+    from lvf import settings
+
+    monkeypatch.setattr(settings, "PROJECT_DIR", tmp_path)  # the default results/ folder, in a scratch place
+    folder = trained / method / "final"
+    evaluate_base_model.main(["--model", str(folder), "--dataset", str(records_path), *SMALL])
+    assert not (tmp_path / "results" / "base.json").exists()
+    evaluated = json.loads((tmp_path / "results" / f"eval-{method}-final.json").read_text())
+    assert evaluated["method"] == method
+    assert evaluated["model"] == str(folder) and evaluated["base_model"] == str(tiny_llama_dir)
+    assert evaluated["trainable_params"] is None
+    # The same examples, scored by the same weights, give the training run's own perplexity.
+    trained_result = json.loads((trained / f"{method}.json").read_text())
+    assert evaluated["perplexity"] == pytest.approx(trained_result["perplexity"], rel=1e-4)
+
+
+def test_a_plain_model_folder_is_still_the_base_model(tiny_llama_dir):
+    from lvf import artifacts
+
+    assert artifacts.inspect_folder(str(tiny_llama_dir)) is None
+    assert artifacts.inspect_folder("meta-llama/Meta-Llama-3-8B-Instruct") is None
+
+
+def test_a_checkpoint_folder_finds_its_run_origin(trained, tiny_llama_dir):
+    from lvf import artifacts
+
+    checkpoint = next((trained / "lora").glob("checkpoint-*"))
+    found = artifacts.inspect_folder(str(checkpoint))
+    assert found.is_adapter and found.method == "lora" and found.base_model == str(tiny_llama_dir)
+
+
+def test_adapter_names_a_preset_base_by_its_preset_name_not_a_cache_path():
+    import finetune
+    from lvf import models
+
+    args = finetune.parse_args(["--model", "llama3-8b-instruct"])
+    model = finetune.add_adapters(models.meta_model(models.model_config(args.model)), args)
+    assert model.peft_config["default"].base_model_name_or_path == "llama3-8b-instruct"
