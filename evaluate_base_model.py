@@ -5,7 +5,7 @@
 """
 
 import common
-from lvf import errors, models, results, settings
+from lvf import errors, memory, models, results, settings
 
 METHOD = "base"
 
@@ -30,15 +30,17 @@ def main(argv=None):
     source = models.check_model_source(args.model)
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer, training=False)
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code).to(runtime.device)
+    with memory.PhasePeak(runtime.device) as load_peak:
+        model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code).to(runtime.device)
 
-    evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
-                                       desc="evaluate base")
-    memory, memory_kind = results.peak_memory(runtime.device)
+    with memory.PhasePeak(runtime.device) as eval_peak:
+        evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
+                                           desc="evaluate base")
+    process_peak, process_peak_kind = results.peak_memory(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, METHOD, **evaluation, trainable_params=0, total_params=total,
-                                   base_params=total, peak_memory_bytes=memory, memory_kind=memory_kind,
-                                   truncation=truncation)
+                                   base_params=total, peak_memory_bytes=process_peak, memory_kind=process_peak_kind,
+                                   **memory.phase_fields(load=load_peak, eval=eval_peak), truncation=truncation)
     results.finish(record, runtime.output)
 
 

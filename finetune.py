@@ -5,7 +5,7 @@
 """
 
 import common
-from lvf import adapters, errors, models, results, settings, training
+from lvf import adapters, errors, memory, models, results, settings, training
 
 
 def parse_args(argv=None):
@@ -49,13 +49,15 @@ def main(argv=None):
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
 
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization)
-    if quantization is not None:
-        model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
-    model = add_adapters(model, args)
+    with memory.PhasePeak(runtime.device) as load_peak:
+        model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization)
+        if quantization is not None:
+            model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
+        model = add_adapters(model, args)
     trainable, total = models.count_parameters(model)
 
-    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method)
+    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method,
+                                            load_peak)
     record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total - trainable, truncation=truncation)
     results.finish(record, runtime.output)

@@ -8,7 +8,7 @@ import importlib.util
 import os
 
 import common
-from lvf import errors, models, results, settings, training
+from lvf import errors, memory, models, results, settings, training
 
 METHOD = "full"
 
@@ -47,9 +47,11 @@ def main(argv=None):
     source = models.check_model_source(args.model)
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code)
+    with memory.PhasePeak(runtime.device) as load_peak:
+        model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code)
 
-    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD)
+    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD,
+                                            load_peak)
     trainable, total = models.count_parameters(model)
     record = results.build_results(args, runtime, METHOD, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total, truncation=truncation)

@@ -4,9 +4,13 @@ A phase's peak is isolated by resetting the peak counter before it: on CUDA the 
 Linux the process's peak resident set (writing "5" to /proc/self/clear_refs sets VmHWM back to the current
 resident set). Where the reset is refused (some sandboxes, other systems) the phase's peak is recorded as
 unavailable, with the reason: a whole-process peak is never passed off as one phase's.
+
+Both resets also erase the whole process's peak (getrusage's ru_maxrss follows VmHWM, max_memory_allocated
+is the allocator's), so the peak seen before each reset is kept here and process_peak() includes it.
 """
 
 import re
+import resource
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from transformers import TrainerCallback
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
+_peak_before_resets = {"cpu": 0, "cuda": 0}
 
 
 def reset_cpu_peak():
@@ -32,6 +37,19 @@ def cpu_peak_since_reset():
     return int(match.group(1)) * 1024
 
 
+def process_peak(device):
+    """The whole process's peak so far, across the phase resets: (bytes, kind)."""
+    if device == "cuda":
+        return max(_peak_before_resets["cuda"], torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    current = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(_peak_before_resets["cpu"], current), "cpu_peak_rss"
+
+
+def remember_process_peak(device):
+    kind = "cuda" if device == "cuda" else "cpu"
+    _peak_before_resets[kind] = process_peak(device)[0]
+
+
 class PhasePeak:
     """One phase's peak: `with PhasePeak(device) as peak: ...`, then peak.bytes (None when it could not be
     isolated, with peak.unavailable saying why), peak.kind, and on CUDA peak.reserved_bytes."""
@@ -42,6 +60,7 @@ class PhasePeak:
         self.kind = "cuda_max_allocated" if device == "cuda" else "cpu_peak_rss_since_reset"
 
     def __enter__(self):
+        remember_process_peak(self.device)
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
