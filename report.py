@@ -1,4 +1,5 @@
-"""Turns results/*.json into the README's results table, paired comparisons, and results/comparison.png.
+"""Turns results/*.json into the README's results table, paired comparisons, results/comparison.png and
+results/memory-breakdown.png.
 
     python report.py            # rewrite the block between the README markers and draw the plot
     python report.py --check    # exit 1 if the README block is stale (for CI and pre-commit)
@@ -71,10 +72,32 @@ def fmt_params(count, percent):
     return f"{millions} ({percent:.2f}%)" if percent is not None else millions
 
 
+BREAKDOWN_PARTS = ("weights", "gradients", "optimizer_states", "other")
+
+
+def breakdown_parts(run):
+    """Training's peak split into BREAKDOWN_PARTS (weights summed over dtypes), or None when not measured."""
+    breakdown = run.get("train_memory_breakdown")
+    if not breakdown or breakdown.get("other") is None:
+        return None
+    return {"weights": sum(breakdown["weights_by_dtype"].values()), **{part: breakdown[part]
+                                                                      for part in BREAKDOWN_PARTS[1:]}}
+
+
+def fmt_training_peak(run):
+    """Training's own peak, and what it holds: weights + gradients + optimizer states + the rest."""
+    parts = breakdown_parts(run)
+    peak = fmt_bytes(run.get("train_peak_memory_bytes"))
+    if parts is None:
+        return peak
+    return f"{peak} = " + " + ".join(fmt_bytes(parts[part]) for part in BREAKDOWN_PARTS)
+
+
 def results_table(runs):
-    header = ("| method | model | data | perplexity (95% CI) | write-up's metric | trainable params | peak memory "
+    header = ("| method | model | data | perplexity (95% CI) | write-up's metric | trainable params "
+              "| peak memory (whole run) | training peak = weights + gradients + optimizer + other "
               "| train time | train tokens/s | artifact |")
-    lines = [header, "|" + " --- |" * 10]
+    lines = [header, "|" + " --- |" * 11]
     for method, run in runs.items():
         low, high = run["perplexity_ci95"]
         data = run.get("eval_file") or run.get("dataset") or "–"
@@ -84,6 +107,7 @@ def results_table(runs):
             f"| {fmt_number(run.get('seed_style_perplexity'), 2)} "
             f"| {fmt_params(run.get('trainable_params'), run.get('trainable_percent'))} "
             f"| {fmt_bytes(run.get('peak_memory_bytes'))} "
+            f"| {fmt_training_peak(run)} "
             f"| {fmt_seconds(run.get('train_seconds'))} "
             f"| {fmt_number(run.get('train_tokens_per_second'), 1)} "
             f"| {fmt_bytes(run.get('artifact_bytes'))} |"
@@ -195,6 +219,34 @@ def draw_plot(runs, path):
     return path
 
 
+def draw_memory_breakdown(runs, path):
+    """Training's peak per method as stacked bars: weights, gradients, optimizer states, the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = {method: parts for method, run in runs.items() if (parts := breakdown_parts(run)) is not None}
+    if not measured:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    labels = [METHOD_LABELS[method] for method in measured]
+    bottom = [0.0] * len(measured)
+    for part, color in zip(BREAKDOWN_PARTS, ("#7f7f7f", "#ff7f0e", "#9467bd", "#bcbd22"), strict=True):
+        heights = [parts[part] / 2**30 for parts in measured.values()]
+        axis.bar(labels, heights, bottom=bottom, color=color, label=part.replace("_", " "))
+        bottom = [low + height for low, height in zip(bottom, heights, strict=True)]
+    kinds = sorted({runs[method].get("phase_memory_kind") or "?" for method in measured})
+    axis.set_title(f"Training's peak memory, by what holds it\n{', '.join(kinds)}")
+    axis.set_ylabel("GiB")
+    axis.legend()
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def main(argv=None):
     args = parse_args(argv)
     runs = load_results(args.results_dir)
@@ -214,6 +266,9 @@ def main(argv=None):
     if runs:
         plot = draw_plot(runs, args.plot or args.results_dir / "comparison.png")
         print(f"wrote {plot}")
+        breakdown_plot = draw_memory_breakdown(runs, plot.with_name("memory-breakdown.png"))
+        if breakdown_plot is not None:
+            print(f"wrote {breakdown_plot}")
         for line in comparison_lines(comparisons(runs, args.seed, args.resamples))[3:]:
             print(line)
     return 0

@@ -35,13 +35,16 @@ def fake_run(method, nll_scale, seed=0, examples=80, **extra):
 def results_dir(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
-    training = {"train_seconds": 300.0, "train_tokens_per_second": 150.0}
+    training = {"train_seconds": 300.0, "train_tokens_per_second": 150.0, "train_peak_memory_bytes": 2 * 2**30,
+                "phase_memory_kind": "cpu_peak_rss_since_reset"}
+    full_breakdown = {"weights_by_dtype": {"float32": 2**29}, "gradients": 2**29, "optimizer_states": 2**30,
+                      "other": 0}
     runs = [
         fake_run("base", 1.0),
         fake_run("lora", 0.7, trainable_params=1_843_200, trainable_percent=1.35, artifact_bytes=7 * 2**20,
                  **training),
         fake_run("full", 0.7, trainable_params=134_515_008, trainable_percent=100.0, artifact_bytes=513 * 2**20,
-                 **training),
+                 train_memory_breakdown=full_breakdown, **training),
     ]
     for run in runs:
         (folder / f"{run['method']}.json").write_text(json.dumps(run))
@@ -68,9 +71,12 @@ def test_table_comparisons_check_and_plot(tmp_path, results_dir):
     # Both tuned runs scale NLL by 0.7: clearly lower than the base model.
     lora_vs_base = next(line for line in rows if line.startswith("| LoRA − Zero-shot"))
     assert "LoRA is lower (significant)" in lora_vs_base
+    assert "| 2.0 GiB = 512.0 MiB + 512.0 MiB + 1.0 GiB + 0 B |" in rows[4]  # full: training peak, its parts
+    assert "| 2.0 GiB |" in rows[3]  # LoRA without a breakdown: the peak alone
     assert report.main([*argv, "--check"]) == 0
-    png = results_dir / "comparison.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    for name in ("comparison.png", "memory-breakdown.png"):
+        png = results_dir / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_check_fails_when_a_result_changes(tmp_path, results_dir):
