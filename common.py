@@ -393,6 +393,9 @@ def sequence_nll(model, input_ids, attention_mask, labels):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         handle.remove()
+    if "rows" not in scored:
+        raise RuntimeError(f"{type(inner).__name__}'s forward does not call its output embeddings "
+                           "(get_output_embeddings()), so its logits cannot be scored block by block")
     return scored["rows"]
 
 
