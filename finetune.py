@@ -48,6 +48,7 @@ def main(argv=None):
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
+    training_args = training.init_distributed(args, runtime, len(examples["train"]))
 
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization)
@@ -55,11 +56,13 @@ def main(argv=None):
             model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
         model = add_adapters(model, args)
     trainable, total = models.count_parameters(model)
+    stored_as = models.dtype_by_part(model)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method,
-                                            load_peak)
+                                            training_args, load_peak)
     record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
-                                   total_params=total, base_params=total - trainable, truncation=truncation)
+                                   total_params=total, base_params=total - trainable, truncation=truncation,
+                                   dtype_by_part=stored_as)
     results.finish(record, runtime.output)
 
 

@@ -6,6 +6,9 @@
 
 import importlib.util
 import os
+import sys
+
+import torch
 
 import common
 from lvf import errors, memory, models, results, settings, training
@@ -19,7 +22,17 @@ def parse_args(argv=None):
     group.add_argument("--optim", default="auto",
                        help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch "
                             "under FSDP or DeepSpeed), else adamw_torch")
+    # fp32 master weights, bf16 compute (autocast, on by default on CUDA): in bf16 weights most AdamW updates at
+    # lr 1e-5 are smaller than half a bf16 step of the weight and round away (README: memory per option).
+    parser.set_defaults(dtype="float32")
     return settings.parse(parser, argv)
+
+
+def warn_if_updates_round_away(runtime):
+    if runtime.dtype == torch.bfloat16 and results.is_main_process():
+        print("warning: --dtype bfloat16 holds the weights themselves in bf16: at full fine-tuning's learning "
+              "rates most AdamW updates round away; the default float32 keeps them (bf16 compute via autocast)",
+              file=sys.stderr)
 
 
 def default_optimizer(device):
@@ -35,6 +48,7 @@ def main(argv=None):
     optimizer = default_optimizer if args.optim == "auto" else args.optim
     runtime = settings.training_runtime(args, METHOD, optimizer)
     training.start_run(args, runtime)
+    warn_if_updates_round_away(runtime)
 
     if args.dry_run:
         model = models.meta_model(models.model_config(args.model, args.trust_remote_code))
@@ -47,14 +61,17 @@ def main(argv=None):
     source = models.check_model_source(args.model)
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
+    training_args = training.init_distributed(args, runtime, len(examples["train"]))
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code)
+    stored_as = models.dtype_by_part(model)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD,
-                                            load_peak)
+                                            training_args, load_peak)
     trainable, total = models.count_parameters(model)
     record = results.build_results(args, runtime, METHOD, **measured, trainable_params=trainable,
-                                   total_params=total, base_params=total, truncation=truncation)
+                                   total_params=total, base_params=total, truncation=truncation,
+                                   dtype_by_part=stored_as)
     results.finish(record, runtime.output)
 
 

@@ -1,44 +1,285 @@
-"""Turns results/*.json into the README's results table, paired comparisons, results/comparison.png and
-results/memory-breakdown.png.
+"""Turns results JSON files into the README's results table, comparisons between groups of runs, and plots.
 
-    python report.py            # rewrite the block between the README markers and draw the plot
-    python report.py --check    # exit 1 if the README block is stale (for CI and pre-commit)
+    python report.py                            # every run under results/ (not history/): README block, plots
+    python report.py results/*.json results/study/**/*.json   # only the given files (or folders)
+    python report.py --check                    # exit 1 if the README block is stale (for CI and pre-commit)
+    python report.py --allow-intersection       # compare runs on the examples they share, and say so
+
+Runs are grouped by method and variant: the settings named by --variant-keys, everything that tells runs of one
+method apart except the training seed. A group of several seeds shows mean ± sd across seeds. A comparison's
+point estimate is the difference of the groups' mean perplexities (each run's perplexity is exp(Σ NLL / Σ tokens)
+on the compared examples); its interval is a two-level bootstrap: the seeds of each group are resampled, then the
+examples, the same examples for both groups (paired by id), so it covers training-seed variance and example
+sampling. Runs evaluated on different examples (ids or per-example token counts) are refused, one line naming
+them, unless --allow-intersection compares them on the shared examples and the table says so.
 """
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from matplotlib.figure import Figure
+
 import common
-from lvf import results
+from lvf import errors, results
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 METHOD_ORDER = ["base", "lora", "qlora", "full"]
 METHOD_LABELS = {"base": "Zero-shot (base)", "lora": "LoRA", "qlora": "QLoRA", "full": "Full fine-tuning"}
+METHOD_COLORS = {"base": "#888888", "lora": "#1f77b4", "qlora": "#17becf", "full": "#d62728"}
+PAIRS = [("lora", "full"), ("qlora", "full"), ("lora", "base"), ("qlora", "base"), ("full", "base")]
+UNTRAINED = {"base"}  # no training seed: one run measures it fully
+VARIANT_KEYS = "model,dataset,eval_file,learning_rate,lora_targets,lora_r,quantize"
+SHORT_KEYS = {"learning_rate": "lr", "lora_targets": "targets", "lora_r": "r", "eval_file": "eval"}
+ONE_RUN_EACH = "one run each: seed variance not measured"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("sources", nargs="*", type=Path,
+                        help="results JSON files or folders (searched recursively, history/ left out); "
+                             "default: --results-dir")
     parser.add_argument("--results-dir", type=Path, default=common.PROJECT_DIR / "results",
-                        help="folder with base.json, lora.json, full.json (qlora.json optional)")
+                        help="folder read when no sources are given; the plots are written there")
     parser.add_argument("--readme", type=Path, default=common.PROJECT_DIR / "README.md",
                         help="Markdown file whose marked block receives the table")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: <results-dir>/comparison.png)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG path of the bar charts (default: <results-dir>/comparison.png); the other "
+                             "plots go beside it")
     parser.add_argument("--check", action="store_true", help="only check that the README block is up to date")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the paired bootstrap")
-    parser.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
+    parser.add_argument("--variant-keys", default=VARIANT_KEYS,
+                        help="comma-separated settings (a results field, else a config field) that tell runs of "
+                             "one method apart; runs that differ only in others (the seed) are one group")
+    parser.add_argument("--allow-intersection", action="store_true",
+                        help="compare runs evaluated on different examples on the examples they share")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the bootstrap")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     return parser.parse_args(argv)
 
 
-def load_results(results_dir):
-    runs = {}
-    for path in sorted(Path(results_dir).glob("*.json")):
+# --------------------------------------------------------------------------- runs and groups
+
+
+def result_files(sources):
+    """The given files, and every *.json under the given folders except kept earlier versions (history/)."""
+    seen = set()
+    for source in map(Path, sources):
+        paths = [source]
+        if source.is_dir():
+            paths = sorted(path for path in source.rglob("*.json")
+                           if "history" not in path.relative_to(source).parts[:-1])
+        for path in paths:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                yield path
+
+
+def display_name(path):
+    try:
+        return str(path.resolve().relative_to(common.PROJECT_DIR))
+    except ValueError:
+        return str(path)
+
+
+def load_results(sources):
+    """Every finished run in the sources (a folder, or a list of files and folders), each with `source`, the
+    file it came from. Dry runs and other JSON (a study's summary) are left out."""
+    runs = []
+    for path in result_files([sources] if isinstance(sources, (str, Path)) else sources):
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("method") in METHOD_ORDER and not data.get("dry_run"):
-            runs[data["method"]] = data
-    return {method: runs[method] for method in METHOD_ORDER if method in runs}
+        if isinstance(data, dict) and data.get("method") and data.get("per_example") and not data.get("dry_run"):
+            runs.append({**data, "source": display_name(path)})
+    return runs
+
+
+def setting(run, key):
+    """A results field, else the config field of that name, as a hashable value."""
+    value = run[key] if key in run else (run.get("config") or {}).get(key)
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+@dataclass
+class Group:
+    """Runs of one method and variant: they differ only in the training seed."""
+    method: str
+    variant: tuple
+    runs: list
+    label: str = ""
+
+    @property
+    def seeds_measured(self):
+        return self.method in UNTRAINED or len({run.get("seed") for run in self.runs}) >= 2
+
+    def mean(self, key):
+        values = [run[key] for run in self.runs if run.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+
+def method_rank(method):
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def group_runs(runs, variant_keys):
+    found = {}
+    for run in runs:
+        variant = tuple((key, setting(run, key)) for key in variant_keys)
+        found.setdefault((run["method"], variant), []).append(run)
+    ordered = sorted(found.items(), key=lambda item: (method_rank(item[0][0]), item[0][0], repr(item[0][1])))
+    groups = [Group(method, variant, sorted(members, key=run_order))
+              for (method, variant), members in ordered]
+    for group in groups:
+        group.label = group_label(group, groups)
+    return groups
+
+
+def run_order(run):
+    return run.get("seed") is None, run.get("seed") or 0, run["source"]
+
+
+def group_label(group, groups):
+    """The method's name, plus the variant settings that differ between this method's groups."""
+    label = METHOD_LABELS.get(group.method, group.method)
+    siblings = [other.variant for other in groups if other.method == group.method]
+    differing = [(key, value) for index, (key, value) in enumerate(group.variant)
+                 if len({variant[index][1] for variant in siblings}) > 1]
+    if not differing:
+        return label
+    return f"{label} ({', '.join(f'{SHORT_KEYS.get(key, key)} {fmt_setting(value)}' for key, value in differing)})"
+
+
+def fmt_setting(value):
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str) and value.startswith("["):
+        return "+".join(json.loads(value))
+    return str(value)
+
+
+def compared_pairs(groups):
+    """(a, b) group pairs to compare: the method pairs of PAIRS, on the same model."""
+    return [(a, b) for first, second in PAIRS for a in groups for b in groups
+            if a.method == first and b.method == second and setting(a.runs[0], "model") == setting(b.runs[0], "model")]
+
+
+# --------------------------------------------------------------------------- same examples or refuse
+
+
+def example_tokens(run, field="per_example"):
+    return {item["id"]: item["tokens"] for item in run.get(field) or []}
+
+
+def mismatch(run_a, run_b, field="per_example"):
+    """None when both runs scored the same examples with the same token counts, else how they differ."""
+    a, b = example_tokens(run_a, field), example_tokens(run_b, field)
+    if a == b:
+        return None
+    shared = a.keys() & b.keys()
+    if a.keys() != b.keys():
+        return f"{len(a)} vs {len(b)} examples, {len(shared)} shared"
+    return f"same {len(a)} examples, token counts differ on {sum(a[i] != b[i] for i in shared)}"
+
+
+def mismatches(groups):
+    """Every pair of runs that would be compared though they were evaluated on different examples."""
+    found = []
+    for group in groups:
+        found += [(group.runs[0], run) for run in group.runs[1:]]
+    found += [(a.runs[0], b.runs[0]) for a, b in compared_pairs(groups)]
+    general = [(a, b) for a, b in found if a.get("general_per_example") and b.get("general_per_example")]
+    return ([(a, b, why) for a, b in found if (why := mismatch(a, b))]
+            + [(a, b, f"general text: {why}") for a, b in general if (why := mismatch(a, b, "general_per_example"))])
+
+
+def refuse_different_examples(groups):
+    found = mismatches(groups)
+    if found:
+        named = "; ".join(f"{a['source']} vs {b['source']} ({why})" for a, b, why in found)
+        raise errors.UsageError(f"runs evaluated on different examples: {named}; compare runs of one evaluation "
+                                "set, or pass --allow-intersection to compare them on the examples they share")
+
+
+# --------------------------------------------------------------------------- two-level bootstrap
+
+
+def shared_ids(runs, field="per_example"):
+    """Ids every run scored, with the same token count in each."""
+    first, *others = [example_tokens(run, field) for run in runs]
+    return sorted(i for i, tokens in first.items() if all(other.get(i) == tokens for other in others))
+
+
+def run_matrices(runs, ids, field="per_example"):
+    """NLL sums and token counts, one row per run, one column per example id."""
+    rows = [{item["id"]: item for item in run[field]} for run in runs]
+    nll = np.array([[row[i]["nll_sum"] for i in ids] for row in rows], dtype=np.float64)
+    tokens = np.array([[row[i]["tokens"] for i in ids] for row in rows], dtype=np.float64)
+    return nll, tokens
+
+
+def mean_perplexity(runs, ids, field="per_example"):
+    nll, tokens = run_matrices(runs, ids, field)
+    return float(np.mean(np.exp(nll.sum(1) / tokens.sum(1))))
+
+
+def two_level_draws(sides, ids, seed, resamples, field="per_example"):
+    """Resampled mean perplexity of each side (a list of runs): per resample, one draw of examples shared by
+    every side (paired by id), then each side's seeds drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(ids), size=(resamples, len(ids)))
+    weights = np.zeros((resamples, len(ids)))
+    np.add.at(weights, (np.arange(resamples)[:, None], picks), 1.0)
+    draws = []
+    for runs in sides:
+        nll, tokens = run_matrices(runs, ids, field)
+        per_seed = np.exp((weights @ nll.T) / np.maximum(weights @ tokens.T, 1))  # resamples x runs
+        seeds = rng.integers(0, len(runs), size=(resamples, len(runs)))
+        draws.append(np.take_along_axis(per_seed, seeds, axis=1).mean(1))
+    return draws
+
+
+def interval(draws, level=0.95):
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))]
+
+
+def compare(group_a, group_b, seed, resamples, field="per_example"):
+    """Mean perplexity of a minus b on the examples every run of both scored, with its two-level interval;
+    None when they share no example."""
+    sides = [group_a.runs, group_b.runs]
+    if not all(run.get(field) for run in group_a.runs + group_b.runs):
+        return None
+    ids = shared_ids(group_a.runs + group_b.runs, field)
+    if not ids:
+        return {"examples": 0, "of": max(len(run[field]) for run in group_a.runs + group_b.runs)}
+    draw_a, draw_b = two_level_draws(sides, ids, seed, resamples, field)
+    low, high = interval(draw_a - draw_b)
+    return {"difference": mean_perplexity(group_a.runs, ids, field) - mean_perplexity(group_b.runs, ids, field),
+            "ci95": [low, high], "examples": len(ids),
+            "of": max(len(run[field]) for run in group_a.runs + group_b.runs),
+            "significant": not low <= 0 <= high}
+
+
+def comparisons(groups, seed, resamples):
+    return [(a, b, compare(a, b, seed, resamples), compare(a, b, seed, resamples, "general_per_example"))
+            for a, b in compared_pairs(groups)]
+
+
+def group_summary(group, seed, resamples):
+    """Mean ± sd across the group's runs and the two-level interval of the mean; one run keeps its own
+    recorded perplexity and interval."""
+    ids = shared_ids(group.runs)
+    complete = all(len(run["per_example"]) == len(ids) for run in group.runs)
+    if len(group.runs) == 1 and complete:
+        run = group.runs[0]
+        return {"mean": run["perplexity"], "sd": None, "ci95": run["perplexity_ci95"], "examples": len(ids)}
+    nll, tokens = run_matrices(group.runs, ids)
+    per_run = np.exp(nll.sum(1) / tokens.sum(1))
+    (draws,) = two_level_draws([group.runs], ids, seed, resamples)
+    return {"mean": float(per_run.mean()), "sd": float(per_run.std(ddof=1)) if len(per_run) > 1 else None,
+            "ci95": interval(draws), "examples": len(ids)}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -50,7 +291,7 @@ def fmt_bytes(value):
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if value >= size:
             return f"{value / size:.1f} {unit}"
-    return f"{value} B"
+    return f"{value:.0f} B"
 
 
 def fmt_seconds(value):
@@ -84,80 +325,130 @@ def breakdown_parts(run):
                                                                       for part in BREAKDOWN_PARTS[1:]}}
 
 
-def fmt_training_peak(run):
+def group_breakdown(group):
+    """Each part's mean over the group's runs that measured one (only `other` varies with the seed)."""
+    measured = [parts for run in group.runs if (parts := breakdown_parts(run)) is not None]
+    if not measured:
+        return None
+    return {part: float(np.mean([parts[part] for parts in measured])) for part in BREAKDOWN_PARTS}
+
+
+def fmt_training_peak(group):
     """Training's own peak, and what it holds: weights + gradients + optimizer states + the rest."""
-    parts = breakdown_parts(run)
-    peak = fmt_bytes(run.get("train_peak_memory_bytes"))
+    parts = group_breakdown(group)
+    peak = fmt_bytes(group.mean("train_peak_memory_bytes"))
     if parts is None:
         return peak
     return f"{peak} = " + " + ".join(fmt_bytes(parts[part]) for part in BREAKDOWN_PARTS)
 
 
-def results_table(runs):
-    header = ("| method | model | data | perplexity (95% CI) | write-up's metric | trainable params "
-              "| peak memory (whole run) | training peak = weights + gradients + optimizer + other "
+def fmt_seeds(group):
+    return ", ".join(str(run.get("seed")) for run in group.runs)
+
+
+def fmt_perplexity(summary):
+    low, high = summary["ci95"]
+    spread = f" ± {fmt_number(summary['sd'])}" if summary["sd"] is not None else ""
+    return f"{fmt_number(summary['mean'])}{spread} ({fmt_number(low)}–{fmt_number(high)})"
+
+
+def results_table(groups, seed, resamples):
+    header = ("| method | model | data | seeds | perplexity: mean ± sd over seeds (95% CI) | write-up's metric "
+              "| trainable params | peak memory (whole run) | training peak = weights + gradients + optimizer + other "
               "| train time | train tokens/s | artifact |")
-    lines = [header, "|" + " --- |" * 11]
-    for method, run in runs.items():
-        low, high = run["perplexity_ci95"]
+    lines = [header, "|" + " --- |" * 12]
+    for group in groups:
+        run = group.runs[0]
         data = run.get("eval_file") or run.get("dataset") or "–"
         lines.append(
-            f"| {METHOD_LABELS[method]} | `{run['model']}` | `{data}` "
-            f"| {fmt_number(run['perplexity'])} ({fmt_number(low)}–{fmt_number(high)}) "
-            f"| {fmt_number(run.get('seed_style_perplexity'), 2)} "
-            f"| {fmt_params(run.get('trainable_params'), run.get('trainable_percent'))} "
-            f"| {fmt_bytes(run.get('peak_memory_bytes'))} "
-            f"| {fmt_training_peak(run)} "
-            f"| {fmt_seconds(run.get('train_seconds'))} "
-            f"| {fmt_number(run.get('train_tokens_per_second'), 1)} "
-            f"| {fmt_bytes(run.get('artifact_bytes'))} |"
+            f"| {group.label} | `{run['model']}` | `{data}` | {fmt_seeds(group)} "
+            f"| {fmt_perplexity(group_summary(group, seed, resamples))} "
+            f"| {fmt_number(group.mean('seed_style_perplexity'), 2)} "
+            f"| {fmt_params(group.mean('trainable_params'), group.mean('trainable_percent'))} "
+            f"| {fmt_bytes(group.mean('peak_memory_bytes'))} "
+            f"| {fmt_training_peak(group)} "
+            f"| {fmt_seconds(group.mean('train_seconds'))} "
+            f"| {fmt_number(group.mean('train_tokens_per_second'), 1)} "
+            f"| {fmt_bytes(group.mean('artifact_bytes'))} |"
         )
     return lines
 
 
-def comparisons(runs, seed, resamples):
-    """Paired bootstrap of perplexity differences over the examples both runs scored."""
-    pairs = [(a, b) for a, b in (("lora", "full"), ("qlora", "full"), ("lora", "base"), ("qlora", "base"),
-                                 ("full", "base")) if a in runs and b in runs]
-    found = []
-    for a, b in pairs:
-        result = common.paired_bootstrap(runs[a]["per_example"], runs[b]["per_example"], seed=seed,
-                                         resamples=resamples)
-        if result is not None:
-            found.append((a, b, result))
-    return found
+def verdict(group_a, group_b, result):
+    """Significance only where both sides' seed variance is measured; one run each never says it."""
+    if result.get("difference") is None:
+        return "not compared: evaluated on different examples (none shared)"
+    unmeasured = [group for group in (group_a, group_b) if not group.seeds_measured]
+    if unmeasured:
+        if all(len(group.runs) == 1 for group in (group_a, group_b)):
+            return ONE_RUN_EACH
+        return "; ".join(f"{'one run' if len(group.runs) == 1 else 'one seed'} of {group.label}: seed variance "
+                         "not measured" for group in unmeasured)
+    if result["significant"]:
+        return f"{group_a.label} is {'lower' if result['difference'] < 0 else 'higher'} (significant)"
+    return "not significant: the interval contains 0"
+
+
+def fmt_difference(result):
+    if result is None or result.get("difference") is None:
+        return "–"
+    low, high = result["ci95"]
+    return f"{result['difference']:+.3f} ({low:+.3f} to {high:+.3f})"
+
+
+def fmt_examples(result):
+    if result["examples"] == result["of"]:
+        return str(result["examples"])
+    return f"{result['examples']} of {result['of']} (shared only)"
 
 
 def comparison_lines(found):
     if not found:
         return []
-    lines = ["", "| comparison | perplexity difference (95% CI) | paired examples | verdict |",
-             "| --- | --- | --- | --- |"]
-    for a, b, result in found:
-        low, high = result["ci95"]
-        if result["significant"]:
-            verdict = f"{METHOD_LABELS[a]} is {'lower' if result['difference'] < 0 else 'higher'} (significant)"
-        else:
-            verdict = "not significant: the interval contains 0"
-        lines.append(f"| {METHOD_LABELS[a]} − {METHOD_LABELS[b]} | {result['difference']:+.3f} "
-                     f"({low:+.3f} to {high:+.3f}) | {result['examples']} | {verdict} |")
+    forgetting = any(general is not None for *_, general in found)
+    header = "| comparison | perplexity difference (95% CI) | paired examples | verdict |"
+    if forgetting:
+        header += " forgetting: general-text perplexity difference (95% CI) |"
+    lines = ["", header, "|" + " --- |" * (header.count("|") - 1)]
+    for a, b, result, general in found:
+        line = f"| {a.label} − {b.label} | {fmt_difference(result)} | {fmt_examples(result)} "
+        lines.append(line + f"| {verdict(a, b, result)} |" + (f" {fmt_difference(general)} |" if forgetting else ""))
     return lines
 
 
+def intersection_notes(groups, found):
+    """Says which groups and comparisons stand on the shared examples only (--allow-intersection)."""
+    notes = []
+    for group in groups:
+        ids = shared_ids(group.runs)
+        if any(len(run["per_example"]) != len(ids) for run in group.runs):
+            notes.append(f"{group.label} (seeds {fmt_seeds(group)}) on the {len(ids)} examples its runs share")
+    notes += [f"{a.label} and {b.label} on {result['examples']} shared examples of {result['of']}"
+              for a, b, result, _ in found if result["examples"] != result["of"]]
+    if not notes:
+        return []
+    return ["", f"_Runs evaluated on different examples, compared on the shared ones only (--allow-intersection): "
+                f"{'; '.join(notes)}._"]
+
+
 def provenance_line(runs):
-    devices = sorted({run.get("device") or "?" for run in runs.values()})
-    dates = sorted(run["created_at"][:10] for run in runs.values() if run.get("created_at"))
-    commits = sorted({(run.get("git_commit") or "uncommitted")[:7] for run in runs.values()})
+    devices = sorted({run.get("device") or "?" for run in runs})
+    dates = sorted(run["created_at"][:10] for run in runs if run.get("created_at"))
+    commits = sorted({(run.get("git_commit") or "uncommitted")[:7] for run in runs})
     return (f"_Device: {', '.join(devices)}; run on {dates[0] if dates else '?'}"
             f"{' to ' + dates[-1] if dates and dates[-1] != dates[0] else ''}; commit {', '.join(commits)}. "
             "Perplexity is exp(Σ NLL / Σ response tokens) on the held-out split; the write-up's metric "
-            "scores padding and prompt and is shown only to explain its numbers._")
+            "scores padding and prompt and is shown only to explain its numbers. A difference is of mean "
+            "perplexities across seeds; its interval resamples seeds, then examples paired by id._")
 
 
-def render_block(runs, seed, resamples):
-    if not runs:
+def render_block(groups, seed, resamples):
+    if not groups:
         return ["_No results yet: run `make demo` (or the three scripts) and then `python report.py`._"]
-    return results_table(runs) + comparison_lines(comparisons(runs, seed, resamples)) + ["", provenance_line(runs)]
+    found = comparisons(groups, seed, resamples)
+    runs = [run for group in groups for run in group.runs]
+    return (results_table(groups, seed, resamples) + comparison_lines(found) + intersection_notes(groups, found)
+            + ["", provenance_line(runs)])
 
 
 def replace_block(text, block_lines):
@@ -168,41 +459,48 @@ def replace_block(text, block_lines):
     return before + START + "\n" + "\n".join(block_lines) + "\n" + END + after
 
 
-# --------------------------------------------------------------------------- plot
+# --------------------------------------------------------------------------- plots
 
 
-def draw_plot(runs, path):
-    import matplotlib
+def method_color(method):
+    return METHOD_COLORS.get(method, "#9467bd")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    methods = list(runs)
-    labels = [METHOD_LABELS[m] for m in methods]
-    colors = [{"base": "#888888", "lora": "#1f77b4", "qlora": "#17becf", "full": "#d62728"}[m] for m in methods]
-    figure, axes = plt.subplots(1, 4, figsize=(16, 4.2))
+def save_figure(figure, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
 
-    ppl = [runs[m]["perplexity"] for m in methods]
-    errors = [[p - runs[m]["perplexity_ci95"][0] for m, p in zip(methods, ppl, strict=True)],
-              [runs[m]["perplexity_ci95"][1] - p for m, p in zip(methods, ppl, strict=True)]]
-    axes[0].bar(labels, ppl, yerr=errors, capsize=6, color=colors)
-    axes[0].set_title("Held-out perplexity (95% CI)\nlower is better")
+
+def draw_plot(groups, path, seed=42, resamples=1000):
+    """Bar charts, one bar per group: perplexity (mean, 95% interval), memory, training time, parameters."""
+    labels = [group.label for group in groups]
+    colors = [method_color(group.method) for group in groups]
+    figure = Figure(figsize=(16, 4.2))
+    axes = figure.subplots(1, 4)
+
+    summaries = [group_summary(group, seed, resamples) for group in groups]
+    means = [summary["mean"] for summary in summaries]
+    errors_ = [[mean - summary["ci95"][0] for mean, summary in zip(means, summaries, strict=True)],
+               [summary["ci95"][1] - mean for mean, summary in zip(means, summaries, strict=True)]]
+    axes[0].bar(labels, means, yerr=errors_, capsize=6, color=colors)
+    axes[0].set_title("Held-out perplexity (mean, 95% CI)\nlower is better")
     axes[0].set_ylabel("perplexity")
 
-    memory = [(runs[m].get("peak_memory_bytes") or 0) / 2**30 for m in methods]
-    kind = {runs[m].get("memory_kind") for m in methods} - {None}
-    axes[1].bar(labels, memory, color=colors)
+    kind = {run.get("memory_kind") for group in groups for run in group.runs} - {None}
+    axes[1].bar(labels, [(group.mean("peak_memory_bytes") or 0) / 2**30 for group in groups], color=colors)
     axes[1].set_title("Peak memory\n" + ", ".join(sorted(kind)))
     axes[1].set_ylabel("GiB")
 
-    trained = [m for m in methods if runs[m].get("train_seconds") is not None]
-    axes[2].bar([METHOD_LABELS[m] for m in trained], [runs[m]["train_seconds"] / 60 for m in trained],
-                color=[colors[methods.index(m)] for m in trained])
+    trained = [group for group in groups if group.mean("train_seconds") is not None]
+    trained_colors = [method_color(group.method) for group in trained]
+    axes[2].bar([group.label for group in trained], [group.mean("train_seconds") / 60 for group in trained],
+                color=trained_colors)
     axes[2].set_title("Training wall time")
     axes[2].set_ylabel("minutes")
 
-    axes[3].bar([METHOD_LABELS[m] for m in trained], [runs[m]["trainable_params"] for m in trained],
-                color=[colors[methods.index(m)] for m in trained])
+    axes[3].bar([group.label for group in trained], [group.mean("trainable_params") or 0 for group in trained],
+                color=trained_colors)
     axes[3].set_yscale("log")
     axes[3].set_title("Trainable parameters (log scale)")
     axes[3].set_ylabel("parameters")
@@ -210,48 +508,156 @@ def draw_plot(runs, path):
     for axis in axes:
         axis.tick_params(axis="x", labelrotation=15)
         axis.grid(axis="y", alpha=0.3)
-    models = sorted({run["model"] for run in runs.values()})
-    figure.suptitle(f"LoRA vs full fine-tuning: {', '.join(models)} on {runs[methods[0]].get('device')}")
+    models = sorted({run["model"] for group in groups for run in group.runs})
+    devices = sorted({run.get("device") or "?" for group in groups for run in group.runs})
+    figure.suptitle(f"LoRA vs full fine-tuning: {', '.join(models)} on {', '.join(devices)}")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
-def draw_memory_breakdown(runs, path):
-    """Training's peak per method as stacked bars: weights, gradients, optimizer states, the rest."""
-    import matplotlib
+def run_perplexity(run, ids, field="per_example"):
+    return mean_perplexity([run], ids, field)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    measured = {method: parts for method, run in runs.items() if (parts := breakdown_parts(run)) is not None}
+def tradeoff_points(found):
+    """Per tuned run against its group's base: improvement (base − tuned perplexity, higher = learned more)
+    and forgetting (tuned − base general-text perplexity, higher = forgot more; None when not recorded)."""
+    points = []
+    for group, base, result, general in found:
+        if base.method not in UNTRAINED or result is None or result.get("difference") is None:
+            continue
+        ids = shared_ids(group.runs + base.runs)
+        general_ids = shared_ids(group.runs + base.runs, "general_per_example") if general else []
+        base_ppl = mean_perplexity(base.runs, ids)
+        base_general = mean_perplexity(base.runs, general_ids, "general_per_example") if general_ids else None
+        runs = [(base_ppl - run_perplexity(run, ids),
+                 run_perplexity(run, general_ids, "general_per_example") - base_general if general_ids else None)
+                for run in group.runs]
+        points.append((group, result, general if general_ids else None, runs))
+    return points
+
+
+def draw_tradeoff(found, path):
+    """Learning (improvement over base) against forgetting (general-text perplexity change): one small point per
+    run, each group's mean with its two-level interval; without general-text results, learning alone."""
+    points = tradeoff_points(found)
+    if not points:
+        return None
+    forgetting = all(general is not None for _, _, general, _ in points)
+    figure = Figure(figsize=(7.5, 5.5 if forgetting else 2.2 + 0.7 * len(points)))
+    axis = figure.subplots()
+    for row, (group, result, general, runs) in enumerate(points):
+        color = method_color(group.method)
+        ys = [forget for _, forget in runs] if forgetting else [row] * len(runs)
+        axis.scatter([learn for learn, _ in runs], ys, color=color, alpha=0.45, s=25)
+        low, high = result["ci95"]
+        x = -result["difference"]
+        xerr = [[x - (-high)], [(-low) - x]]
+        y, yerr = row, None
+        if forgetting:
+            y = general["difference"]
+            yerr = [[y - general["ci95"][0]], [general["ci95"][1] - y]]
+        axis.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", markersize=10, color=color, capsize=5,
+                      label=f"{group.label} (mean of {len(runs)} run{'s' if len(runs) > 1 else ''})")
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("learning: base − tuned held-out perplexity (higher = learned more)")
+    if forgetting:
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_ylabel("forgetting: tuned − base general-text perplexity (higher = forgot more)")
+        axis.set_title("Learning vs forgetting (95% intervals: seeds, then examples)")
+    else:
+        axis.set_yticks(range(len(points)), [group.label for group, *_ in points])
+        axis.set_ylim(-0.6, len(points) - 0.4)
+        axis.set_title("Learning over base (95% intervals: seeds, then examples)\n"
+                       "no general-text perplexity in these results: forgetting not shown", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def training_tokens_at(run, entry):
+    """Tokens trained when a log entry was written: the Trainer's count when kept, else steps × mean tokens
+    per optimizer step."""
+    if entry.get("num_input_tokens_seen") is not None:
+        return entry["num_input_tokens_seen"]
+    if run.get("train_tokens") and run.get("optimizer_steps"):
+        return entry["step"] * run["train_tokens"] / run["optimizer_steps"]
+    return None
+
+
+def validation_curve(run):
+    points = [(training_tokens_at(run, entry), entry["eval_loss"]) for entry in run.get("log_history") or []
+              if entry.get("eval_loss") is not None and entry.get("step") is not None]
+    return [(tokens, loss) for tokens, loss in points if tokens is not None]
+
+
+def draw_validation_curves(groups, path):
+    """Validation loss against training tokens, one line per run coloured by group; None without log history."""
+    curves = [(group, validation_curve(run)) for group in groups for run in group.runs]
+    curves = [(group, curve) for group, curve in curves if curve]
+    if not curves:
+        return None
+    figure = Figure(figsize=(7.5, 5))
+    axis = figure.subplots()
+    styles = ["-", "--", ":", "-."]
+    labelled = set()
+    for group, curve in curves:
+        tokens, losses = zip(*curve, strict=True)
+        style = styles[[g for g in groups if g.method == group.method].index(group) % len(styles)]
+        axis.plot(tokens, losses, style, marker="o", markersize=3, color=method_color(group.method), alpha=0.8,
+                  label=None if group.label in labelled else group.label)
+        labelled.add(group.label)
+    axis.set_xlabel("training tokens")
+    axis.set_ylabel("validation loss (the Trainer's eval_loss)")
+    axis.set_title("Validation loss during training, one line per run")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def draw_memory_breakdown(groups, path):
+    """Training's peak per group as stacked bars: weights, gradients, optimizer states, the rest."""
+    measured = [(group, parts) for group in groups if (parts := group_breakdown(group)) is not None]
     if not measured:
         return None
-    figure, axis = plt.subplots(figsize=(6, 4.2))
-    labels = [METHOD_LABELS[method] for method in measured]
+    figure = Figure(figsize=(6, 4.2))
+    axis = figure.subplots()
+    labels = [group.label for group, _ in measured]
     bottom = [0.0] * len(measured)
     for part, color in zip(BREAKDOWN_PARTS, ("#7f7f7f", "#ff7f0e", "#9467bd", "#bcbd22"), strict=True):
-        heights = [parts[part] / 2**30 for parts in measured.values()]
+        heights = [parts[part] / 2**30 for _, parts in measured]
         axis.bar(labels, heights, bottom=bottom, color=color, label=part.replace("_", " "))
         bottom = [low + height for low, height in zip(bottom, heights, strict=True)]
-    kinds = sorted({runs[method].get("phase_memory_kind") or "?" for method in measured})
+    kinds = sorted({run.get("phase_memory_kind") or "?" for group, _ in measured for run in group.runs})
     axis.set_title(f"Training's peak memory, by what holds it\n{', '.join(kinds)}")
     axis.set_ylabel("GiB")
     axis.legend()
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
+
+
+def draw_plots(groups, found, plot_path, seed, resamples):
+    drawn = [draw_plot(groups, plot_path, seed, resamples),
+             draw_tradeoff(found, plot_path.with_name("learning_vs_forgetting.png")),
+             draw_validation_curves(groups, plot_path.with_name("validation_curves.png")),
+             draw_memory_breakdown(groups, plot_path.with_name("memory-breakdown.png"))]
+    return [path for path in drawn if path is not None]
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv=None):
     args = parse_args(argv)
-    runs = load_results(args.results_dir)
+    runs = load_results(args.sources or [args.results_dir])
+    groups = group_runs(runs, [key.strip() for key in args.variant_keys.split(",") if key.strip()])
+    if not args.allow_intersection:
+        refuse_different_examples(groups)
     readme_text = args.readme.read_text(encoding="utf-8")
-    updated = replace_block(readme_text, render_block(runs, args.seed, args.resamples))
+    updated = replace_block(readme_text, render_block(groups, args.seed, args.resamples))
 
     if args.check:
         if updated != readme_text:
@@ -262,17 +668,16 @@ def main(argv=None):
 
     if updated != readme_text:
         results.write_atomic(args.readme, updated)
-    print(f"updated the results table in {args.readme} ({len(runs)} runs)")
-    if runs:
-        plot = draw_plot(runs, args.plot or args.results_dir / "comparison.png")
-        print(f"wrote {plot}")
-        breakdown_plot = draw_memory_breakdown(runs, plot.with_name("memory-breakdown.png"))
-        if breakdown_plot is not None:
-            print(f"wrote {breakdown_plot}")
-        for line in comparison_lines(comparisons(runs, args.seed, args.resamples))[3:]:
+    print(f"updated the results table in {args.readme} ({len(runs)} runs in {len(groups)} groups)")
+    if groups:
+        found = comparisons(groups, args.seed, args.resamples)
+        for path in draw_plots(groups, found, args.plot or args.results_dir / "comparison.png", args.seed,
+                               args.resamples):
+            print(f"wrote {path}")
+        for line in comparison_lines(found)[3:]:
             print(line)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.main_guard(lambda: sys.exit(main()))

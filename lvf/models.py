@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig
+from transformers.integrations import is_fsdp_enabled
 
 import common
 from lvf.errors import UsageError
@@ -118,6 +119,8 @@ def load_tokenizer(source, chat_template=None, trust_remote_code=False):
 
 
 def load_model(source, dtype, device, trust_remote_code=False, quantization_config=None):
+    if quantization_config is None and receives_weights_by_broadcast():
+        return empty_model(source, dtype, trust_remote_code)
     device_map = None
     if quantization_config is not None and device == "cuda":
         device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # bitsandbytes quantises on this rank's GPU
@@ -130,6 +133,23 @@ def load_model(source, dtype, device, trust_remote_code=False, quantization_conf
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
+
+
+def receives_weights_by_broadcast():
+    """Under FSDP's cpu-ram-efficient loading (configs/fsdp_full_8b.yaml), only local rank 0 reads the weights;
+    FSDP's sync_module_states then broadcasts them to the other ranks. transformers 5 (5.17 and 5.23 alike)
+    still reads the whole checkpoint on every rank, so the others skip it here. is_fsdp_enabled() is true only
+    once the process group exists: the scripts build the Trainer's arguments before loading the model."""
+    return is_fsdp_enabled() and int(os.environ.get("LOCAL_RANK", "-1")) != 0
+
+
+def empty_model(source, dtype, trust_remote_code=False):
+    """The architecture on the meta device, in the weights' dtype: FSDP gives it storage (param_init_fn)
+    and fills it from rank 0."""
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                trust_remote_code=trust_remote_code)
 
 
 def four_bit_config(device):
@@ -165,3 +185,19 @@ def count_parameters(model):
     return trainable, total
 
 
+def dtype_by_part(model):
+    """How each part of the model is stored, e.g. {"linear_4bit": "nf4", "embed_tokens": "float32",
+    "input_layernorm": "float32", "lora_A": "float32"}: a part is the module holding the parameter, named without
+    layer numbers, peft's adapter name or its base_layer wrapper. 4-bit weights are packed in uint8 and named by
+    their quantisation type. A part with mixed dtypes lists them all."""
+    parts = {}
+    for name, parameter in model.named_parameters():
+        quant_state = getattr(parameter, "quant_state", None)
+        if quant_state is not None:
+            part, dtype = "linear_4bit", quant_state.quant_type
+        else:
+            modules = [item for item in name.split(".")[:-1]
+                       if not item.isdigit() and item not in ("default", "base_layer")]
+            part, dtype = modules[-1] if modules else name, str(parameter.dtype).removeprefix("torch.")
+        parts.setdefault(part, set()).add(dtype)
+    return {part: ",".join(sorted(dtypes)) for part, dtypes in parts.items()}

@@ -57,8 +57,8 @@ RESULT_FIELDS = [
     "eval_seconds", "eval_precision", "peak_memory_bytes", "memory_kind", "load_peak_memory_bytes",
     "train_peak_memory_bytes", "eval_peak_memory_bytes", "phase_memory_kind", "phase_memory_unavailable",
     "phase_reserved_bytes", "train_memory_breakdown", "artifact_path", "artifact_bytes", "device", "dtype",
-    "bf16_autocast", "seed", "truncation", "config", "runtime", "versions", "git_commit", "created_at", "dry_run",
-    "per_example",
+    "dtype_by_part", "bf16_autocast", "seed", "truncation", "config", "runtime", "versions", "git_commit",
+    "created_at", "dry_run", "per_example",
 ]
 
 

@@ -180,6 +180,14 @@ def training_arguments(settings, runtime, train_examples):
     )
 
 
+def init_distributed(settings, runtime, train_examples):
+    """The Trainer's arguments, built before the model loads. Building them starts the process group and,
+    under `accelerate launch`, registers DeepSpeed's config: only then does from_pretrained see FSDP
+    (is_fsdp_enabled, for cpu-ram-efficient loading) or ZeRO-3 (partitioned as it is built). Hold the
+    returned arguments until training: DeepSpeed's config is kept through a weak reference."""
+    return training_arguments(settings, runtime, train_examples)
+
+
 def to_dataset(examples):
     """A plain list of features: the Trainer's length-grouped sampler reads each one's input_ids length, and
     training needs no `datasets` (which the GPU image lacks)."""
@@ -234,12 +242,12 @@ def start_run(settings, runtime):
                          "or choose another --output-dir")
 
 
-def train(settings, runtime, model, tokenizer, train_examples, val_examples):
+def train(settings, runtime, model, tokenizer, train_examples, val_examples, training_args=None):
     """Trains with the Trainer, keeps the best checkpoint by validation loss. Returns the trainer, the
     measurements and training's own peak memory (validation and checkpoints during training included)."""
     stopper = StopOnSignal()
     breakdown = TrainingBreakdown()
-    training_args = training_arguments(settings, runtime, len(train_examples))
+    training_args = training_args or training_arguments(settings, runtime, len(train_examples))
     # DataParallel (several GPUs, one process) would split the flat shift_labels across replicas.
     scored_logits_only = training_args.n_gpu <= 1 and accepts_logits_to_keep(model)
     collator = training_collator(tokenizer, runtime.device, settings.packing, scored_logits_only)
@@ -344,12 +352,13 @@ def without_mixed_precision_wrapper(trainer):
     return trainer.model_wrapped
 
 
-def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_records, label, load_peak=None):
+def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_records, label, training_args=None,
+                        load_peak=None):
     """What a training script does once its model is built: train (best checkpoint by validation loss),
     score the held-out set, save the artifact. Returns the measured results fields; load_peak is the
     script's PhasePeak of loading the model."""
     trainer, measured, train_peak = train(settings, runtime, model, tokenizer, examples["train"],
-                                          examples["validation"])
+                                          examples["validation"], training_args)
     # Every rank evaluates the whole set: the same forwards everywhere; the main process writes the results.
     with PhasePeak(runtime.device) as eval_peak:
         evaluation = common.evaluate_model(without_mixed_precision_wrapper(trainer), tokenizer, examples["eval"],

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from conftest import tiny_llama_config
 from peft import LoraConfig, get_peft_model
 from test_perplexity import random_examples
@@ -91,7 +92,15 @@ def test_write_up_metric_is_unchanged_by_block_scoring(monkeypatch, llama3_token
     assert blockwise == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-6)
 
 
-def test_a_lora_model_from_training_is_scored_like_its_base_without_autocast():
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: a Trainer of an earlier test fixed its mixed precision."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_lora_model_from_training_is_scored_like_its_base_without_autocast(fresh_accelerator_state):
     """The kit's path after training: accelerate wrapped the tuned model's forward in bf16 autocast; the
     evaluation model has it taken off, so identical weights give identical per-example NLL."""
     from lvf.training import without_mixed_precision_wrapper

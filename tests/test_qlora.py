@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_llama_config
 
 import finetune
-from lvf import errors, models
+from lvf import adapters, errors, models
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
@@ -55,6 +55,7 @@ def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, 
     assert all(module.weight.quant_state.quant_type == "nf4" and module.weight.quant_state.nested  # double quant
                for module in four_bit)
     assert result["method"] == "qlora" and result["optimizer_steps"] == 2
+    assert result["dtype_by_part"] == models.dtype_by_part(loaded[0])
     assert math.isfinite(result["perplexity"]) and result["eval_tokens"] > 0
 
     # Packed 4-bit weights hold two parameters per byte; the counts must be the unquantised model's.
@@ -63,6 +64,19 @@ def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, 
     trainable, total = models.count_parameters(finetune.add_adapters(unquantised, finetune.parse_args(args)))
     assert result["base_params"] == base_params == total - trainable
     assert (result["trainable_params"], result["total_params"]) == (trainable, total)
+
+
+def test_4bit_preparation_keeps_embeddings_and_norms_in_fp32_and_results_say_so(tiny_llama_64_dir):
+    """peft's prepare_model_for_kbit_training casts every weight that is not 4-bit to fp32, embeddings and
+    lm_head included: the results' dtype_by_part records it, part by part."""
+    quantization = models.four_bit_config("cuda")  # bf16 compute, as on a GPU; weights loaded in bf16
+    model = models.load_model(str(tiny_llama_64_dir), torch.bfloat16, "cpu", quantization_config=quantization)
+    assert models.dtype_by_part(model)["embed_tokens"] == "bfloat16"
+    model = adapters.prepare_for_4bit_training(model, gradient_checkpointing=False)
+    model = finetune.add_adapters(model, finetune.parse_args([]))
+    assert models.dtype_by_part(model) == {
+        "linear_4bit": "nf4", "embed_tokens": "float32", "input_layernorm": "float32",
+        "post_attention_layernorm": "float32", "norm": "float32", "lora_A": "float32", "lora_B": "float32"}
 
 
 def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):

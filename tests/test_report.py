@@ -1,4 +1,5 @@
-"""report.py on fixture results: table contents, paired bootstrap verdicts, --check, the PNG."""
+"""report.py on fixture results: groups by method and variant, refusal of runs on different examples, the
+two-level bootstrap and its verdicts, --check, and the plots."""
 
 import json
 
@@ -6,16 +7,22 @@ import numpy as np
 import pytest
 
 import report
+from lvf import errors
 
 README = "# Title\n\n<!-- results-table:start -->\nold\n<!-- results-table:end -->\n\nafter\n"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(method, nll_scale, seed=0, examples=80, **extra):
-    rng = np.random.default_rng(seed)
+def per_example_rows(nll, tokens):
+    return [{"id": f"id{i}", "nll_sum": float(n), "tokens": int(t)} for i, (n, t) in
+            enumerate(zip(nll, tokens, strict=True))]
+
+
+def fake_run(method, nll_scale, seed=42, examples=80, config=None, **extra):
+    """A results JSON: the same 80 examples (ids and token counts) for every run; the NLL scaled per run."""
+    rng = np.random.default_rng(0)
     tokens = rng.integers(10, 60, size=examples)
     nll = tokens * rng.uniform(1.5, 2.5, size=examples) * nll_scale
-    per_example = [{"id": f"id{i}", "nll_sum": float(n), "tokens": int(t)} for i, (n, t) in
-                   enumerate(zip(nll, tokens, strict=True))]
     loss = float(nll.sum() / tokens.sum())
     run = {
         "method": method, "model": "smollm2-135m", "dataset": "data/demo.jsonl", "eval_file": None,
@@ -24,36 +31,52 @@ def fake_run(method, nll_scale, seed=0, examples=80, **extra):
         "seed_style_perplexity": 1234.5, "trainable_params": None, "total_params": 134_515_008,
         "trainable_percent": None, "peak_memory_bytes": 3 * 2**30, "memory_kind": "cpu_peak_rss",
         "train_seconds": None, "train_tokens_per_second": None, "artifact_bytes": None, "device": "cpu",
-        "created_at": "2026-11-28T12:00:00+00:00", "git_commit": "abcdef1234", "dry_run": False,
-        "per_example": per_example,
+        "created_at": "2026-11-28T12:00:00+00:00", "git_commit": "abcdef1234", "dry_run": False, "seed": seed,
+        "config": {"learning_rate": 1e-3, "seed": seed, "split_seed": 42, **(config or {})},
+        "per_example": per_example_rows(nll, tokens),
     }
     run.update(extra)
     return run
 
 
-@pytest.fixture
-def results_dir(tmp_path):
-    folder = tmp_path / "results"
-    folder.mkdir()
-    training = {"train_seconds": 300.0, "train_tokens_per_second": 150.0, "train_peak_memory_bytes": 2 * 2**30,
-                "phase_memory_kind": "cpu_peak_rss_since_reset"}
-    full_breakdown = {"weights_by_dtype": {"float32": 2**29}, "gradients": 2**29, "optimizer_states": 2**30,
-                      "other": 0}
-    runs = [
-        fake_run("base", 1.0),
-        fake_run("lora", 0.7, trainable_params=1_843_200, trainable_percent=1.35, artifact_bytes=7 * 2**20,
-                 **training),
-        fake_run("full", 0.7, trainable_params=134_515_008, trainable_percent=100.0, artifact_bytes=513 * 2**20,
-                 train_memory_breakdown=full_breakdown, **training),
-    ]
-    for run in runs:
-        (folder / f"{run['method']}.json").write_text(json.dumps(run))
-    (folder / "dry.json").write_text(json.dumps({**runs[1], "method": "lora", "dry_run": True,
-                                                 "perplexity": None}))
+TRAINING = {"train_seconds": 300.0, "train_tokens_per_second": 150.0, "train_peak_memory_bytes": 2 * 2**30,
+            "phase_memory_kind": "cpu_peak_rss_since_reset"}
+FULL_BREAKDOWN = {"weights_by_dtype": {"float32": 2**29}, "gradients": 2**29, "optimizer_states": 2**30, "other": 0}
+LORA = {"trainable_params": 1_843_200, "trainable_percent": 1.35, "artifact_bytes": 7 * 2**20, **TRAINING}
+FULL = {"trainable_params": 134_515_008, "trainable_percent": 100.0, "artifact_bytes": 513 * 2**20,
+        "train_memory_breakdown": FULL_BREAKDOWN, **TRAINING}
+
+
+def write_runs(folder, runs):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, run in runs.items():
+        (folder / f"{name}.json").write_text(json.dumps(run))
     return folder
 
 
-def test_table_comparisons_check_and_plot(tmp_path, results_dir):
+@pytest.fixture
+def results_dir(tmp_path):
+    """One run each, as the committed demo results: base, LoRA and full (same NLL), and a dry run."""
+    lora = fake_run("lora", 0.7, **LORA)
+    return write_runs(tmp_path / "results", {
+        "base": fake_run("base", 1.0), "lora": lora, "full": fake_run("full", 0.7, **FULL),
+        "dry": {**lora, "dry_run": True, "perplexity": None},
+    })
+
+
+def render(tmp_path, *argv):
+    """Runs report.py on a fresh README and returns the block's table rows."""
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert report.main([*argv, "--readme", str(readme), "--resamples", "300"]) == 0
+    return [line for line in readme.read_text().splitlines() if line.startswith("| ")], readme.read_text()
+
+
+def row(rows, start):
+    return next(line for line in rows if line.startswith(start))
+
+
+def test_table_check_and_plot(tmp_path, results_dir):
     readme = tmp_path / "README.md"
     readme.write_text(README)
     argv = ["--results-dir", str(results_dir), "--readme", str(readme)]
@@ -65,18 +88,13 @@ def test_table_comparisons_check_and_plot(tmp_path, results_dir):
     assert rows[2].startswith("| Zero-shot (base) |") and rows[4].startswith("| Full fine-tuning |")
     assert "1.84 M (1.35%)" in text and "7.0 MiB" in text and "513.0 MiB" in text and "5.0 min" in text
     assert "| 1,234 |" in text  # the write-up's metric column
-    # LoRA and full have identical per-example NLL: the difference is 0 and not significant.
-    lora_vs_full = next(line for line in rows if line.startswith("| LoRA − Full fine-tuning"))
-    assert "+0.000" in lora_vs_full and "not significant" in lora_vs_full
-    # Both tuned runs scale NLL by 0.7: clearly lower than the base model.
-    lora_vs_base = next(line for line in rows if line.startswith("| LoRA − Zero-shot"))
-    assert "LoRA is lower (significant)" in lora_vs_base
+    assert "+0.000" in row(rows, "| LoRA − Full fine-tuning")  # identical per-example NLL
     assert "| 2.0 GiB = 512.0 MiB + 512.0 MiB + 1.0 GiB + 0 B |" in rows[4]  # full: training peak, its parts
     assert "| 2.0 GiB |" in rows[3]  # LoRA without a breakdown: the peak alone
     assert report.main([*argv, "--check"]) == 0
     for name in ("comparison.png", "memory-breakdown.png"):
         png = results_dir / name
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
 
 
 def test_check_fails_when_a_result_changes(tmp_path, results_dir):
@@ -90,9 +108,150 @@ def test_check_fails_when_a_result_changes(tmp_path, results_dir):
     assert report.main([*argv, "--check"]) == 1
 
 
-def test_paired_comparison_uses_shared_examples_only(results_dir):
-    runs = report.load_results(results_dir)
-    runs["full"]["per_example"] = runs["full"]["per_example"][:50]
-    found = {(a, b): result for a, b, result in report.comparisons(runs, seed=42, resamples=500)}
-    assert found[("lora", "full")]["examples"] == 50
-    assert found[("lora", "base")]["examples"] == 80
+def test_one_run_each_says_seed_variance_is_not_measured_and_never_significant(tmp_path, results_dir):
+    rows, text = render(tmp_path, "--results-dir", str(results_dir))
+    # The tuned runs scale NLL by 0.7: their intervals are far from 0, and still no verdict is drawn.
+    lora_vs_base = row(rows, "| LoRA − Zero-shot")
+    assert lora_vs_base.endswith("| 80 | one run each: seed variance not measured |")
+    assert "significant" not in text
+
+
+def test_runs_of_one_method_with_different_variants_are_kept_apart(tmp_path):
+    folder = write_runs(tmp_path / "results", {
+        "base": fake_run("base", 1.0),
+        "lora": fake_run("lora", 0.7, config={"lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}, **LORA),
+        "lora-all": fake_run("lora", 0.6, config={"lora_targets": "all-linear"}, **LORA),
+        "lora-lr": fake_run("lora", 0.8, config={"lora_targets": "all-linear", "learning_rate": 3e-4}, **LORA),
+    })
+    rows, _ = render(tmp_path, "--results-dir", str(folder))
+    labels = [line.split(" | ")[0] for line in rows[2:6]]
+    assert labels[0] == "| Zero-shot (base)" and set(labels[1:]) == {
+        "| LoRA (lr 0.0003, targets all-linear)", "| LoRA (lr 0.001, targets all-linear)",
+        "| LoRA (lr 0.001, targets q_proj+k_proj+v_proj+o_proj)"}
+    assert row(rows, "| LoRA (lr 0.001, targets all-linear) − Zero-shot")
+
+
+def test_seeds_of_one_variant_form_one_group_with_mean_and_sd(tmp_path):
+    runs = {"base": fake_run("base", 1.0)}
+    runs |= {f"lora-{seed}": fake_run("lora", scale, seed=seed, **LORA)
+             for seed, scale in ((43, 0.68), (42, 0.7), (44, 0.72))}
+    runs |= {f"full-{seed}": fake_run("full", 0.8, seed=seed, **FULL) for seed in (42, 43)}
+    rows, text = render(tmp_path, "--results-dir", str(write_runs(tmp_path / "results", runs)))
+    lora = row(rows, "| LoRA |")
+    assert "| 42, 43, 44 |" in lora and " ± " in lora
+    assert row(rows, "| LoRA − Zero-shot").endswith("LoRA is lower (significant) |")
+    assert row(rows, "| LoRA − Full fine-tuning").endswith("LoRA is lower (significant) |")
+    assert text.count("| LoRA |") == 1  # no second LoRA row: seeds are not variants
+
+
+def test_one_trained_run_on_one_side_is_named(tmp_path):
+    runs = {f"lora-{seed}": fake_run("lora", 0.7 + seed / 1000, seed=seed, **LORA) for seed in (42, 43, 44)}
+    runs["full"] = fake_run("full", 0.8, **FULL)
+    rows, text = render(tmp_path, "--results-dir", str(write_runs(tmp_path / "results", runs)))
+    assert row(rows, "| LoRA − Full").endswith("| one run of Full fine-tuning: seed variance not measured |")
+    assert "significant" not in text
+
+
+def test_history_is_left_out_and_given_files_are_read(tmp_path, results_dir):
+    write_runs(results_dir / "history", {"lora-20261127": fake_run("lora", 0.9, seed=7, **LORA)})
+    rows, _ = render(tmp_path, "--results-dir", str(results_dir))
+    assert "| 42 |" in row(rows, "| LoRA |")  # the kept earlier version is not a second seed
+    rows, _ = render(tmp_path, str(results_dir / "base.json"), str(results_dir / "lora.json"))
+    assert [line.split(" | ")[0] for line in rows] == ["| method", "| ---", "| Zero-shot (base)", "| LoRA",
+                                                      "| comparison", "| ---", "| LoRA − Zero-shot (base)"]
+
+
+def base_on_another_file():
+    other = fake_run("base", 1.0, dataset=None, eval_file="held_out.jsonl")
+    for item in other["per_example"]:
+        item["id"] = "held-" + item["id"]
+    return other
+
+
+def test_runs_on_different_examples_are_refused_naming_them(tmp_path, results_dir, capsys):
+    (results_dir / "base.json").write_text(json.dumps(base_on_another_file()))
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    with pytest.raises(SystemExit) as stopped:
+        errors.main_guard(lambda: report.main(["--results-dir", str(results_dir), "--readme", str(readme)]))
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith("error: runs evaluated on different examples")
+    assert "results/lora.json vs " in message and "results/base.json (80 vs 80 examples, 0 shared)" in message
+    assert readme.read_text() == README
+
+
+def test_different_token_counts_are_refused(results_dir):
+    full = json.loads((results_dir / "full.json").read_text())
+    full["per_example"][3]["tokens"] += 1
+    (results_dir / "full.json").write_text(json.dumps(full))
+    with pytest.raises(errors.UsageError, match="full.json .same 80 examples, token counts differ on 1"):
+        report.main(["--results-dir", str(results_dir), "--check"])
+
+
+def test_intersection_flag_compares_shared_examples_and_says_so(tmp_path, results_dir):
+    full = json.loads((results_dir / "full.json").read_text())
+    full["per_example"] = full["per_example"][:50]
+    (results_dir / "full.json").write_text(json.dumps(full))
+    with pytest.raises(errors.UsageError, match="full.json"):
+        report.main(["--results-dir", str(results_dir), "--check"])
+    rows, text = render(tmp_path, "--results-dir", str(results_dir), "--allow-intersection")
+    assert "| 50 of 80 (shared only) |" in row(rows, "| LoRA − Full fine-tuning")
+    assert "| 80 |" in row(rows, "| LoRA − Zero-shot")
+    assert "compared on the shared ones only (--allow-intersection): LoRA and Full fine-tuning on 50" in text
+
+
+def test_runs_sharing_no_example_are_named_not_dropped(tmp_path, results_dir):
+    (results_dir / "base.json").write_text(json.dumps(base_on_another_file()))
+    rows, _ = render(tmp_path, "--results-dir", str(results_dir), "--allow-intersection")
+    assert row(rows, "| LoRA − Zero-shot").endswith(
+        "| – | 0 of 80 (shared only) | not compared: evaluated on different examples (none shared) |")
+
+
+def seed_group(method, seed_scales, nll, tokens):
+    runs = [fake_run(method, 1.0, seed=42 + index, **LORA) for index in range(len(seed_scales))]
+    for run, scale in zip(runs, seed_scales, strict=True):
+        run["per_example"] = per_example_rows(nll * scale, tokens)
+    return report.Group(method, (), runs, label=method)
+
+
+def test_two_level_interval_widens_with_seed_variance():
+    """Two groups of 3 seeds with the same per-example mean NLL: one whose seeds agree, one whose seeds spread.
+    An interval over examples alone is the same for both; resampling seeds widens the spread one's."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(10, 60, size=200)
+    nll = tokens * rng.uniform(1.5, 2.5, size=200)
+    base = seed_group("base", [1.2], nll, tokens)
+    steady = seed_group("lora", [1.0, 1.0, 1.0], nll, tokens)
+    spread = seed_group("lora", [0.9, 1.0, 1.1], nll, tokens)
+    width = {}
+    for name, group in (("steady", steady), ("spread", spread)):
+        result = report.compare(group, base, seed=0, resamples=2000)
+        width[name] = result["ci95"][1] - result["ci95"][0]
+    assert width["spread"] > 1.5 * width["steady"]
+
+
+def test_tradeoff_and_validation_curves_are_drawn(tmp_path, results_dir):
+    history = [{"step": step, "epoch": step / 8, "eval_loss": 2.5 - step / 20} for step in (4, 8, 12, 16)]
+    rng = np.random.default_rng(2)
+    for name, forgetting in (("base", 1.0), ("lora", 1.02), ("full", 1.1)):
+        run = json.loads((results_dir / f"{name}.json").read_text())
+        run["general_per_example"] = per_example_rows(rng.uniform(2, 3, 30) * 20 * forgetting, [20] * 30)
+        if name != "base":
+            run |= {"log_history": history, "train_tokens": 4000, "optimizer_steps": 16}
+        (results_dir / f"{name}.json").write_text(json.dumps(run))
+    rows, text = render(tmp_path, "--results-dir", str(results_dir))
+    assert "forgetting: general-text perplexity difference (95% CI)" in rows[5]
+    assert row(rows, "| Full fine-tuning − Zero-shot").split(" | ")[-1].startswith("+")  # full forgot more
+    for name in ("learning_vs_forgetting.png", "validation_curves.png"):
+        assert (results_dir / name).read_bytes()[:8] == PNG_MAGIC
+    assert report.validation_curve(json.loads((results_dir / "lora.json").read_text()))[0] == (1000.0, 2.3)
+
+
+def test_general_text_on_different_examples_is_refused(results_dir):
+    for name, prefix in (("lora", "wiki"), ("full", "other")):
+        run = json.loads((results_dir / f"{name}.json").read_text())
+        run["general_per_example"] = [{"id": f"{prefix}{i}", "nll_sum": 40.0, "tokens": 20} for i in range(5)]
+        (results_dir / f"{name}.json").write_text(json.dumps(run))
+    with pytest.raises(errors.UsageError, match="full.json .general text: 5 vs 5 examples, 0 shared"):
+        report.main(["--results-dir", str(results_dir), "--check"])
