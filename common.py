@@ -340,19 +340,75 @@ def pad_batch(examples, pad_token_id):
 # --------------------------------------------------------------------------- perplexity
 
 
-def sequence_nll(model, batch):
-    """Per-example summed NLL and scored-token counts for one padded batch (no grad)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
+# Positions projected onto the vocabulary at once while scoring: the largest logits tensor evaluation makes is
+# LOGITS_BLOCK x vocabulary in fp32 (128 MB for Llama 3's 128,256 tokens), whatever the batch and length.
+LOGITS_BLOCK = 256
+
+
+def unwrap_distributed(model):
+    """The model inside DDP, FSDP or DeepSpeed's engine (each keeps it in .module)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def score_positions(lm_head, hidden, targets, softcap=None):
+    """Summed NLL and scored-token count per row: the vocabulary projection of a row's scored positions,
+    LOGITS_BLOCK at a time, in the head's own precision, then log-softmax in fp32."""
     nll_sums, token_counts = [], []
-    for row in range(logits.shape[0]):  # one row at a time keeps fp32 logits of a 128k vocab small
+    for row in range(hidden.shape[0]):
         keep = targets[row] != IGNORE_INDEX
-        row_logits = logits[row, :-1][keep].float()
-        nll = F.cross_entropy(row_logits, targets[row][keep], reduction="sum")
-        nll_sums.append(float(nll))
+        positions, row_targets = hidden[row, :-1][keep], targets[row][keep]
+        nll = 0.0
+        for first in range(0, len(row_targets), LOGITS_BLOCK):
+            # .forward, not __call__: this runs inside the head's own pre-hook (see sequence_nll).
+            logits = lm_head.forward(positions[first:first + LOGITS_BLOCK]).float()
+            if softcap:  # Gemma 2's final logit soft-capping, which its forward applies after the head
+                logits = torch.tanh(logits / softcap) * softcap
+            nll += float(F.cross_entropy(logits, row_targets[first:first + LOGITS_BLOCK], reduction="sum"))
+        nll_sums.append(nll)
         token_counts.append(int(keep.sum()))
-    del logits
     return nll_sums, token_counts
+
+
+def sequence_nll(model, input_ids, attention_mask, labels):
+    """Per-example summed NLL and scored-token counts for one padded batch (call under no_grad).
+
+    The model runs its own forward (under FSDP or DeepSpeed every rank must, to gather weights), but its
+    vocabulary projection is scored block by block from inside the head's forward pre-hook, while the
+    head's weights are gathered, and the head itself then projects nothing: no logits tensor for the whole
+    batch is ever made."""
+    inner = unwrap_distributed(model)
+    lm_head = inner.get_output_embeddings()
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    scored = {}
+
+    def score_then_skip(module, args):
+        hidden = args[0]
+        scored["rows"] = score_positions(module, hidden, labels[:, 1:], softcap)
+        return (hidden[:, :0], *args[1:])
+
+    handle = lm_head.register_forward_pre_hook(score_then_skip)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    if "rows" not in scored:
+        raise RuntimeError(f"{type(inner).__name__}'s forward does not call its output embeddings "
+                           "(get_output_embeddings()), so its logits cannot be scored block by block")
+    return scored["rows"]
+
+
+def no_autocast(device):
+    """Evaluation runs in the weights' own precision, whatever autocast is around it."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
+def eval_precision(model):
+    """How evaluation computed: the parameters' dtypes, no autocast, fp32 log-softmax over LOGITS_BLOCK
+    positions at a time."""
+    dtypes = sorted({str(parameter.dtype).removeprefix("torch.") for parameter in model.parameters()})
+    return {"weights": dtypes, "autocast": False, "log_softmax": "float32", "logits_block": LOGITS_BLOCK}
 
 
 def evaluate_perplexity(model, examples, pad_token_id, batch_size=8, device=None, seed=42, resamples=1000,
@@ -370,12 +426,13 @@ def evaluate_perplexity(model, examples, pad_token_id, batch_size=8, device=None
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
     per_example = [None] * len(examples)
     start = time.perf_counter()
-    with torch.no_grad():  # not inference_mode: FSDP's gathered weights must stay ordinary tensors
+    # not inference_mode: FSDP's gathered weights must stay ordinary tensors
+    with torch.no_grad(), no_autocast(device):
         for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
             chunk = order[first:first + batch_size]
             batch = pad_batch([examples[i] for i in chunk], pad_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
-            nll_sums, token_counts = sequence_nll(model, batch)
+            nll_sums, token_counts = sequence_nll(model, **batch)
             for i, nll, tokens in zip(chunk, nll_sums, token_counts, strict=True):
                 per_example[i] = {"id": examples[i]["id"], "nll_sum": nll, "tokens": tokens}
     model.train(was_training)
@@ -445,15 +502,17 @@ def seed_style_perplexity(model, tokenizer, records, batch_size=8, device=None, 
     ]
     batch_losses = []
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), no_autocast(device):
         for first in range(0, len(texts), batch_size):
             encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
                        for text in texts[first:first + batch_size]]
             input_ids = torch.tensor([ids + [eos_id] * (max_length - len(ids)) for ids in encoded], device=device)
             attention = torch.tensor([[1] * len(ids) + [0] * (max_length - len(ids)) for ids in encoded],
                                      device=device)
-            # labels = input_ids: padding (= eos) positions are targets too, as in the write-up.
-            batch_losses.append(float(model(input_ids=input_ids, attention_mask=attention, labels=input_ids).loss))
+            # labels = input_ids: padding (= eos) positions are targets too, as in the write-up; the batch's
+            # loss is the Trainer's, the mean over every target of the batch.
+            nll_sums, token_counts = sequence_nll(model, input_ids, attention, labels=input_ids)
+            batch_losses.append(sum(nll_sums) / sum(token_counts))
     return math.exp(sum(batch_losses) / len(batch_losses))
 
 
@@ -465,6 +524,7 @@ def evaluate_model(model, tokenizer, eval_examples, eval_records, settings, devi
     """Held-out perplexity with its interval, and the write-up's metric when --seed-style-metric asks."""
     evaluation = evaluate_perplexity(model, eval_examples, tokenizer.pad_token_id, settings.eval_batch_size, device,
                                      settings.seed, settings.bootstrap_resamples, desc=desc)
+    evaluation["eval_precision"] = eval_precision(model)
     if settings.seed_style_metric:
         evaluation["seed_style_perplexity"] = seed_style_perplexity(model, tokenizer, eval_records,
                                                                     settings.eval_batch_size, device)

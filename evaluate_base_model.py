@@ -9,7 +9,7 @@ adapter or model folder, recorded under the method that trained it.
 from pathlib import Path
 
 import common
-from lvf import adapters, artifacts, errors, models, results, settings
+from lvf import adapters, artifacts, errors, memory, models, results, settings
 
 METHOD = "base"
 
@@ -54,15 +54,18 @@ def main(argv=None):
     tokenizer = models.load_tokenizer(str(artifact.folder) if has_tokenizer else source, args.chat_template,
                                       args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer, training=False)
-    model, base_params = load_scored_model(args, artifact, source, runtime)
-    model = model.to(runtime.device)
+    with memory.PhasePeak(runtime.device) as load_peak:
+        model, base_params = load_scored_model(args, artifact, source, runtime)
+        model = model.to(runtime.device)
 
-    evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
-                                       desc=f"evaluate {method}")
-    memory, memory_kind = results.peak_memory(runtime.device)
+    with memory.PhasePeak(runtime.device) as eval_peak:
+        evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
+                                           desc=f"evaluate {method}")
+    process_peak, process_peak_kind = results.peak_memory(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **evaluation, **recorded, total_params=total,
-                                   base_params=base_params, peak_memory_bytes=memory, memory_kind=memory_kind,
+                                   base_params=base_params, peak_memory_bytes=process_peak,
+                                   memory_kind=process_peak_kind, **memory.phase_fields(load=load_peak, eval=eval_peak),
                                    truncation=truncation)
     results.finish(record, runtime.output)
 

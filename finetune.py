@@ -5,7 +5,7 @@
 """
 
 import common
-from lvf import adapters, artifacts, errors, models, results, settings, training
+from lvf import adapters, artifacts, errors, memory, models, results, settings, training
 
 
 def parse_args(argv=None):
@@ -57,16 +57,17 @@ def main(argv=None):
     if results.is_main_process():
         artifacts.write_origin(runtime.output_dir, method, args.model)
 
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization,
-                              args.attn_implementation)
-    if quantization is not None:
-        model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
-    model = add_adapters(model, args)
+    with memory.PhasePeak(runtime.device) as load_peak:
+        model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization,
+                                  args.attn_implementation)
+        if quantization is not None:
+            model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
+        model = add_adapters(model, args)
     trainable, total = models.count_parameters(model)
     stored_as = models.dtype_by_part(model)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method,
-                                           training_args)
+                                            training_args, load_peak)
     record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total - trainable, truncation=truncation,
                                    dtype_by_part=stored_as)

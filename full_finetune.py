@@ -11,7 +11,7 @@ import sys
 import torch
 
 import common
-from lvf import artifacts, errors, models, results, settings, training
+from lvf import artifacts, errors, memory, models, results, settings, training
 
 METHOD = "full"
 
@@ -65,12 +65,13 @@ def main(argv=None):
     training_args = training.init_distributed(args, runtime, len(examples["train"]))
     if results.is_main_process():
         artifacts.write_origin(runtime.output_dir, METHOD, args.model)
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
-                              attn_implementation=args.attn_implementation)
+    with memory.PhasePeak(runtime.device) as load_peak:
+        model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
+                                  attn_implementation=args.attn_implementation)
     stored_as = models.dtype_by_part(model)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD,
-                                           training_args)
+                                            training_args, load_peak)
     trainable, total = models.count_parameters(model)
     record = results.build_results(args, runtime, METHOD, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total, truncation=truncation,

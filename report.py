@@ -318,6 +318,35 @@ def fmt_params(count, percent):
     return f"{millions} ({percent:.2f}%)" if percent is not None else millions
 
 
+BREAKDOWN_PARTS = ("weights", "gradients", "optimizer_states", "other")
+
+
+def breakdown_parts(run):
+    """Training's peak split into BREAKDOWN_PARTS (weights summed over dtypes), or None when not measured."""
+    breakdown = run.get("train_memory_breakdown")
+    if not breakdown or breakdown.get("other") is None:
+        return None
+    return {"weights": sum(breakdown["weights_by_dtype"].values()), **{part: breakdown[part]
+                                                                      for part in BREAKDOWN_PARTS[1:]}}
+
+
+def group_breakdown(group):
+    """Each part's mean over the group's runs that measured one (only `other` varies with the seed)."""
+    measured = [parts for run in group.runs if (parts := breakdown_parts(run)) is not None]
+    if not measured:
+        return None
+    return {part: float(np.mean([parts[part] for parts in measured])) for part in BREAKDOWN_PARTS}
+
+
+def fmt_training_peak(group):
+    """Training's own peak, and what it holds: weights + gradients + optimizer states + the rest."""
+    parts = group_breakdown(group)
+    peak = fmt_bytes(group.mean("train_peak_memory_bytes"))
+    if parts is None:
+        return peak
+    return f"{peak} = " + " + ".join(fmt_bytes(parts[part]) for part in BREAKDOWN_PARTS)
+
+
 def fmt_seeds(group):
     return ", ".join(str(run.get("seed")) for run in group.runs)
 
@@ -330,8 +359,9 @@ def fmt_perplexity(summary):
 
 def results_table(groups, seed, resamples):
     header = ("| method | model | data | seeds | perplexity: mean ± sd over seeds (95% CI) | write-up's metric "
-              "| trainable params | peak memory | train time | train tokens/s | artifact |")
-    lines = [header, "|" + " --- |" * 11]
+              "| trainable params | peak memory (whole run) | training peak = weights + gradients + optimizer + other "
+              "| train time | train tokens/s | artifact |")
+    lines = [header, "|" + " --- |" * 12]
     for group in groups:
         run = group.runs[0]
         data = run.get("eval_file") or run.get("dataset") or "–"
@@ -341,6 +371,7 @@ def results_table(groups, seed, resamples):
             f"| {fmt_number(group.mean('seed_style_perplexity'), 2)} "
             f"| {fmt_params(group.mean('trainable_params'), group.mean('trainable_percent'))} "
             f"| {fmt_bytes(group.mean('peak_memory_bytes'))} "
+            f"| {fmt_training_peak(group)} "
             f"| {fmt_seconds(group.mean('train_seconds'))} "
             f"| {fmt_number(group.mean('train_tokens_per_second'), 1)} "
             f"| {fmt_bytes(group.mean('artifact_bytes'))} |"
@@ -591,10 +622,33 @@ def draw_validation_curves(groups, path):
     return save_figure(figure, path)
 
 
+def draw_memory_breakdown(groups, path):
+    """Training's peak per group as stacked bars: weights, gradients, optimizer states, the rest."""
+    measured = [(group, parts) for group in groups if (parts := group_breakdown(group)) is not None]
+    if not measured:
+        return None
+    figure = Figure(figsize=(6, 4.2))
+    axis = figure.subplots()
+    labels = [group.label for group, _ in measured]
+    bottom = [0.0] * len(measured)
+    for part, color in zip(BREAKDOWN_PARTS, ("#7f7f7f", "#ff7f0e", "#9467bd", "#bcbd22"), strict=True):
+        heights = [parts[part] / 2**30 for _, parts in measured]
+        axis.bar(labels, heights, bottom=bottom, color=color, label=part.replace("_", " "))
+        bottom = [low + height for low, height in zip(bottom, heights, strict=True)]
+    kinds = sorted({run.get("phase_memory_kind") or "?" for group, _ in measured for run in group.runs})
+    axis.set_title(f"Training's peak memory, by what holds it\n{', '.join(kinds)}")
+    axis.set_ylabel("GiB")
+    axis.legend()
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 def draw_plots(groups, found, plot_path, seed, resamples):
     drawn = [draw_plot(groups, plot_path, seed, resamples),
              draw_tradeoff(found, plot_path.with_name("learning_vs_forgetting.png")),
-             draw_validation_curves(groups, plot_path.with_name("validation_curves.png"))]
+             draw_validation_curves(groups, plot_path.with_name("validation_curves.png")),
+             draw_memory_breakdown(groups, plot_path.with_name("memory-breakdown.png"))]
     return [path for path in drawn if path is not None]
 
 

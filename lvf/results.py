@@ -7,21 +7,21 @@ import importlib.metadata
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 from pathlib import Path
 
-import torch
 from huggingface_hub import get_token
+
+from lvf import memory
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def peak_memory(device):
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated(), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+    """The whole process's peak so far (load, training and evaluation together), the phase resets of
+    lvf.memory included; lvf.memory measures the phases."""
+    return memory.process_peak(device)
 
 
 def weights_bytes(path):
@@ -54,9 +54,11 @@ RESULT_FIELDS = [
     "eval_tokens", "eval_examples", "seed_style_perplexity", "trainable_params", "total_params", "base_params",
     "trainable_percent", "train_examples", "train_tokens", "train_seconds", "train_step_seconds",
     "train_tokens_per_second", "optimizer_steps", "best_checkpoint", "best_validation_loss", "resumed_from",
-    "eval_seconds", "peak_memory_bytes", "memory_kind", "artifact_path", "artifact_bytes", "device", "dtype",
-    "dtype_by_part", "bf16_autocast", "seed", "truncation", "config", "runtime", "versions", "git_commit", "created_at",
-    "dry_run", "per_example",
+    "eval_seconds", "eval_precision", "peak_memory_bytes", "memory_kind", "load_peak_memory_bytes",
+    "train_peak_memory_bytes", "eval_peak_memory_bytes", "phase_memory_kind", "phase_memory_unavailable",
+    "phase_reserved_bytes", "train_memory_breakdown", "artifact_path", "artifact_bytes", "device", "dtype",
+    "dtype_by_part", "bf16_autocast", "seed", "truncation", "config", "runtime", "versions", "git_commit",
+    "created_at", "dry_run", "per_example",
 ]
 
 

@@ -29,6 +29,7 @@ import common
 from common import IGNORE_INDEX
 from lvf.artifacts import ORIGIN_FILE
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
+from lvf.memory import PhasePeak, TrainingBreakdown, phase_fields
 from lvf.results import is_main_process, peak_memory, weights_bytes
 from lvf.settings import display_path
 
@@ -243,8 +244,10 @@ def start_run(settings, runtime):
 
 
 def train(settings, runtime, model, tokenizer, train_examples, val_examples, training_args=None):
-    """Trains with the Trainer, keeps the best checkpoint by validation loss, returns measurements."""
+    """Trains with the Trainer, keeps the best checkpoint by validation loss. Returns the trainer, the
+    measurements and training's own peak memory (validation and checkpoints during training included)."""
     stopper = StopOnSignal()
+    breakdown = TrainingBreakdown()
     training_args = training_args or training_arguments(settings, runtime, len(train_examples))
     # DataParallel (several GPUs, one process) would split the flat shift_labels across replicas.
     scored_logits_only = training_args.n_gpu <= 1 and accepts_logits_to_keep(model)
@@ -256,16 +259,14 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples, tra
         eval_dataset=to_dataset(val_examples),
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[stopper.callback],
+        callbacks=[stopper.callback, breakdown],
     )
     output_dir = runtime.output_dir
     resume = latest_checkpoint(output_dir) if settings.resume else None
     if settings.resume and resume is None:
         print(f"--resume: no checkpoint in {output_dir}; starting from the beginning", file=sys.stderr)
-    if runtime.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    with stopper:
+    with stopper, PhasePeak(runtime.device) as train_peak:
         if is_main_process():
             print(f"training: checkpoints in {output_dir}; SIGINT or SIGTERM saves one and stops "
                   f"(exit status {SIGNAL_EXIT_STATUS}), --resume continues", file=sys.stderr, flush=True)
@@ -287,7 +288,8 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples, tra
         "best_validation_loss": trainer.state.best_metric,
         "optimizer_steps": trainer.state.global_step,
         "resumed_from": resume,
-    }
+        "train_memory_breakdown": breakdown.breakdown(train_peak.bytes),
+    }, train_peak
 
 
 def latest_checkpoint(output_dir):
@@ -344,19 +346,32 @@ def save_artifact(trainer, output_dir):
 
 
 
-def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_records, label, training_args=None):
+def without_mixed_precision_wrapper(trainer):
+    """The model to evaluate: the distributed wrapper is kept (under FSDP and DeepSpeed every rank must run
+    the same forwards, which gather the weights collectively), but the bf16 autocast that accelerate put
+    around the inner model's forward (`model.forward = convert_outputs_to_fp32(autocast(forward))`, the
+    original kept in `_original_forward`) is taken off in place, so a tuned model is scored in its weights'
+    precision, as the base model is. Training is over: nothing calls the autocast forward again."""
+    trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
+    return trainer.model_wrapped
+
+
+def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_records, label, training_args=None,
+                        load_peak=None):
     """What a training script does once its model is built: train (best checkpoint by validation loss),
-    score the held-out set, save the artifact. Returns the measured results fields."""
-    trainer, measured = train(settings, runtime, model, tokenizer, examples["train"], examples["validation"],
-                              training_args)
-    # Every rank evaluates the whole set through the wrapped model: the same forwards everywhere, which
-    # FSDP and DeepSpeed need (they gather weights collectively); the main process writes the results.
-    evaluation = common.evaluate_model(trainer.model_wrapped, tokenizer, examples["eval"], eval_records, settings,
-                                       trainer.args.device, desc=f"evaluate {label}")
+    score the held-out set, save the artifact. Returns the measured results fields; load_peak is the
+    script's PhasePeak of loading the model."""
+    trainer, measured, train_peak = train(settings, runtime, model, tokenizer, examples["train"],
+                                          examples["validation"], training_args)
+    # Every rank evaluates the whole set: the same forwards everywhere; the main process writes the results.
+    with PhasePeak(runtime.device) as eval_peak:
+        evaluation = common.evaluate_model(without_mixed_precision_wrapper(trainer), tokenizer, examples["eval"],
+                                           eval_records, settings, trainer.args.device, desc=f"evaluate {label}")
     artifact = save_artifact(trainer, runtime.output_dir)
     memory, memory_kind = peak_memory(runtime.device)
     return {
         **measured, **evaluation,
+        **phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
         "peak_memory_bytes": memory, "memory_kind": memory_kind,
         "artifact_path": display_path(artifact),
         "artifact_bytes": weights_bytes(artifact) if artifact.exists() else None,

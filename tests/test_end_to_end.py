@@ -82,6 +82,22 @@ def test_training_fields_and_counts(runs):
     assert full["perplexity"] < base["perplexity"]  # a few full steps fit a random model's output distribution
 
 
+def test_memory_is_recorded_per_phase_and_training_is_broken_down(runs):
+    for result in runs.values():
+        assert result["phase_memory_kind"] == "cpu_peak_rss_since_reset" and result["phase_memory_unavailable"] is None
+        assert 0 < result["load_peak_memory_bytes"] <= result["peak_memory_bytes"]
+        assert 0 < result["eval_peak_memory_bytes"] <= result["peak_memory_bytes"]
+        assert result["eval_precision"] == {"weights": ["float32"], "autocast": False, "log_softmax": "float32",
+                                            "logits_block": common.LOGITS_BLOCK}
+    for result in (runs["lora"], runs["full"]):
+        assert 0 < result["train_peak_memory_bytes"] <= result["peak_memory_bytes"]
+        parts = result["train_memory_breakdown"]
+        assert parts["gradients"] == 4 * result["trainable_params"]  # fp32 AdamW on the CPU
+        assert parts["optimizer_states"] == 8 * result["trainable_params"]
+        assert parts["other"] == (result["train_peak_memory_bytes"] - sum(parts["weights_by_dtype"].values())
+                                  - parts["gradients"] - parts["optimizer_states"])
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_saved_artifact_reproduces_the_reported_perplexity(runs, method, tiny_llama_dir, records_path):
     from peft import PeftModel

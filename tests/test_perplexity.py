@@ -11,36 +11,52 @@ import common
 from lvf import errors
 
 
-class UniformModel(torch.nn.Module):
+class ToyCausalLM(torch.nn.Module):
+    """The shape evaluation relies on: hidden states from the body, then get_output_embeddings()."""
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        class Output:
+            pass
+
+        out = Output()
+        out.logits = self.lm_head(self.hidden(input_ids))
+        return out
+
+
+class UniformModel(ToyCausalLM):
     """Equal logits everywhere: every scored token costs exactly log(vocab)."""
 
     def __init__(self, vocab):
         super().__init__()
-        self.vocab = vocab
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {})()
+        self.lm_head = torch.nn.Linear(1, vocab, bias=False)
+        torch.nn.init.zeros_(self.lm_head.weight)
 
-    def forward(self, input_ids, attention_mask=None):
-        class Output:
-            logits = torch.zeros(*input_ids.shape, self.vocab)
-
-        return Output()
+    def hidden(self, input_ids):
+        return torch.zeros(*input_ids.shape, 1)
 
 
-class LookupModel(torch.nn.Module):
+class LookupModel(ToyCausalLM):
     """Logits depend only on the current token: known NLL for every target, so counting is checkable."""
 
     def __init__(self, vocab):
         super().__init__()
         torch.manual_seed(0)
-        self.table = torch.nn.Parameter(torch.randn(vocab, vocab))
+        self.config = type("Config", (), {})()
+        self.vocab = vocab
+        self.lm_head = torch.nn.Linear(vocab, vocab, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.randn(vocab, vocab).T)
 
-    def forward(self, input_ids, attention_mask=None):
-        class Output:
-            pass
+    @property
+    def table(self):  # logits of the next token given the current one
+        return self.lm_head.weight.T
 
-        out = Output()
-        out.logits = self.table[input_ids]
-        return out
+    def hidden(self, input_ids):
+        return torch.nn.functional.one_hot(input_ids, self.vocab).float()
 
 
 def example(prompt, response, example_id):

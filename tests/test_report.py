@@ -41,9 +41,12 @@ def fake_run(method, nll_scale, seed=42, examples=80, config=None, **extra):
     return run
 
 
-TRAINING = {"train_seconds": 300.0, "train_tokens_per_second": 150.0}
+TRAINING = {"train_seconds": 300.0, "train_tokens_per_second": 150.0, "train_peak_memory_bytes": 2 * 2**30,
+            "phase_memory_kind": "cpu_peak_rss_since_reset"}
+FULL_BREAKDOWN = {"weights_by_dtype": {"float32": 2**29}, "gradients": 2**29, "optimizer_states": 2**30, "other": 0}
 LORA = {"trainable_params": 1_843_200, "trainable_percent": 1.35, "artifact_bytes": 7 * 2**20, **TRAINING}
-FULL = {"trainable_params": 134_515_008, "trainable_percent": 100.0, "artifact_bytes": 513 * 2**20, **TRAINING}
+FULL = {"trainable_params": 134_515_008, "trainable_percent": 100.0, "artifact_bytes": 513 * 2**20,
+        "train_memory_breakdown": FULL_BREAKDOWN, **TRAINING}
 
 
 def write_runs(folder, runs):
@@ -88,9 +91,12 @@ def test_table_check_and_plot(tmp_path, results_dir):
     assert "1.84 M (1.35%)" in text and "7.0 MiB" in text and "513.0 MiB" in text and "5.0 min" in text
     assert "| 1,234 |" in text  # the write-up's metric column
     assert "+0.000" in row(rows, "| LoRA − Full fine-tuning")  # identical per-example NLL
+    assert "| 2.0 GiB = 512.0 MiB + 512.0 MiB + 1.0 GiB + 0 B |" in rows[4]  # full: training peak, its parts
+    assert "| 2.0 GiB |" in rows[3]  # LoRA without a breakdown: the peak alone
     assert report.main([*argv, "--check"]) == 0
-    png = results_dir / "comparison.png"
-    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    for name in ("comparison.png", "memory-breakdown.png"):
+        png = results_dir / name
+        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
 
 
 def test_check_fails_when_a_result_changes(tmp_path, results_dir):

@@ -1,0 +1,155 @@
+"""Memory per phase (load, training, evaluation) and training's memory counted from its tensors.
+
+A phase's peak is isolated by resetting the peak counter before it: on CUDA the allocator's statistics, on
+Linux the process's peak resident set (writing "5" to /proc/self/clear_refs sets VmHWM back to the current
+resident set). Where the reset is refused (some sandboxes, other systems) the phase's peak is recorded as
+unavailable, with the reason: a whole-process peak is never passed off as one phase's.
+
+Both resets also erase the whole process's peak (getrusage's ru_maxrss follows VmHWM, max_memory_allocated
+is the allocator's), so the peak seen before each reset is kept here and process_peak() includes it.
+"""
+
+import re
+import resource
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+CLEAR_REFS = Path("/proc/self/clear_refs")
+STATUS = Path("/proc/self/status")
+_peak_before_resets = {"cpu": 0, "cuda": 0}
+
+
+def reset_cpu_peak():
+    """Resets the process's peak resident set; returns None, or why it could not be reset."""
+    try:
+        CLEAR_REFS.write_text("5")
+        return None
+    except OSError as error:
+        return f"cannot reset the peak resident set ({CLEAR_REFS}: {error.strerror or error})"
+
+
+def cpu_peak_since_reset():
+    """VmHWM: the process's peak resident set since the last reset, in bytes."""
+    match = re.search(r"^VmHWM:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024
+
+
+def process_peak(device):
+    """The whole process's peak so far, across the phase resets: (bytes, kind)."""
+    if device == "cuda":
+        return max(_peak_before_resets["cuda"], torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    current = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(_peak_before_resets["cpu"], current), "cpu_peak_rss"
+
+
+def remember_process_peak(device):
+    kind = "cuda" if device == "cuda" else "cpu"
+    _peak_before_resets[kind] = process_peak(device)[0]
+
+
+class PhasePeak:
+    """One phase's peak: `with PhasePeak(device) as peak: ...`, then peak.bytes (None when it could not be
+    isolated, with peak.unavailable saying why), peak.kind, and on CUDA peak.reserved_bytes."""
+
+    def __init__(self, device):
+        self.device = device
+        self.bytes = self.reserved_bytes = self.unavailable = None
+        self.kind = "cuda_max_allocated" if device == "cuda" else "cpu_peak_rss_since_reset"
+
+    def __enter__(self):
+        remember_process_peak(self.device)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.unavailable = reset_cpu_peak()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+            self.reserved_bytes = torch.cuda.max_memory_reserved()
+        elif self.unavailable is None:
+            self.bytes = cpu_peak_since_reset()
+        else:
+            self.kind = "unavailable"
+        return False
+
+
+def phase_fields(**peaks):
+    """Results fields for measured phases: phases=PhasePeak (or None where a phase was not run) ->
+    <phase>_peak_memory_bytes, plus the kind, the reason where unavailable and CUDA's reserved peaks."""
+    measured = {name: peak for name, peak in peaks.items() if peak is not None}
+    fields = {f"{name}_peak_memory_bytes": peak.bytes for name, peak in measured.items()}
+    kinds = {peak.kind for peak in measured.values()}
+    fields["phase_memory_kind"] = kinds.pop() if len(kinds) == 1 else ",".join(sorted(kinds)) or None
+    reasons = {peak.unavailable for peak in measured.values()} - {None}
+    fields["phase_memory_unavailable"] = "; ".join(sorted(reasons)) or None
+    reserved = {name: peak.reserved_bytes for name, peak in measured.items() if peak.reserved_bytes is not None}
+    fields["phase_reserved_bytes"] = reserved or None
+    return fields
+
+
+# --------------------------------------------------------------------------- training breakdown
+
+
+def tensor_bytes(tensor):
+    return tensor.numel() * tensor.element_size()
+
+
+def weights_by_dtype(model):
+    """Bytes of the model's parameters (on this rank), by dtype name."""
+    totals = defaultdict(int)
+    for parameter in model.parameters():
+        totals[str(parameter.dtype).removeprefix("torch.")] += tensor_bytes(parameter)
+    return dict(totals)
+
+
+def gradient_bytes(model):
+    return sum(tensor_bytes(parameter.grad) for parameter in model.parameters() if parameter.grad is not None)
+
+
+def optimizer_state_bytes(optimizer):
+    """Bytes of the optimizer's per-element state (AdamW: exp_avg and exp_avg_sq; 8-bit optimizers: their
+    quantised moments and scales). The 0-dimensional step counters (one 4-byte scalar per parameter
+    tensor, a few KB in all) are left out: they do not scale with the parameters, and fall into `other`."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    return sum(tensor_bytes(value) for state in inner.state.values() for value in state.values()
+               if torch.is_tensor(value) and value.dim() > 0)
+
+
+class TrainingBreakdown(TrainerCallback):
+    """Counts, at the first optimizer step, the gradients (just before the step, while they exist) and the
+    optimizer's state (just after it, once AdamW has created its moments). Weights are counted then too."""
+
+    def __init__(self):
+        self.weights = self.gradients = self.optimizer_states = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.gradients is None and model is not None:
+            self.gradients = gradient_bytes(model)
+            self.weights = weights_by_dtype(model)
+        return control
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.optimizer_states is None and optimizer is not None:
+            self.optimizer_states = optimizer_state_bytes(optimizer)
+        return control
+
+    def breakdown(self, train_peak_bytes):
+        """{weights_by_dtype, gradients, optimizer_states, other}; other = training peak minus the rest,
+        None when the peak or a part was not measured (no optimizer step taken, peak unavailable)."""
+        parts = (self.weights, self.gradients, self.optimizer_states)
+        if any(part is None for part in parts):
+            return None
+        counted = sum(self.weights.values()) + self.gradients + self.optimizer_states
+        return {
+            "weights_by_dtype": self.weights,
+            "gradients": self.gradients,
+            "optimizer_states": self.optimizer_states,
+            "other": None if train_peak_bytes is None else train_peak_bytes - counted,
+        }
