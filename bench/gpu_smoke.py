@@ -27,13 +27,11 @@ RUNS = ("base", "lora", "qlora", "full")
 # Llama 3's shape scaled down: GQA 16/4 heads, the 128,256-token vocabulary, untied embeddings: ~480M parameters.
 SMOKE_CONFIG = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=16, num_attention_heads=16,
                     num_key_value_heads=4, max_position_embeddings=2048)
-TINY_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+# Tiny, but 4-bit quantisation needs rows of at least one 64-value block (bitsandbytes' CPU path).
+TINY_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=2048)
 # torch 2.11's CUDA builds are 12.6, 12.8 and 13.0: keep those libraries (and the CPU one) of bitsandbytes' wheel.
 KEEP_BITSANDBYTES_LIBRARIES = ("cpu", "cuda126", "cuda128", "cuda130", "cuda132")
-# Not required by name, carried in case the image's own copies are too old for the wheels above (pip takes them
-# from the folder only if it needs them).
-IF_NEEDED = ("idna==3.20", "h11==0.16.0", "anyio==4.16.0", "click==8.5.1", "hf-xet==1.8.0")
 
 
 def parse_args(argv=None):
@@ -96,7 +94,7 @@ def prepare(folder):
     wheels = folder / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--dest",
-                    str(wheels), "-r", str(REQUIREMENTS), *IF_NEEDED], check=True)
+                    str(wheels), "-r", str(REQUIREMENTS)], check=True)
     for wheel in wheels.glob("bitsandbytes-*.whl"):
         print(f"[gpu_smoke] {wheel.name}: dropped {len(slim_wheel(wheel, KEEP_BITSANDBYTES_LIBRARIES))} libraries")
     llama3_tokenizer(None).save_pretrained(folder / "tokenizer")

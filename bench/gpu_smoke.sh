@@ -9,8 +9,8 @@
 #   bash bench/gpu_smoke.sh                        # on the GPU machine, with .gpu-smoke carried beside the code
 #   bash bench/gpu_smoke.sh --cpu-dry              # the same steps on the CPU: tiny model, few steps, no wheels
 #
-# The carried wheels (bench/requirements-gpu-smoke.txt) go into a virtual environment over the image's packages
-# (--system-site-packages: its CUDA torch stays), installed with --no-index from .gpu-smoke/wheels only.
+# The carried wheels (bench/requirements-gpu-smoke.txt) are installed with --no-index from .gpu-smoke/wheels only,
+# into a folder put first on PYTHONPATH: they shadow the image's transformers; its CUDA torch stays.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PREPARED=${PREPARED:-.gpu-smoke}
@@ -40,9 +40,10 @@ if [ "$CPU_DRY" = 1 ]; then
   EVAL=(--max-eval-samples 4 --max-length 256 --bootstrap-resamples 10)
   CHECK=(--tiny)
 else
-  python3 -m venv --system-site-packages "$WORK/venv"
-  step install 300 "$WORK/venv/bin/pip" install --no-index --find-links "$PREPARED/wheels" -r bench/requirements-gpu-smoke.txt
-  PYTHON=$WORK/venv/bin/python
+  PYTHON=${PYTHON:-python3}
+  step install 300 "$PYTHON" -m pip install --no-index --no-deps --find-links "$PREPARED/wheels" \
+    --target "$WORK/site" -r bench/requirements-gpu-smoke.txt
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
   SIZE=(); TOKENIZER=(--tokenizer "$PREPARED/tokenizer"); FULL_OPTIM=paged_adamw_8bit
   TRAIN=(--max-train-samples 256 --max-val-samples 16 --max-steps 30 --eval-steps 30 --batch-size 8 --grad-accum 1)
   EVAL=(--max-eval-samples 64 --max-length 1024)
