@@ -271,8 +271,8 @@ def memory_fields(cuda, model_memory, train_memory):
     allocated, reserved = train_memory
     return {
         "model_memory_allocated_bytes": model_memory,
-        "train_max_memory_allocated_bytes": allocated,
-        "train_max_memory_reserved_bytes": reserved,
+        "train_peak_memory_bytes": allocated,  # named as lvf records its training phase
+        "train_peak_reserved_bytes": reserved,
         "max_memory_allocated_bytes": allocated,
         "max_memory_allocated_gib": allocated / GIB,
         "max_memory_reserved_gib": reserved / GIB,
@@ -318,9 +318,10 @@ def main(argv=None):
         "cuda": torch.version.cuda,
         "tokens_definition": "tokens per second = batch x sequence length x timed steps / their seconds (every "
                              "token is a target; forward, backward and optimizer step, synchronised)",
-        "memory_definition": "CUDA: train_max_memory_* are torch.cuda.max_memory_allocated/reserved over the "
-                             "training steps alone (reset once the model is built); model_memory_allocated_bytes "
-                             "is what the built model holds",
+        "memory_definition": "CUDA: train_peak_memory_bytes and train_peak_reserved_bytes are "
+                             "torch.cuda.max_memory_allocated and max_memory_reserved over the training steps "
+                             "alone (reset once the model is built; max_memory_allocated_* repeat them for the "
+                             "table); model_memory_allocated_bytes is what the built model holds",
         "results": {},
         "references": REFERENCES,
         "references_note": "torchtune's published single-GPU figures (Llama 3.1 8B, batch 2, packed 2,048); "

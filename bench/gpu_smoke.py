@@ -49,17 +49,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def llama3_tokenizer(folder):
-    """The saved tokenizer, or the real Llama 3 tokenizer built from Meta's llama-models package."""
+def llama3_tokenizer(folder, build_into):
+    """The saved tokenizer in folder, or else the real Llama 3 tokenizer built (and saved) into build_into from
+    Meta's llama-models package, which `make test`'s setup installs and the GPU image lacks."""
     if folder is not None:
         return AutoTokenizer.from_pretrained(folder)
-    from llama3_tokenizer import build_llama3_tokenizer  # needs llama-models (installed by make test's setup)
+    from llama3_tokenizer import build_llama3_tokenizer  # deferred: tests' helper, needed only without a folder
 
-    return build_llama3_tokenizer(PROJECT_DIR / "outputs" / "llama3-tokenizer")
+    return build_llama3_tokenizer(build_into)
 
 
 def build_model(output, tokenizer_folder, tiny):
-    tokenizer = llama3_tokenizer(tokenizer_folder)
+    tokenizer = llama3_tokenizer(tokenizer_folder, output)
     config = LlamaConfig(**(TINY_CONFIG if tiny else SMOKE_CONFIG), vocab_size=128256, bos_token_id=128000,
                          eos_token_id=128009, rope_theta=500000.0, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -97,7 +98,7 @@ def prepare(folder):
                     str(wheels), "-r", str(REQUIREMENTS)], check=True)
     for wheel in wheels.glob("bitsandbytes-*.whl"):
         print(f"[gpu_smoke] {wheel.name}: dropped {len(slim_wheel(wheel, KEEP_BITSANDBYTES_LIBRARIES))} libraries")
-    llama3_tokenizer(None).save_pretrained(folder / "tokenizer")
+    llama3_tokenizer(None, folder / "tokenizer")
     size = sum(item.stat().st_size for item in folder.rglob("*") if item.is_file())
     print(f"[gpu_smoke] {folder}: {size / 2**20:.1f} MiB to carry")
 

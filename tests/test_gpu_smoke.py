@@ -3,8 +3,12 @@ the table that decides whether the smoke run passed. (`bash bench/gpu_smoke.sh -
 sequence on a tiny model.)"""
 
 import json
+import os
+import subprocess
 import sys
 import zipfile
+
+import pytest
 
 import common
 
@@ -42,3 +46,15 @@ def test_check_passes_only_when_every_run_wrote_a_finite_perplexity(tmp_path, ca
     (tmp_path / "qlora.json").unlink()
     assert gpu_smoke.check(tmp_path) == 1
     assert "failed: qlora, full" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_goes_through_every_step(tmp_path):
+    """bash bench/gpu_smoke.sh --cpu-dry: the GPU run's sequence on a tiny model (about 2.5 minutes on 2 cores)."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(common.PROJECT_DIR / "bench" / "gpu_smoke.sh"), "--cpu-dry"],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4/4 runs wrote a finite perplexity" in result.stdout
+    for name in (*gpu_smoke.RUNS, "gpu_check"):
+        assert (tmp_path / f"{name}.json").is_file(), name
