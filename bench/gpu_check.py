@@ -138,7 +138,8 @@ def build_model(args, method, script_args, runtime):
     config = LlamaConfig(**TINY_CONFIG) if args.tiny else models.model_config(models.DEFAULT_MODEL)
     training.seed_everything(args.seed)
     with torch.device(runtime.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=runtime.dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=runtime.dtype,
+                                                 attn_implementation=script_args.attn_implementation)
     if method == "lora":
         model = finetune.add_adapters(model, script_args)
     return model
