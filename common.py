@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
+from lvf import writeup
 from lvf.errors import UsageError
 from lvf.hub import ensure_hub_reachable
 
@@ -489,35 +490,24 @@ def paired_bootstrap(run_a, run_b, seed=42, resamples=1000, level=0.95):
     return {"difference": point, "ci95": [low, high], "examples": len(shared), "significant": not low <= 0 <= high}
 
 
-def seed_style_perplexity(model, tokenizer, records, batch_size=8, device=None, max_length=512):
-    """The write-up's number, reproduced to explain it: labels = input ids, padded to 512 with
-    pad = eos, context dropped, prompt scored, and exp of the mean of per-batch mean losses
-    (what Trainer's eval_loss reports). Never use it to compare models."""
+def seed_style_perplexity(model, tokenizer, records, batch_size=8, device=None, max_length=writeup.LENGTH):
+    """The write-up's number, reproduced to explain it: its examples (lvf.writeup: context dropped, padded to
+    512 with pad = eos, labels = input ids, so prompt and padding are scored) and exp of the mean of per-batch
+    mean losses (what Trainer's eval_loss reports). Never use it to compare models."""
     device = device or next(model.parameters()).device
-    eos_id = tokenizer.eos_token_id
-    texts = [
-        _chat_text(tokenizer, [{"role": "user", "content": record["instruction"]},
-                               {"role": "assistant", "content": record["response"]}])
-        for record in records
-    ]
+    rows = writeup.encode(tokenizer, records, max_length)
     batch_losses = []
     model.eval()
     with torch.no_grad(), no_autocast(device):
-        for first in range(0, len(texts), batch_size):
-            encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
-                       for text in texts[first:first + batch_size]]
-            input_ids = torch.tensor([ids + [eos_id] * (max_length - len(ids)) for ids in encoded], device=device)
-            attention = torch.tensor([[1] * len(ids) + [0] * (max_length - len(ids)) for ids in encoded],
-                                     device=device)
+        for first in range(0, len(rows), batch_size):
+            batch = {key: torch.tensor([row[key] for row in rows[first:first + batch_size]], device=device)
+                     for key in ("input_ids", "attention_mask", "labels")}
             # labels = input_ids: padding (= eos) positions are targets too, as in the write-up; the batch's
             # loss is the Trainer's, the mean over every target of the batch.
-            nll_sums, token_counts = sequence_nll(model, input_ids, attention, labels=input_ids)
+            nll_sums, token_counts = sequence_nll(model, batch["input_ids"], batch["attention_mask"],
+                                                  labels=batch["labels"])
             batch_losses.append(sum(nll_sums) / sum(token_counts))
     return math.exp(sum(batch_losses) / len(batch_losses))
-
-
-def _chat_text(tokenizer, messages):
-    return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def evaluate_model(model, tokenizer, eval_examples, eval_records, settings, device, desc):

@@ -7,15 +7,23 @@
 import common
 from lvf import adapters, artifacts, errors, memory, models, results, settings, training
 
+# This script's defaults where they differ from the shared flags' (bench/ reads them here too).
+DEFAULTS = {"learning_rate": 2e-4, "batch_size": 4, "grad_accum": 1,
+            "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_targets": "q_proj,k_proj,v_proj,o_proj"}
+OPTIMIZER = "adamw_torch"  # the adapters are small: plain AdamW, on every device
+
 
 def parse_args(argv=None):
     parser = settings.evaluation_parser(__doc__.splitlines()[0], "lora")
-    settings.add_training_flags(parser, "lora", learning_rate=2e-4, batch_size=4, grad_accum=1)
+    settings.add_training_flags(parser, "lora", learning_rate=DEFAULTS["learning_rate"],
+                                batch_size=DEFAULTS["batch_size"], grad_accum=DEFAULTS["grad_accum"])
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora-r", type=settings.positive_int, default=16, help="LoRA rank")
-    group.add_argument("--lora-alpha", type=settings.positive_float, default=32, help="LoRA alpha (scale alpha/r)")
-    group.add_argument("--lora-dropout", type=settings.dropout_rate, default=0.05, help="dropout on the LoRA input")
-    group.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+    group.add_argument("--lora-r", type=settings.positive_int, default=DEFAULTS["lora_r"], help="LoRA rank")
+    group.add_argument("--lora-alpha", type=settings.positive_float, default=DEFAULTS["lora_alpha"],
+                       help="LoRA alpha (scale alpha/r)")
+    group.add_argument("--lora-dropout", type=settings.dropout_rate, default=DEFAULTS["lora_dropout"],
+                       help="dropout on the LoRA input")
+    group.add_argument("--lora-targets", default=DEFAULTS["lora_targets"],
                        help="comma-separated module names that get adapters")
     group.add_argument("--quantize", choices=["none", "4bit"], default="none",
                        help="4bit: QLoRA (NF4, double quantisation, bf16 compute; needs bitsandbytes)")
@@ -24,6 +32,17 @@ def parse_args(argv=None):
 
 def lora_config(args):
     return adapters.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+
+
+def default_lora_config():
+    """The adapters this script adds when no LoRA flag is given."""
+    return adapters.lora_config(DEFAULTS["lora_r"], DEFAULTS["lora_alpha"], DEFAULTS["lora_dropout"],
+                                DEFAULTS["lora_targets"])
+
+
+def resolve_runtime(args):
+    method = "qlora" if args.quantize == "4bit" else "lora"
+    return method, settings.training_runtime(args, method, optimizer=OPTIMIZER)
 
 
 def add_adapters(model, args):
@@ -36,8 +55,7 @@ def add_adapters(model, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    method = "qlora" if args.quantize == "4bit" else "lora"
-    runtime = settings.training_runtime(args, method, optimizer="adamw_torch")
+    method, runtime = resolve_runtime(args)
     training.start_run(args, runtime)
 
     if args.dry_run:  # counted unquantised: 4-bit storage does not change the parameter counts

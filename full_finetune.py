@@ -14,11 +14,13 @@ import common
 from lvf import artifacts, errors, memory, models, results, settings, training
 
 METHOD = "full"
+# This script's defaults where they differ from the shared flags' (bench/ reads them here too).
+DEFAULTS = {"learning_rate": 1e-5, "batch_size": 2, "grad_accum": 2}
 
 
 def parse_args(argv=None):
     parser = settings.evaluation_parser(__doc__.splitlines()[0], METHOD)
-    group = settings.add_training_flags(parser, METHOD, learning_rate=1e-5, batch_size=2, grad_accum=2)
+    group = settings.add_training_flags(parser, METHOD, **DEFAULTS)
     group.add_argument("--optim", default="auto",
                        help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch "
                             "under FSDP or DeepSpeed), else adamw_torch")
@@ -43,10 +45,14 @@ def default_optimizer(device):
     return "paged_adamw_8bit" if device == "cuda" and has_bitsandbytes and not sharded else "adamw_torch"
 
 
+def resolve_runtime(args):
+    optimizer = default_optimizer if args.optim == "auto" else args.optim
+    return METHOD, settings.training_runtime(args, METHOD, optimizer)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    optimizer = default_optimizer if args.optim == "auto" else args.optim
-    runtime = settings.training_runtime(args, METHOD, optimizer)
+    _, runtime = resolve_runtime(args)
     training.start_run(args, runtime)
     warn_if_updates_round_away(runtime)
 

@@ -3,23 +3,24 @@
     bash bench/gpu_check.sh                              # one GPU, offline, under 8 minutes
     python bench/gpu_check.py --tiny --output check.json # the same code on the CPU with a tiny config (tests)
 
-Measures tokens/s and torch.cuda.max_memory_allocated with the training path's GPU levers: bf16 weights, SDPA
-attention, gradient checkpointing with use_reentrant=False, the kit's LoRA config (r=16 on q/k/v/o) and, for
-full fine-tuning, paged 8-bit AdamW when bitsandbytes imports (else torch AdamW, whose states are then bf16
-like the weights). Each row is 2,048 random token ids with no padding, the shape packing produces. Weights are
-random, so the losses say only that training runs and changes the model, nothing about quality.
+Trains as the scripts do: finetune.py's and full_finetune.py's own settings (their defaults, with this check's
+batch and step count) and runtime (dtype, bf16 autocast, gradient checkpointing, and the optimizer: for full
+fine-tuning paged 8-bit AdamW when bitsandbytes imports, else the Trainer's adamw_torch), through the kit's
+Trainer pieces (lvf.training: TrainingArguments, collator, MeasuredTrainer), less validation and checkpoints.
+Each row is 2,048 random token ids with no padding, the shape packing produces. Weights are random, so the
+losses say only that training runs and changes the model, nothing about quality.
 
-Imports torch, transformers and peft only (no datasets, no bitsandbytes required) and never the network.
+Imports torch, transformers, tokenizers, peft and accelerate only (no datasets, no bitsandbytes required), runs
+under transformers 5.17 (the GPU image's) as well as the pinned version, and never uses the network.
 """
 
 import argparse
 import gc
-import importlib.metadata
-import importlib.util
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +28,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-from lvf import models, results, settings  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+from tokenizers.models import WordLevel  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    TrainerCallback,
+)
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy  # noqa: E402
+
+import finetune  # noqa: E402
+import full_finetune  # noqa: E402
+from lvf import models, results, settings, training  # noqa: E402
 
 GIB = 1024**3
+SCRIPTS = {"lora": finetune, "full": full_finetune}
 # Published single-GPU figures to compare with: torchtune, Llama 3.1 8B, batch 2, packed sequences of 2,048.
 REFERENCES = [
     {"source": "torchtune", "model": "Llama 3.1 8B", "method": "lora", "gpu": "RTX 4090",
@@ -78,48 +94,88 @@ def log(message):
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def version(name):
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def script_settings(args, method, output_dir):
+    """The Settings the training script holds for this run: its own defaults (learning rate, LoRA config, dtype,
+    autocast, checkpointing, optimizer) with the check's batch and step count. --eval-steps 1 logs every loss."""
+    argv = ["--batch-size", str(args.batch_size), "--grad-accum", "1",
+            "--max-steps", str(args.warmup_steps + args.steps), "--eval-steps", "1",
+            "--seed", str(args.seed), "--output-dir", str(output_dir)]
+    if args.tiny:
+        argv += ["--gradient-checkpointing", "on"]  # the CUDA default, exercised on the CPU too
+    return SCRIPTS[method].parse_args(argv)
 
 
-def build_model(args, method, device, dtype):
-    """Random weights, built directly on the device; LoRA from the kit's own config."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def check_arguments(script_args, runtime, rows):
+    """The kit's TrainingArguments for this run, less validation and checkpoints: neither is part of a
+    step's cost (the kit's tokens/s leaves them out too), and an 8B checkpoint takes minutes to write."""
+    arguments = training.training_arguments(script_args, runtime, rows)
+    arguments.eval_strategy = IntervalStrategy.NO
+    arguments.save_strategy = SaveStrategy.NO
+    arguments.load_best_model_at_end = False
+    return arguments
 
+
+def padding_tokenizer(config):
+    """The kit's collator pads through a tokenizer. Every row here has the same length, so nothing is padded:
+    a word-level stand-in with the model's bos and eos, pad = eos as the kit sets it, will do (no files)."""
+    vocabulary = {"<bos>": config.bos_token_id, "<eos>": config.eos_token_id}
+    backend = Tokenizer(WordLevel(vocabulary, unk_token="<eos>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<eos>", unk_token="<eos>")
+
+
+def random_rows(vocab_size, batch_size, sequence_length, steps, seed):
+    """batch_size random rows with labels = input ids, repeated for every step: the timing does not depend
+    on the ids, and a repeated batch shows learning. No padding: the shape packing produces."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, vocab_size, (batch_size, sequence_length), generator=generator).tolist()
+    return [{"input_ids": ids, "attention_mask": [1] * sequence_length, "labels": ids}
+            for _ in range(steps) for ids in batch]
+
+
+def build_model(args, method, script_args, runtime):
+    """Random weights, built directly on the device, with the script's own adapters for LoRA."""
     config = LlamaConfig(**TINY_CONFIG) if args.tiny else models.model_config(models.DEFAULT_MODEL)
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    training.seed_everything(args.seed)
+    with torch.device(runtime.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=runtime.dtype,
+                                                 attn_implementation=script_args.attn_implementation)
     if method == "lora":
-        from peft import get_peft_model
-
-        import finetune
-
-        model = get_peft_model(model, finetune.lora_config(finetune.parse_args([])))
-    # What the Trainer does on CUDA with training.training_arguments' {"use_reentrant": False}.
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+        model = finetune.add_adapters(model, script_args)
     return model
 
 
-def make_optimizer(method, model, device):
-    """The optimizer our scripts pick: full on CUDA = paged 8-bit AdamW if bitsandbytes imports, else AdamW."""
-    import torch
+class StepClock(TrainerCallback):
+    """Times each optimizer step (synchronised on CUDA), untimed warm-up first; keeps the peak memory of the
+    training steps alone; stops after the time budget once a step has been timed."""
 
-    import finetune
-    import full_finetune
+    def __init__(self, warmup_steps, deadline, cuda):
+        self.warmup_steps, self.deadline, self.cuda = warmup_steps, deadline, cuda
+        self.step_seconds, self.started = [], None
 
-    learning_rate = (finetune if method == "lora" else full_finetune).parse_args([]).learning_rate
-    params = [p for p in model.parameters() if p.requires_grad]
-    if method == "full" and device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None:
-        import bitsandbytes
+    def synchronize(self):
+        if self.cuda:
+            torch.cuda.synchronize()
 
-        return bitsandbytes.optim.PagedAdamW8bit(params, lr=learning_rate), "paged_adamw_8bit", learning_rate
-    return torch.optim.AdamW(params, lr=learning_rate, fused=device == "cuda"), "adamw_torch", learning_rate
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()  # the model is built: from here on, the optimizer and the steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.synchronize()
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.synchronize()
+        elapsed = time.perf_counter() - self.started
+        timed = state.global_step > self.warmup_steps
+        if timed:
+            self.step_seconds.append(elapsed)
+        log(f"step {state.global_step}/{state.max_steps} in {elapsed:.2f} s" + ("" if timed else " (warm-up)"))
+        if self.step_seconds and time.perf_counter() > self.deadline:
+            log(f"time budget reached after {len(self.step_seconds)} timed steps")
+            control.should_training_stop = True
+        return control
 
 
 def probe_parameter(model, method):
@@ -130,99 +186,102 @@ def probe_parameter(model, method):
     raise RuntimeError("no q_proj parameter to probe")
 
 
-def batch_loss(model, input_ids, autocast):
-    import torch
-
+def batch_loss(model, batch, autocast):
     # bf16 autocast as the Trainer applies it on CUDA (bf16=True): LoRA's fp32 adapters then run in bf16 too.
-    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    input_ids = torch.tensor(batch, device=model.device)
+    with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return float(model(input_ids=input_ids, labels=input_ids, use_cache=False).loss)
 
 
-def run_method(args, method, device, dtype, started):
-    import torch
+def optimizer_description(trainer):
+    """What the Trainer built: its class and the hyperparameters that differ between AdamW setups."""
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    group = optimizer.param_groups[0]
+    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+            **{key: group[key] for key in ("weight_decay", "betas", "eps", "fused", "foreach") if key in group}}
 
-    cuda = device == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    log(f"{method}: building the model ({'tiny' if args.tiny else 'Llama-3-8B'} architecture, {dtype})")
-    model = build_model(args, method, device, dtype)
-    trainable, total = models.count_parameters(model)
-    optimizer, optimizer_name, learning_rate = make_optimizer(method, model, device)
-    vocab = model.config.vocab_size
-    generator = torch.Generator().manual_seed(args.seed)
-    # One batch, repeated: the timing does not depend on the ids, and a repeated batch shows learning.
-    input_ids = torch.randint(0, vocab, (args.batch_size, args.sequence_length), generator=generator).to(device)
-    probe_name, probe = probe_parameter(model, method)
-    probe_before = probe.detach().float().clone()
-    autocast = settings.use_bf16_autocast("auto", device)
 
-    with torch.no_grad():
-        loss_before = float(batch_loss(model, input_ids, autocast))
-    losses, step_seconds = [], []
-    total_steps = args.warmup_steps + args.steps
-    for step in range(total_steps):
-        if step >= args.warmup_steps and step_seconds and time.perf_counter() - started > args.budget_seconds:
-            log(f"{method}: time budget reached after {len(step_seconds)} timed steps")
-            break
+def run_method(args, method, deadline):
+    cuda = not args.tiny
+    with tempfile.TemporaryDirectory(prefix="lvf-gpu-check-") as output_dir:
+        script_args = script_settings(args, method, output_dir)
+        _, runtime = SCRIPTS[method].resolve_runtime(script_args)
         if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = batch_loss(model, input_ids, autocast)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            torch.cuda.reset_peak_memory_stats()
+        log(f"{method}: building the model ({'tiny' if args.tiny else 'Llama-3-8B'} architecture, {runtime.dtype})")
+        model = build_model(args, method, script_args, runtime)
+        model_memory = torch.cuda.memory_allocated() if cuda else None
+        trainable, total = models.count_parameters(model)
+        total_steps = args.warmup_steps + args.steps
+        rows = random_rows(model.config.vocab_size, args.batch_size, args.sequence_length, total_steps, args.seed)
+        arguments = check_arguments(script_args, runtime, len(rows))
+        tokenizer = padding_tokenizer(model.config)
+        clock = StepClock(args.warmup_steps, deadline, cuda)
+        trainer = training.make_trainer_class()(
+            model=model, args=arguments, train_dataset=rows, processing_class=tokenizer, callbacks=[clock],
+            data_collator=training.model_collator(arguments, model, tokenizer, runtime.device))
+        probe_name, probe = probe_parameter(model, method)
+        probe_before = probe.detach().float().clone()
+        first_batch = [row["input_ids"] for row in rows[:args.batch_size]]
+        loss_before = batch_loss(model, first_batch, runtime.bf16_autocast)
+        trainer.train()
+        train_memory = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else (None, None)
+        loss_after = batch_loss(model, first_batch, runtime.bf16_autocast)
+        delta = probe.detach().float() - probe_before
+        step_seconds = clock.step_seconds
+        tokens_per_step = args.batch_size * args.sequence_length
+        result = {
+            "trainable_params": trainable,
+            "total_params": total,
+            "optimizer": runtime.optimizer,
+            "optimizer_built": optimizer_description(trainer),
+            "learning_rate": script_args.learning_rate,
+            "gradient_checkpointing": "use_reentrant=False" if model.is_gradient_checkpointing else "off",
+            "attention": model.config._attn_implementation,
+            "dtype": settings.dtype_name(runtime.dtype),
+            "bf16_autocast": runtime.bf16_autocast,
+            "logits_to_keep": "mask" if training.accepts_boolean_logits_to_keep(model) else "positions",
+            "tokens_per_step": tokens_per_step,
+            "warmup_steps": args.warmup_steps,
+            "optimizer_steps": trainer.state.global_step,
+            "timed_steps": len(step_seconds),
+            "step_seconds": step_seconds,
+            "tokens_per_second": tokens_per_step * len(step_seconds) / sum(step_seconds) if step_seconds else None,
+            "scored_tokens": int(trainer.scored_tokens),
+            "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "probe_parameter": probe_name,
+            "probe_change_norm": float(delta.norm()),
+            "probe_changed_fraction": float((delta != 0).float().mean()),
+        }
+        result.update(memory_fields(cuda, model_memory, train_memory))
+        del trainer, model, probe
+        gc.collect()
         if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        losses.append(loss.item())
-        if step >= args.warmup_steps:
-            step_seconds.append(elapsed)
-        log(f"{method}: step {step + 1}/{total_steps} loss {losses[-1]:.4f} in {elapsed:.2f} s"
-            + ("" if step >= args.warmup_steps else " (warm-up, not timed)"))
-    with torch.no_grad():
-        loss_after = float(batch_loss(model, input_ids, autocast))
-    delta = probe.detach().float() - probe_before
-    tokens_per_step = args.batch_size * args.sequence_length
-    result = {
-        "trainable_params": trainable,
-        "total_params": total,
-        "optimizer": optimizer_name,
-        "learning_rate": learning_rate,
-        "gradient_checkpointing": "use_reentrant=False",
-        "attention": model.config._attn_implementation,
-        "dtype": str(dtype).removeprefix("torch."),
-        "bf16_autocast": autocast,
-        "tokens_per_step": tokens_per_step,
-        "warmup_steps": args.warmup_steps,
-        "timed_steps": len(step_seconds),
-        "step_seconds": step_seconds,
-        "tokens_per_second": tokens_per_step * len(step_seconds) / sum(step_seconds) if step_seconds else None,
-        "losses": losses,
-        "loss_before": loss_before,
-        "loss_after": loss_after,
-        "probe_parameter": probe_name,
-        "probe_change_norm": float(delta.norm()),
-        "probe_changed_fraction": float((delta != 0).float().mean()),
+            torch.cuda.empty_cache()
+        return result
+
+
+def memory_fields(cuda, model_memory, train_memory):
+    """CUDA: the weights (and adapters) once built, and the peaks of the training steps alone (weights,
+    optimizer states, activations, gradients), which max_memory_allocated_* repeats for the table.
+    CPU: the process's peak RSS (no allocator statistics)."""
+    if not cuda:
+        return {"max_memory_allocated_bytes": None, "peak_rss_bytes": results.peak_memory("cpu")[0]}
+    allocated, reserved = train_memory
+    return {
+        "model_memory_allocated_bytes": model_memory,
+        "train_peak_memory_bytes": allocated,  # named as lvf records its training phase
+        "train_peak_reserved_bytes": reserved,
+        "max_memory_allocated_bytes": allocated,
+        "max_memory_allocated_gib": allocated / GIB,
+        "max_memory_reserved_gib": reserved / GIB,
     }
-    if cuda:
-        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        result["max_memory_allocated_gib"] = result["max_memory_allocated_bytes"] / GIB
-        result["max_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-    else:
-        result["max_memory_allocated_bytes"] = None  # CPU: no allocator statistics; peak RSS is the process's
-        result["peak_rss_bytes"] = results.peak_memory("cpu")[0]
-    del model, optimizer, probe, loss
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return result
 
 
 def write_report(path, report):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(path)
+    results.write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def print_comparison(report):
@@ -244,13 +303,10 @@ def print_comparison(report):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    import torch
-
     device = "cpu" if args.tiny else settings.resolve_device()
     if device != "cuda" and not args.tiny:
         log("no CUDA device: the 8B check needs a GPU (use --tiny on a CPU)")
         sys.exit(2)
-    dtype = settings.resolve_dtype("auto", device)
     report = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tiny": args.tiny,
@@ -259,21 +315,27 @@ def main(argv=None):
         "architecture": "tiny Llama" if args.tiny else "Llama-3-8B (models.LLAMA3_8B_CONFIG), random weights",
         "sequence_length": args.sequence_length,
         "batch_size": args.batch_size,
-        "versions": {name: version(name) for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes")},
+        "versions": {**results.package_versions(), "transformers_imported": transformers.__version__},
         "cuda": torch.version.cuda,
         "tokens_definition": "tokens per second = batch x sequence length x timed steps / their seconds (every "
                              "token is a target; forward, backward and optimizer step, synchronised)",
+        "memory_definition": "CUDA: train_peak_memory_bytes and train_peak_reserved_bytes are "
+                             "torch.cuda.max_memory_allocated and max_memory_reserved over the training steps "
+                             "alone (reset once the model is built; max_memory_allocated_* repeat them for the "
+                             "table); model_memory_allocated_bytes is what the built model holds",
         "results": {},
         "references": REFERENCES,
         "references_note": "torchtune's published single-GPU figures (Llama 3.1 8B, batch 2, packed 2,048); "
                            "other GPUs and a different optimizer setup, so a sanity check, not a race",
     }
-    log(f"device {report['device_name']}; torch {torch.__version__}; writing {args.output}")
+    log(f"device {report['device_name']}; torch {torch.__version__}; transformers {transformers.__version__}; "
+        f"writing {args.output}")
     for method in args.methods:
         try:
-            report["results"][method] = run_method(args, method, device, dtype, started)
-        except torch.OutOfMemoryError as error:  # report and go on to the next method
-            report["results"][method] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
+            report["results"][method] = run_method(args, method, started + args.budget_seconds)
+        except Exception as error:  # report it and go on to the next method (out of memory, most likely)
+            log(f"{method}: failed: {type(error).__name__}: {error}")
+            report["results"][method] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()

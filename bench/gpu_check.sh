@@ -6,8 +6,9 @@
 #   bash bench/gpu_check.sh                    # writes $OUT/gpu_check.json, else bench/results/gpu_check.json
 #   bash bench/gpu_check.sh --output x.json    # any bench/gpu_check.py flag passes through
 #
-# Needs torch (CUDA), transformers, peft and accelerate; uses bitsandbytes' paged 8-bit AdamW for full
-# fine-tuning only if it imports. PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
+# Trains through the kit's own Trainer setup (finetune.py's and full_finetune.py's settings and optimizer).
+# Needs torch (CUDA), transformers (5.17 or later), tokenizers, peft and accelerate; no datasets; uses
+# bitsandbytes' paged 8-bit AdamW for full fine-tuning only if it imports, as full_finetune.py does. PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then

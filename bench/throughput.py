@@ -3,7 +3,8 @@
     python bench/throughput.py            # LoRA and full fine-tuning, three contenders each (< 20 min on 2 cores)
     python bench/throughput.py --quick    # a smoke run for development; its figures mean nothing
 
-One subprocess per contender and method, run one after the other. All of them train SmolLM2-135M-Instruct
+One subprocess per contender and method, run one after the other: the scripts themselves for ours, and
+bench/throughput_worker.py for the others. All of them train SmolLM2-135M-Instruct
 (the `smollm2-135m` preset) in fp32 weights on the same training records, with the same hyperparameters, for
 the same number of optimizer steps: exactly one epoch over steps x batch x accumulation records.
 
@@ -33,13 +34,15 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-import common  # noqa: E402
-from lvf import errors, models, results, settings, training  # noqa: E402
+import torch  # noqa: E402
 
-CONTENDERS = ("ours", "trl", "writeup")
+import common  # noqa: E402
+from lvf import errors, models, results, settings  # noqa: E402
+
+CONTENDERS = ("ours", "trl", "writeup")  # trl and writeup run in bench/throughput_worker.py
 METHODS = ("lora", "full")
 SCRIPTS = {"lora": "finetune.py", "full": "full_finetune.py"}
-WRITEUP_LENGTH = 512
+WORKER = Path(__file__).resolve().with_name("throughput_worker.py")
 
 DEFINITIONS = {
     "scored_tokens": "targets that count in the contender's own loss and are not padding: positions t >= 1 with "
@@ -89,13 +92,6 @@ def parse_args(argv=None):
         help="results JSON (default: bench/results/throughput.json, or throughput-quick.json with --quick)")
     add("--timeout", type=settings.positive_int, default=900, help="seconds allowed to each contender")
     add("--keep", action="store_true", help="keep the temporary folder (records, logs, checkpoints)")
-    # Internal: a contender process.
-    add("--worker", choices=CONTENDERS[1:], help=argparse.SUPPRESS)
-    add("--method", choices=METHODS, help=argparse.SUPPRESS)
-    add("--records", help=argparse.SUPPRESS)
-    add("--samples", type=int, help=argparse.SUPPRESS)
-    add("--result", help=argparse.SUPPRESS)
-    add("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = dict(steps=2, batch_size=2, grad_accum=1, max_length=512)
     full = dict(steps=4, batch_size=2, grad_accum=2, max_length=1024)
@@ -107,7 +103,7 @@ def parse_args(argv=None):
     unknown = set(args.methods) - set(METHODS) | set(args.contenders) - set(CONTENDERS)
     if unknown:
         parser.error(f"unknown method or contender: {sorted(unknown)}")
-    args.samples = args.samples or args.steps * args.batch_size * args.grad_accum
+    args.samples = args.steps * args.batch_size * args.grad_accum
     return args
 
 
@@ -116,25 +112,7 @@ def default_dataset():
     return shared if shared.is_file() else PROJECT_DIR / "data" / "demo.jsonl"
 
 
-def script_defaults(method):
-    """The scripts' own defaults (learning rate, LoRA config), read from their parsers."""
-    import finetune
-    import full_finetune
-
-    return (finetune if method == "lora" else full_finetune).parse_args([])
-
-
-def warmup_steps(steps):
-    return max(1, round(0.03 * steps))  # as training.training_arguments
-
-
 # --------------------------------------------------------------------------- the shared work
-
-
-def load_tokenizer(model_source):
-    from transformers import AutoTokenizer
-
-    return common.setup_tokenizer(AutoTokenizer.from_pretrained(model_source))
 
 
 def write_fitting_records(source, tokenizer, max_length, folder):
@@ -142,12 +120,13 @@ def write_fitting_records(source, tokenizer, max_length, folder):
     the others; dropping them up front keeps every contender at exactly one epoch."""
     fitting = [record for record in common.load_records(str(source))
                if common.tokenize_example(tokenizer, record, max_length)[0] is not None]
-    path = Path(folder) / "records.jsonl"
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in fitting:
-            handle.write(json.dumps({key: record[key] for key in ("instruction", "context", "response", "category")},
-                                    ensure_ascii=False) + "\n")
-    return path
+    return write_records(fitting, Path(folder) / "records.jsonl")
+
+
+def write_records(records, path):
+    lines = [json.dumps({key: record[key] for key in ("instruction", "context", "response", "category")},
+                        ensure_ascii=False) + "\n" for record in records]
+    return results.write_atomic(path, "".join(lines))
 
 
 def training_records(records_file, samples, seed):
@@ -160,8 +139,6 @@ def training_records(records_file, samples, seed):
 
 def matmul_peak(dtype_name, size, repeats=5):
     """Best GFLOP/s of a square matmul in this process, with the threads the contenders get."""
-    import torch
-
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     a @ b
@@ -173,137 +150,25 @@ def matmul_peak(dtype_name, size, repeats=5):
     return 2 * size**3 / best / 1e9
 
 
-# --------------------------------------------------------------------------- contenders (worker processes)
-
-
-def load_model(model_source, method, peft_yourself):
-    """The model as our scripts load it: same dtype (fp32 on the CPU), SDPA; LoRA from finetune.py's config."""
-    dtype = settings.resolve_dtype("auto", settings.resolve_device())
-    model = models.load_model(model_source, dtype, settings.resolve_device())
-    lora = None
-    if method == "lora":
-        import finetune
-
-        lora = finetune.lora_config(script_defaults("lora"))
-        if peft_yourself:
-            from peft import get_peft_model
-
-            model, lora = get_peft_model(model, lora), None
-    return model, lora
-
-
-def shared_hyperparameters(args):
-    return dict(
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=script_defaults(args.method).learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=warmup_steps(args.steps),
-        optim="adamw_torch",
-        seed=args.seed,
-        data_seed=args.seed,
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        use_cpu=settings.resolve_device() == "cpu",
-        output_dir=str(Path(args.workdir) / f"{args.worker}-{args.method}"),
-    )
-
-
-def trl_trainer(args, model_source, tokenizer, records):
-    """TRL's SFTTrainer, its defaults, on a conversational prompt-completion dataset."""
-    import datasets
-    from trl import SFTConfig, SFTTrainer
-
-    model, lora = load_model(model_source, args.method, peft_yourself=False)
-    rows = [{"prompt": [{"role": "user", "content": common.user_turn(record)}],
-             "completion": [{"role": "assistant", "content": record["response"]}]} for record in records]
-    extra = {}
-    if args.trl_precision == "ours":
-        device = settings.resolve_device()
-        extra = dict(bf16=settings.use_bf16_autocast("auto", device), gradient_checkpointing=device == "cuda")
-    config = SFTConfig(**shared_hyperparameters(args), max_length=args.max_length, **extra)
-    trainer = training.make_trainer_class(SFTTrainer)(model=model, args=config,
-                                                    train_dataset=datasets.Dataset.from_list(rows),
-                                                    processing_class=tokenizer, peft_config=lora)
-    input_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    return trainer, {"input_tokens": input_tokens, "train_examples": len(trainer.train_dataset)}
-
-
-def writeup_trainer(args, model_source, tokenizer, records):
-    """The write-up's recipe: context dropped, padded to 512 with eos, labels = input_ids, plain Trainer."""
-    import datasets
-    from transformers import TrainingArguments, default_data_collator
-
-    model, _ = load_model(model_source, args.method, peft_yourself=True)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": record["instruction"]},
-                                            {"role": "assistant", "content": record["response"]}], tokenize=False)
-             for record in records]
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=WRITEUP_LENGTH,
-                        add_special_tokens=False)
-    rows = [{"input_ids": ids, "attention_mask": mask, "labels": list(ids)}
-            for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)]
-    trainer = training.make_trainer_class()(model=model, args=TrainingArguments(**shared_hyperparameters(args)),
-                                          train_dataset=datasets.Dataset.from_list(rows),
-                                          data_collator=default_data_collator)
-    # Its labels cover the prompt too; what follows the prompt (cut at 512) is the response it learns.
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": record["instruction"]}],
-                                             add_generation_prompt=True, tokenize=False) for record in records]
-    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    lengths = [sum(mask) for mask in encoded["attention_mask"]]
-    return trainer, {"input_tokens": sum(lengths), "train_examples": len(rows),
-                     "response_tokens": sum(max(0, n - p) for n, p in zip(lengths, prompt_lengths, strict=True))}
-
-
-def run_worker(args):
-    """One contender: build its trainer, train, and write what training.train would measure."""
-    model_source = models.check_model_source(args.model)
-    tokenizer = load_tokenizer(model_source)
-    records = training_records(args.records, args.samples, args.seed)
-    build = trl_trainer if args.worker == "trl" else writeup_trainer
-    trainer, work = build(args, model_source, tokenizer, records)
-    start = time.perf_counter()  # timed as training.train times our own path
-    trainer.train()
-    train_seconds = time.perf_counter() - start
-    busy_seconds = train_seconds - trainer.seconds_away
-    train_tokens = int(trainer.scored_tokens)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    result = {
-        "train_tokens": train_tokens,
-        "train_seconds": train_seconds,
-        "train_step_seconds": busy_seconds,
-        "train_tokens_per_second": train_tokens / busy_seconds,
-        "response_tokens": work.get("response_tokens", train_tokens),
-        **work,
-        "optimizer_steps": trainer.state.global_step,
-        "bf16_autocast": bool(trainer.args.bf16),
-        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
-        "peak_memory_bytes": results.peak_memory("cpu")[0],
-        "losses": losses,
-    }
-    Path(args.result).write_text(json.dumps(result, indent=2) + "\n")
-
-
 # --------------------------------------------------------------------------- the run (parent process)
 
 
-def contender_command(args, contender, method, model_source, records_file, workdir):
+def contender_command(args, contender, method, model_source, files, workdir):
+    """ours: the script itself on the fitting records, subset by its own --max-train-samples; trl and writeup:
+    the worker on the same training records, written out by the orchestrator."""
     result = Path(workdir) / f"{contender}-{method}.json"
+    shared = ["--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
+              "--max-length", str(args.max_length), "--seed", str(args.seed), "--model", model_source]
     if contender == "ours":
-        command = [sys.executable, str(PROJECT_DIR / SCRIPTS[method]), "--model", model_source,
-                   "--dataset", str(records_file), "--max-train-samples", str(args.samples),
+        command = [sys.executable, str(PROJECT_DIR / SCRIPTS[method]), *shared,
+                   "--dataset", str(files["fitting"]), "--max-train-samples", str(args.samples),
                    "--max-steps", str(args.steps), "--eval-steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-                   "--max-length", str(args.max_length), "--seed", str(args.seed),
                    # validation, evaluation and saving are not timed; keep them short
                    "--max-val-samples", "2", "--max-eval-samples", "2", "--bootstrap-resamples", "10",
                    "--output", str(result), "--output-dir", str(Path(workdir) / f"ours-{method}")]
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", contender, "--method", method,
-                   "--records", str(records_file), "--samples", str(args.samples), "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-                   "--max-length", str(args.max_length), "--seed", str(args.seed), "--model", model_source,
+        command = [sys.executable, str(WORKER), *shared, "--contender", contender, "--method", method,
+                   "--records", str(files["train"]), "--steps", str(args.steps),
                    "--trl-precision", args.trl_precision, "--result", str(result), "--workdir", str(workdir)]
     return command, result
 
@@ -322,8 +187,8 @@ def run_contender(command, log_path, timeout):
     return process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024
 
 
-def measure(args, contender, method, model_source, records_file, workdir):
-    command, result_path = contender_command(args, contender, method, model_source, records_file, workdir)
+def measure(args, contender, method, model_source, files, workdir):
+    command, result_path = contender_command(args, contender, method, model_source, files, workdir)
     log_path = Path(workdir) / f"{contender}-{method}.log"
     print(f"[{contender}/{method}] running ...", file=sys.stderr, flush=True)
     status, wall, peak_rss = run_contender(command, log_path, args.timeout)
@@ -451,10 +316,6 @@ def print_table(rows, goal_results, checks):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.worker:
-        return run_worker(args)
-    import torch
-
     started = time.perf_counter()
     dataset = Path(args.dataset) if args.dataset else default_dataset()
     model_source = models.check_model_source(args.model)  # converts the demo model once if needed
@@ -462,9 +323,10 @@ def main(argv=None):
                   ("throughput-quick.json" if args.quick else "throughput.json"))
     workdir = Path(tempfile.mkdtemp(prefix="lvf-throughput-"))
     try:
-        tokenizer = load_tokenizer(model_source)
+        tokenizer = models.load_tokenizer(model_source)
         records_file = write_fitting_records(dataset, tokenizer, args.max_length, workdir)
         records = training_records(records_file, args.samples, args.seed)
+        files = {"fitting": records_file, "train": write_records(records, Path(workdir) / "train-records.jsonl")}
         expected = expected_work(tokenizer, records, args.max_length)
         params = models.count_parameters(models.meta_model(models.model_config(model_source)))[1]
         peak_size = 1024 if args.quick else 2048
@@ -474,7 +336,7 @@ def main(argv=None):
               f"{torch.get_num_threads()} threads: fp32 {peaks['float32']:.0f}, bf16 {peaks['bfloat16']:.0f} GFLOP/s",
               file=sys.stderr, flush=True)
 
-        runs = [measure(args, contender, method, model_source, records_file, workdir)
+        runs = [measure(args, contender, method, model_source, files, workdir)
                 for method in args.methods for contender in args.contenders]
         rows = [summarize(run, expected, params, peaks) for run in runs if "error" not in run]
         goal_results, checks = goals(rows), cross_checks(runs, expected, args.steps)
@@ -487,7 +349,7 @@ def main(argv=None):
             "dataset": str(dataset),
             "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "bf16_cpu": settings.cpu_has_bf16()},
-            "versions": {**results.package_versions(), "trl": version_of("trl")},
+            "versions": results.package_versions((*results.PACKAGES, "trl")),
             "model_parameters": params,
             "matmul_peak_gflops": peaks,
             "expected_work": expected,
@@ -500,8 +362,7 @@ def main(argv=None):
             "git_commit": results.git_commit(),
             "total_seconds": time.perf_counter() - started,
         }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=2) + "\n")
+        results.write_atomic(output, json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {output} ({report['total_seconds'] / 60:.1f} min)")
         if report["failures"] or not all(check["ok"] for check in checks):
             sys.exit(1)
@@ -524,15 +385,6 @@ def ratios(rows):
                 "peak_rss": ours["peak_rss_bytes"] / row["peak_rss_bytes"],
             }
     return out
-
-
-def version_of(name):
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ def weights_bytes(path):
     return sum(item.stat().st_size for item in Path(path).rglob("*.safetensors"))
 
 
-def package_versions():
-    names = ["torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes"]
+PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes")
+
+
+def package_versions(names=PACKAGES):
+    """Installed version of each package, None where it is absent."""
     versions = {}
     for name in names:
         try:

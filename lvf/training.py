@@ -201,14 +201,31 @@ def accepts_logits_to_keep(model):
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def training_collator(tokenizer, device, packing=False, scored_logits_only=True):
+def accepts_boolean_logits_to_keep(model):
+    """Whether logits_to_keep may be a 2-D boolean mask (per-row positions): models whose modeling file slices
+    through transformers' slice_logits_to_keep (5.2x). Older 5.x (5.17, the GPU image's) index
+    hidden_states[:, logits_to_keep, :], which takes an int or 1-D positions only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep")
+
+
+def model_collator(training_args, model, tokenizer, device, packing=False):
+    """The training collator this model and these arguments allow: scored logits only where the model takes
+    logits_to_keep and one process drives at most one GPU (DataParallel would split the flat shift_labels
+    across replicas), as a boolean mask where the model's transformers accepts one."""
+    scored_logits_only = training_args.n_gpu <= 1 and accepts_logits_to_keep(model)
+    return training_collator(tokenizer, device, packing, scored_logits_only, accepts_boolean_logits_to_keep(model))
+
+
+def training_collator(tokenizer, device, packing=False, scored_logits_only=True, boolean_logits_to_keep=True):
     """Pads a batch (or, with packing, flattens it into one row with position ids), then adds two
     things that make a step cheaper without changing its loss or gradients:
 
     - logits_to_keep, a boolean mask of the positions whose next token is scored, and the matching
       shift_labels: the model projects onto the vocabulary only there. In our Dolly records ~60% of tokens are
       prompt, and in a small model the vocabulary projection and its softmax are a large share of a
-      step's time and memory.
+      step's time and memory. Without boolean_logits_to_keep (transformers 5.17), the positions scored in
+      any row, the same for every row, with shift_labels -100 where a row scores nothing.
     - use_cache=False: training never reads a KV cache, and transformers derives the per-example
       attention mask of a packed row from its position ids only when no cache is passed (with a cache,
       examples in a packed row silently attend to each other).
@@ -226,8 +243,13 @@ def training_collator(tokenizer, device, packing=False, scored_logits_only=True)
         if scored_logits_only:
             targets = batch["labels"][..., 1:]
             scored = targets != IGNORE_INDEX
-            batch["logits_to_keep"] = torch.nn.functional.pad(scored, (0, 1), value=False)
-            batch["shift_labels"] = targets[scored]
+            if boolean_logits_to_keep:
+                batch["logits_to_keep"] = torch.nn.functional.pad(scored, (0, 1), value=False)
+                batch["shift_labels"] = targets[scored]
+            else:  # a packed batch is one row: there "any row" is exactly its scored positions
+                positions = scored.any(0).nonzero().flatten()
+                batch["logits_to_keep"] = positions
+                batch["shift_labels"] = targets[:, positions]
         return batch
 
     return collate
@@ -249,9 +271,7 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples, tra
     stopper = StopOnSignal()
     breakdown = TrainingBreakdown()
     training_args = training_args or training_arguments(settings, runtime, len(train_examples))
-    # DataParallel (several GPUs, one process) would split the flat shift_labels across replicas.
-    scored_logits_only = training_args.n_gpu <= 1 and accepts_logits_to_keep(model)
-    collator = training_collator(tokenizer, runtime.device, settings.packing, scored_logits_only)
+    collator = model_collator(training_args, model, tokenizer, runtime.device, settings.packing)
     trainer = make_trainer_class()(
         model=model,
         args=training_args,

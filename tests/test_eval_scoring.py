@@ -82,8 +82,9 @@ def test_write_up_metric_is_unchanged_by_block_scoring(monkeypatch, llama3_token
     losses = []
     with torch.no_grad():
         for first in range(0, len(records), 2):
-            texts = [common._chat_text(llama3_tokenizer, [{"role": "user", "content": r["instruction"]},
-                                                          {"role": "assistant", "content": r["response"]}])
+            texts = [llama3_tokenizer.apply_chat_template([{"role": "user", "content": r["instruction"]},
+                                                           {"role": "assistant", "content": r["response"]}],
+                                                          tokenize=False)
                      for r in records[first:first + 2]]
             ids = [llama3_tokenizer(t, add_special_tokens=False)["input_ids"][:40] for t in texts]
             input_ids = torch.tensor([i + [eos] * (40 - len(i)) for i in ids])

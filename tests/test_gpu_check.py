@@ -1,5 +1,6 @@
-"""bench/gpu_check.py --tiny on the CPU: the GPU check's code runs, trains, and reports what it promises,
-without datasets or bitsandbytes (which a GPU machine may lack)."""
+"""bench/gpu_check.py --tiny on the CPU: the GPU check's code runs, trains with the kit's own Trainer setup, and
+reports what it promises, without datasets or bitsandbytes, under the pinned transformers and under 5.17.0 (the GPU
+image's), which `make test`'s setup installs into .venv-tf517 to shadow the pinned one on PYTHONPATH."""
 
 import json
 import math
@@ -13,6 +14,7 @@ import common
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
+GPU_IMAGE_TRANSFORMERS = common.PROJECT_DIR / ".venv-tf517"  # see requirements-tf517.txt and the Makefile
 # Make `import datasets` and `import bitsandbytes` fail, as on a machine without them, then run the script.
 RUN_WITHOUT_DATASETS = (
     "import runpy, sys; sys.modules['datasets'] = None; sys.modules['bitsandbytes'] = None; "
@@ -20,24 +22,50 @@ RUN_WITHOUT_DATASETS = (
 )
 
 
-def test_tiny_gpu_check_trains_and_reports(tmp_path):
+def run_tiny_check(tmp_path, python_path):
     output = tmp_path / "gpu_check.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "unused")}
+    env.pop("PYTHONPATH", None)
+    if python_path:
+        env["PYTHONPATH"] = str(python_path)
     script = common.PROJECT_DIR / "bench" / "gpu_check.py"
     command = [sys.executable, "-c", RUN_WITHOUT_DATASETS, str(script), "--tiny", "--output", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(output.read_text())
+    return json.loads(output.read_text())
 
+
+@pytest.mark.parametrize("transformers_version", ["pinned", "5.17.0"])
+def test_tiny_gpu_check_trains_with_the_kits_trainer_and_reports(transformers_version, tmp_path):
+    python_path = None
+    if transformers_version != "pinned":
+        if not (GPU_IMAGE_TRANSFORMERS / "transformers").is_dir():
+            pytest.skip(f"{GPU_IMAGE_TRANSFORMERS} missing: `make test` installs it (requirements-tf517.txt)")
+        python_path = GPU_IMAGE_TRANSFORMERS
+    report = run_tiny_check(tmp_path, python_path)
+
+    imported = report["versions"]["transformers_imported"]
+    if transformers_version == "pinned":
+        assert imported == common_transformers_pin()
+    else:
+        assert imported == transformers_version  # the shadowing worked: 5.17's code ran, not the pinned one
     assert report["tiny"] is True and report["device"] == "cpu"
     assert report["sequence_length"] == 64 and report["batch_size"] == 2
     assert {(r["method"], r["gpu"]) for r in report["references"]} == {
         ("lora", "RTX 4090"), ("lora", "RTX A6000"), ("full", "RTX 4090"), ("full", "RTX A6000")}
     lora, full = report["results"]["lora"], report["results"]["full"]
     assert lora["trainable_params"] < lora["total_params"] and full["trainable_params"] == full["total_params"]
+    assert (lora["learning_rate"], full["learning_rate"]) == (2e-4, 1e-5)  # the scripts' own defaults
     for result in (lora, full):
-        assert result["optimizer"] == "adamw_torch"  # bitsandbytes is absent here
-        assert result["timed_steps"] == 2 and len(result["losses"]) == 3
+        # The optimizer the Trainer builds for the kit (bitsandbytes is absent here): not fused, no weight decay.
+        assert result["optimizer"] == "adamw_torch"
+        assert result["optimizer_built"]["class"] == "torch.optim.adamw.AdamW"
+        assert result["optimizer_built"]["weight_decay"] == 0.0 and not result["optimizer_built"]["fused"]
+        assert result["gradient_checkpointing"] == "use_reentrant=False"
+        # 5.17's Llama takes logits_to_keep as 1-D positions only; the kit's collator must have noticed.
+        assert result["logits_to_keep"] == ("positions" if transformers_version == "5.17.0" else "mask")
+        assert result["optimizer_steps"] == 3 and result["timed_steps"] == 2 and len(result["losses"]) == 3
+        assert result["scored_tokens"] == 3 * 2 * 63  # every target of every row, counted by MeasuredTrainer
         assert result["tokens_per_second"] == pytest.approx(2 * 64 * 2 / sum(result["step_seconds"]))
         assert all(math.isfinite(loss) for loss in [*result["losses"], result["loss_before"], result["loss_after"]])
         # Training changed the model: the watched weights moved and the loss on the trained batch changed.
@@ -45,3 +73,8 @@ def test_tiny_gpu_check_trains_and_reports(tmp_path):
         assert result["loss_after"] != result["loss_before"]
         assert result["max_memory_allocated_bytes"] is None and result["peak_rss_bytes"] > 0
     assert "lora_B" in lora["probe_parameter"]  # starts at zero: any change is LoRA training
+
+
+def common_transformers_pin():
+    pins = (common.PROJECT_DIR / "requirements.txt").read_text().splitlines()
+    return next(line.split("==")[1] for line in pins if line.startswith("transformers=="))

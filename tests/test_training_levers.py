@@ -2,6 +2,7 @@
 
 import json
 import signal
+import sys
 
 import pytest
 import torch
@@ -39,17 +40,27 @@ def loss_and_grads(model, batch):
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+def skip_unless_supported(model, boolean):
+    if boolean and not training.accepts_boolean_logits_to_keep(model):
+        pytest.skip("this transformers' logits_to_keep takes no boolean mask (5.17, the GPU image's)")
+
+
+# "mask": transformers 5.2x's 2-D boolean logits_to_keep; "positions": the 1-D fallback 5.17 needs.
+@pytest.mark.parametrize("boolean", [True, False], ids=["mask", "positions"])
 @pytest.mark.parametrize("packing", [False, True])
-def test_scored_logits_and_packing_keep_loss_and_gradients(packing, llama3_tokenizer):
+def test_scored_logits_and_packing_keep_loss_and_gradients(packing, boolean, llama3_tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     model = tiny_model()
+    skip_unless_supported(model, boolean)
     reference = DataCollatorForSeq2Seq(llama3_tokenizer, padding=True, label_pad_token_id=PROMPT)(features())
     reference_loss, reference_grads = loss_and_grads(model, dict(reference))
 
-    batch = training.training_collator(llama3_tokenizer, "cpu", packing=packing)(features())
+    batch = training.training_collator(llama3_tokenizer, "cpu", packing, boolean_logits_to_keep=boolean)(features())
     assert batch["use_cache"] is False
-    assert int(batch["logits_to_keep"].sum()) == len(batch["shift_labels"]) == 5 + 9 + 3
+    assert int((batch["shift_labels"] != PROMPT).sum()) == 5 + 9 + 3
+    if boolean:
+        assert int(batch["logits_to_keep"].sum()) == len(batch["shift_labels"]) == 5 + 9 + 3
     if packing:
         assert batch["input_ids"].shape == (1, 12 + 13 + 14) and "attention_mask" not in batch
         # each example restarts its positions, and its first token is never a target of the previous one
@@ -63,11 +74,36 @@ def test_scored_logits_and_packing_keep_loss_and_gradients(packing, llama3_token
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_scored_logits_are_computed_only_where_a_target_is_scored(llama3_tokenizer):
+@pytest.mark.parametrize("boolean", [True, False], ids=["mask", "positions"])
+def test_scored_logits_are_computed_only_where_a_target_is_scored(boolean, llama3_tokenizer):
     model = tiny_model()
-    batch = training.training_collator(llama3_tokenizer, "cpu")(features())
+    skip_unless_supported(model, boolean)
+    batch = training.training_collator(llama3_tokenizer, "cpu", boolean_logits_to_keep=boolean)(features())
     outputs = model(**batch)
-    assert outputs.logits.shape == (5 + 9 + 3, model.config.vocab_size)  # not 3 rows x 14 positions
+    if boolean:
+        assert outputs.logits.shape == (5 + 9 + 3, model.config.vocab_size)  # not 3 rows x 14 positions
+    else:  # positions 3-12 (targets 4-13) are scored in some row: 3 rows x 10 positions, not x 14
+        assert outputs.logits.shape == (3, 10, model.config.vocab_size)
+
+
+def test_collator_follows_what_the_models_transformers_accepts(llama3_tokenizer):
+    """5.2x's Llama takes a boolean mask; a modeling module without slice_logits_to_keep (5.17's) gets positions."""
+    from transformers import TrainingArguments
+
+    model = tiny_model()
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    with_mask = training.model_collator(args, model, llama3_tokenizer, "cpu")(features())["logits_to_keep"]
+    assert with_mask.dtype == (torch.bool if training.accepts_boolean_logits_to_keep(model) else torch.long)
+    modeling = sys.modules[type(model).__module__]
+    slicer = getattr(modeling, "slice_logits_to_keep", None)
+    if slicer is not None:
+        del modeling.slice_logits_to_keep  # as in transformers 5.17's modeling_llama
+    try:
+        positions = training.model_collator(args, model, llama3_tokenizer, "cpu")(features())["logits_to_keep"]
+    finally:
+        if slicer is not None:
+            modeling.slice_logits_to_keep = slicer
+    assert positions.dim() == 1 and positions.tolist() == list(range(3, 13))
 
 
 def test_measured_trainer_counts_scored_non_padding_targets(tmp_path):

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# GPU smoke run of the real scripts on one GPU with no network (sized for the H200 image: torch 2.11,
+# transformers 5.17, peft, accelerate; no datasets, no bitsandbytes), within 15 minutes:
+# evaluate_base_model.py, finetune.py, finetune.py --quantize 4bit and full_finetune.py (paged 8-bit AdamW) on a
+# random ~480M-parameter Llama saved locally, bf16 and gradient checkpointing, each writing its results JSON under
+# $OUT; then bench/gpu_check.py (the 8B-architecture throughput and memory table).
+#
+#   python bench/gpu_smoke.py prepare .gpu-smoke   # first, where the registries are: wheels + tokenizer (~40 MiB)
+#   bash bench/gpu_smoke.sh                        # on the GPU machine, with .gpu-smoke carried beside the code
+#   bash bench/gpu_smoke.sh --cpu-dry              # the same steps on the CPU: tiny model, few steps, no wheels
+#
+# The carried wheels (bench/requirements-gpu-smoke.txt) are installed with --no-index from .gpu-smoke/wheels only,
+# into a folder put first on PYTHONPATH: they shadow the image's transformers; its CUDA torch stays.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PREPARED=${PREPARED:-.gpu-smoke}
+OUT=${OUT:-outputs/gpu-smoke}
+CPU_DRY=0
+[ "${1:-}" = "--cpu-dry" ] && CPU_DRY=1
+WORK=$(mktemp -d -t lvf-gpu-smoke-XXXXXX)
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+log() { echo "[gpu_smoke.sh $(date -u +%H:%M:%S)] $*"; }
+status=0
+step() {  # step NAME SECONDS COMMAND...: runs one step to its end or its time limit; a failure fails the run, not the rest
+  local name=$1 seconds=$2; shift 2
+  log "$name: $*"
+  local start=$SECONDS
+  timeout --signal=TERM --kill-after=15 "$seconds" "$@" > "$OUT/$name.log" 2>&1
+  local code=$?
+  log "$name: exit $code in $((SECONDS - start)) s (log: $OUT/$name.log)"
+  [ "$code" -eq 0 ] || { status=1; tail -n 25 "$OUT/$name.log"; }
+}
+
+if [ "$CPU_DRY" = 1 ]; then
+  if [ -z "${PYTHON:-}" ]; then if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi; fi
+  SIZE=(--tiny); TOKENIZER=(); FULL_OPTIM=adamw_torch   # bitsandbytes' paged optimizers need CUDA
+  TRAIN=(--max-train-samples 8 --max-val-samples 2 --max-steps 2 --eval-steps 2 --batch-size 2 --grad-accum 1)
+  EVAL=(--max-eval-samples 4 --max-length 256 --bootstrap-resamples 10)
+  CHECK=(--tiny)
+else
+  PYTHON=${PYTHON:-python3}
+  step install 300 "$PYTHON" -m pip install --no-index --no-deps --find-links "$PREPARED/wheels" \
+    --target "$WORK/site" -r bench/requirements-gpu-smoke.txt
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  SIZE=(); TOKENIZER=(--tokenizer "$PREPARED/tokenizer"); FULL_OPTIM=paged_adamw_8bit
+  TRAIN=(--max-train-samples 256 --max-val-samples 16 --max-steps 30 --eval-steps 30 --batch-size 8 --grad-accum 1)
+  EVAL=(--max-eval-samples 64 --max-length 1024)
+  CHECK=(--budget-seconds 300)
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || log "nvidia-smi not available"
+"$PYTHON" -c "import torch, transformers, peft, accelerate; print('[gpu_smoke.sh] torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)"
+"$PYTHON" -c "import bitsandbytes; print('[gpu_smoke.sh] bitsandbytes', bitsandbytes.__version__)" || log "bitsandbytes does not import: QLoRA and the paged optimizer will fail"
+
+step build-model 300 "$PYTHON" bench/gpu_smoke.py build-model --output "$WORK/model" "${SIZE[@]}" "${TOKENIZER[@]}"
+DATA=(--model "$WORK/model" --dataset data/demo.jsonl "${EVAL[@]}")
+# bf16 weights, bf16 autocast and gradient checkpointing are the CUDA defaults; "on" makes the dry run take them too.
+LEVERS=(--gradient-checkpointing on)
+step base 300 "$PYTHON" evaluate_base_model.py "${DATA[@]}" --output "$OUT/base.json"
+step lora 300 "$PYTHON" finetune.py "${DATA[@]}" "${TRAIN[@]}" "${LEVERS[@]}" --output "$OUT/lora.json" \
+  --output-dir "$WORK/lora"
+step qlora 300 "$PYTHON" finetune.py "${DATA[@]}" "${TRAIN[@]}" "${LEVERS[@]}" --quantize 4bit \
+  --output "$OUT/qlora.json" --output-dir "$WORK/qlora"
+step full 300 "$PYTHON" full_finetune.py "${DATA[@]}" "${TRAIN[@]}" "${LEVERS[@]}" --optim "$FULL_OPTIM" \
+  --output "$OUT/full.json" --output-dir "$WORK/full"
+"$PYTHON" bench/gpu_smoke.py check "$OUT" | tee "$OUT/table.md" || status=1
+step gpu_check 420 "$PYTHON" bench/gpu_check.py "${CHECK[@]}" --output "$OUT/gpu_check.json"
+grep -A 20 "^| method" "$OUT/gpu_check.log" || true
+rm -rf "$WORK"
+log "done: exit $status; results in $OUT"
+exit $status

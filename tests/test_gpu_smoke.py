@@ -1,0 +1,60 @@
+"""The Python pieces of bench/gpu_smoke.sh that can be checked on the CPU: the slimmed bitsandbytes wheel and
+the table that decides whether the smoke run passed. (`bash bench/gpu_smoke.sh --cpu-dry` runs the whole
+sequence on a tiny model.)"""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import common
+
+sys.path.insert(0, str(common.PROJECT_DIR / "bench"))
+import gpu_smoke  # noqa: E402
+
+
+def test_slim_wheel_keeps_only_the_listed_libraries_and_their_record_lines(tmp_path):
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    names = ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so",
+             "bitsandbytes/libbitsandbytes_cuda118.so", "bitsandbytes/libbitsandbytes_cuda128.so",
+             "bitsandbytes/libbitsandbytes_rocm64.so"]
+    record = "bitsandbytes-0.50.2.dist-info/RECORD"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name in names:
+            archive.writestr(name, b"x")
+        archive.writestr(record, "".join(f"{name},sha256=abc,1\n" for name in [*names, record]))
+
+    dropped = gpu_smoke.slim_wheel(wheel, ("cpu", "cuda128"))
+
+    assert dropped == ["bitsandbytes/libbitsandbytes_cuda118.so", "bitsandbytes/libbitsandbytes_rocm64.so"]
+    with zipfile.ZipFile(wheel) as archive:
+        kept = set(archive.namelist())
+        listed = {line.split(",")[0] for line in archive.read(record).decode().splitlines()}
+    assert kept == set(names) - set(dropped) | {record}
+    assert listed == kept  # pip checks every RECORD line against the files
+
+
+def test_check_passes_only_when_every_run_wrote_a_finite_perplexity(tmp_path, capsys):
+    for run in gpu_smoke.RUNS:
+        (tmp_path / f"{run}.json").write_text(json.dumps({"perplexity": 12.5, "runtime": {"optimizer": None}}))
+    assert gpu_smoke.check(tmp_path) == 0
+    (tmp_path / "full.json").write_text(json.dumps({"perplexity": float("nan")}))
+    assert gpu_smoke.check(tmp_path) == 1
+    (tmp_path / "qlora.json").unlink()
+    assert gpu_smoke.check(tmp_path) == 1
+    assert "failed: qlora, full" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_goes_through_every_step(tmp_path):
+    """bash bench/gpu_smoke.sh --cpu-dry: the GPU run's sequence on a tiny model (about 2.5 minutes on 2 cores)."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(common.PROJECT_DIR / "bench" / "gpu_smoke.sh"), "--cpu-dry"],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4/4 runs wrote a finite perplexity" in result.stdout
+    for name in (*gpu_smoke.RUNS, "gpu_check"):
+        assert (tmp_path / f"{name}.json").is_file(), name
