@@ -162,27 +162,46 @@ def split_records(records, test_fraction=0.1, val_fraction=0.05, seed=42):
     """Stratified train / validation / test split, the same in all three scripts.
 
     The test split is for the final numbers only; the validation slice (of the training part)
-    alone picks the checkpoint. Categories too small to stratify are pooled, and tiny data
-    falls back to an unstratified split instead of crashing.
+    alone picks the checkpoint. Records that share a normalised instruction stay together (a
+    duplicated question in training would leak its answer into validation or test). Categories
+    too small to stratify are pooled, and tiny data falls back to an unstratified split instead
+    of crashing.
     """
-    if len(records) < 3:
-        raise UsageError(f"need at least 3 records to make train/validation/test splits, got {len(records)}")
-    indices = np.arange(len(records))
-    labels = [record["category"] for record in records]
-    rest, test = _stratified_split(indices, labels, test_fraction, seed)
-    rest_labels = [labels[i] for i in rest]
-    train, val = _stratified_split(rest, rest_labels, val_fraction, seed)
-    pick = lambda idx: [records[i] for i in sorted(idx)]  # noqa: E731
-    return pick(train), pick(val), pick(test)
+    groups, labels = instruction_groups(records)
+    rest, test = _stratified_split(np.arange(len(groups)), labels, test_fraction, seed)
+    train, val = _stratified_split(rest, [labels[i] for i in rest], val_fraction, seed)
+    return _records_of(records, groups, train), _records_of(records, groups, val), _records_of(records, groups, test)
 
 
 def held_out_split(records, test_fraction=0.1, seed=42):
     """split_records' test split alone: it is drawn first, so it does not depend on the validation share."""
+    groups, labels = instruction_groups(records)
+    _, test = _stratified_split(np.arange(len(groups)), labels, test_fraction, seed)
+    return _records_of(records, groups, test)
+
+
+def normalised_instruction(record):
+    return " ".join(record["instruction"].lower().split())
+
+
+def instruction_groups(records):
+    """Record indices grouped by normalised instruction (in order of first appearance), and each group's
+    category (its first record's) to stratify by. Without duplicates every group is one record, and the
+    split is the record-level one."""
     if len(records) < 3:
         raise UsageError(f"need at least 3 records to make train/validation/test splits, got {len(records)}")
-    _, test = _stratified_split(np.arange(len(records)), [record["category"] for record in records],
-                                test_fraction, seed)
-    return [records[i] for i in sorted(test)]
+    by_instruction = {}
+    for index, record in enumerate(records):
+        by_instruction.setdefault(normalised_instruction(record), []).append(index)
+    groups = list(by_instruction.values())
+    if len(groups) < 3:
+        raise UsageError(f"need at least 3 distinct instructions to make train/validation/test splits, "
+                         f"got {len(groups)}")
+    return groups, [records[group[0]]["category"] for group in groups]
+
+
+def _records_of(records, groups, chosen):
+    return [records[i] for i in sorted(i for group in chosen for i in groups[group])]
 
 
 def _stratified_split(indices, labels, share, seed):
