@@ -453,8 +453,11 @@ def paired_bootstrap(run_a, run_b, seed=42, resamples=1000, level=0.95):
 
 def seed_style_perplexity(model, tokenizer, records, batch_size=8, device=None, max_length=512):
     """The write-up's number, reproduced to explain it: labels = input ids, padded to 512 with
-    pad = eos, context dropped, prompt scored, and exp of the mean of per-batch mean losses
-    (what Trainer's eval_loss reports). Never use it to compare models."""
+    pad = eos, context dropped, prompt scored, and exp of Trainer's eval_loss. Never use it to compare models.
+
+    Two details of the write-up are kept on purpose: its text already starts with the template's BOS and
+    is tokenized with the default add_special_tokens=True, so a tokenizer that adds a BOS (Llama 3's
+    does) gives two; and Trainer's eval_loss weights each batch's mean loss by the batch's size."""
     device = device or next(model.parameters()).device
     eos_id = tokenizer.eos_token_id
     texts = [
@@ -462,18 +465,23 @@ def seed_style_perplexity(model, tokenizer, records, batch_size=8, device=None, 
                                {"role": "assistant", "content": record["response"]}])
         for record in records
     ]
-    batch_losses = []
+    batch_losses, batch_sizes = [], []
     model.eval()
     with torch.no_grad():
         for first in range(0, len(texts), batch_size):
-            encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
-                       for text in texts[first:first + batch_size]]
+            encoded = [tokenizer(text)["input_ids"][:max_length] for text in texts[first:first + batch_size]]
             input_ids = torch.tensor([ids + [eos_id] * (max_length - len(ids)) for ids in encoded], device=device)
             attention = torch.tensor([[1] * len(ids) + [0] * (max_length - len(ids)) for ids in encoded],
                                      device=device)
             # labels = input_ids: padding (= eos) positions are targets too, as in the write-up.
             batch_losses.append(float(model(input_ids=input_ids, attention_mask=attention, labels=input_ids).loss))
-    return math.exp(sum(batch_losses) / len(batch_losses))
+            batch_sizes.append(len(encoded))
+    return math.exp(batch_size_weighted_mean(batch_losses, batch_sizes))
+
+
+def batch_size_weighted_mean(batch_losses, batch_sizes):
+    """Trainer's eval_loss: each batch's mean loss repeated once per example, then averaged."""
+    return sum(loss * size for loss, size in zip(batch_losses, batch_sizes, strict=True)) / sum(batch_sizes)
 
 
 def _chat_text(tokenizer, messages):
