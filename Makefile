@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The demo: SmolLM2-135M-Instruct on data/demo.jsonl. Learning rates suit a 135M model (the scripts'
 # defaults are the 8B write-up's); the training subset keeps the whole demo within ~15 minutes on 2 CPU cores.
-DEMO := --model smollm2-135m --dataset data/demo.jsonl --seed-style-metric --max-length 512
+# Forgetting is measured on Python's own documentation (ships with Python, PSF License): offline, and neither
+# Dolly nor the demo data; the scripts' default (WikiText-2 through `datasets`) needs the Hub.
+DEMO := --model smollm2-135m --dataset data/demo.jsonl --seed-style-metric --max-length 512 --general-file python-docs
 DEMO_TRAIN := --max-train-samples 128 --num-epochs 1
 DEMO_LORA := --learning-rate 1e-3 --batch-size 4 --grad-accum 1
 DEMO_FULL := --learning-rate 5e-5 --batch-size 4 --grad-accum 1

@@ -33,7 +33,7 @@ def main(argv=None):
     model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code).to(runtime.device)
 
     evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
-                                       desc="evaluate base")
+                                       desc="evaluate base", general_examples=examples["general"])
     memory, memory_kind = results.peak_memory(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, METHOD, **evaluation, trainable_params=0, total_params=total,

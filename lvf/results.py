@@ -56,7 +56,8 @@ RESULT_FIELDS = [
     "train_tokens_per_second", "optimizer_steps", "best_checkpoint", "best_validation_loss", "resumed_from",
     "eval_seconds", "peak_memory_bytes", "memory_kind", "artifact_path", "artifact_bytes", "device", "dtype",
     "bf16_autocast", "seed", "truncation", "config", "runtime", "versions", "git_commit", "created_at", "dry_run",
-    "per_example",
+    "general_file", "general_perplexity", "general_perplexity_ci95", "general_eval_loss", "general_eval_tokens",
+    "general_eval_examples", "general_eval_seconds", "log_history", "per_example", "general_per_example",
 ]
 
 

@@ -115,6 +115,12 @@ def add_evaluation_flags(parser):
     add = group.add_argument
     add("--eval-batch-size", type=positive_int, default=8, help="batch size for perplexity evaluation")
     add("--bootstrap-resamples", type=positive_int, default=1000, help="resamples for the 95%% interval")
+    add("--general-file", default="wikitext-2",
+        help="plain text scored without a chat template, to measure forgetting (tuned minus base): "
+             "'wikitext-2' (raw test split through datasets; needs the Hub), 'python-docs' (Python's own "
+             "documentation, offline), a .txt file, or .jsonl rows with a 'text' field; '' skips it")
+    add("--max-general-blocks", type=positive_int, default=64,
+        help="score at most this many blocks of --max-length tokens of the general text")
     add("--seed-style-metric", action="store_true",
         help="also compute the write-up's flawed perplexity (labels = input ids, padded to 512 with eos, "
              "context dropped) on the same examples, as seed_style_perplexity")

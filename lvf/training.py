@@ -339,7 +339,8 @@ def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_reco
     # Every rank evaluates the whole set through the wrapped model: the same forwards everywhere, which
     # FSDP and DeepSpeed need (they gather weights collectively); the main process writes the results.
     evaluation = common.evaluate_model(trainer.model_wrapped, tokenizer, examples["eval"], eval_records, settings,
-                                       trainer.args.device, desc=f"evaluate {label}")
+                                       trainer.args.device, desc=f"evaluate {label}",
+                                       general_examples=examples["general"])
     artifact = save_artifact(trainer, runtime.output_dir)
     memory, memory_kind = peak_memory(runtime.device)
     return {
