@@ -13,7 +13,7 @@ DEMO_LORA := --learning-rate 1e-3 --batch-size 4 --grad-accum 1
 DEMO_FULL := --learning-rate 5e-5 --batch-size 4 --grad-accum 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: test demo lint
+.PHONY: test demo study lint
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,10 @@ demo: $(STAMP)
 	$(PY) full_finetune.py $(DEMO) $(DEMO_TRAIN) $(DEMO_FULL) --output-dir outputs/demo/full && \
 	$(PY) report.py && \
 	echo "[demo] done in $$(( $$(date +%s) - start )) s: results/*.json, results/comparison.png, README table"
+
+# The study: each method at three learning rates (picked on validation loss), the picked rate at three seeds.
+# Rerun after an interruption: finished runs are skipped, a half-trained one resumes from its checkpoint.
+study: $(STAMP)
+	@start=$$(date +%s); \
+	$(PY) study.py --cpu && \
+	echo "[study] done in $$(( $$(date +%s) - start )) s: results/study/summary.json"

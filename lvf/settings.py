@@ -160,6 +160,9 @@ def add_training_flags(parser, method, learning_rate, batch_size, grad_accum):
     add("--packing", action="store_true",
         help="padding-free training: each batch is flattened into one row with position ids restarting per "
              "example (on CPU length-grouped batches are faster)")
+    add("--report-to", default="none",
+        help="the Trainer's live logging (e.g. tensorboard, wandb, when installed; comma-separated); the "
+             "results JSON keeps the log history either way")
     add("--resume", action="store_true",
         help="continue from the last checkpoint in --output-dir (after a crash or a signal)")
     return group

@@ -170,7 +170,7 @@ def training_arguments(settings, runtime, train_examples):
         seed=settings.seed,
         data_seed=settings.seed,
         train_sampling_strategy="group_by_length",
-        report_to="none",
+        report_to=settings.report_to,
         remove_unused_columns=False,
         use_cpu=runtime.device == "cpu",
         dataloader_num_workers=0,
@@ -278,6 +278,7 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples):
         "best_validation_loss": trainer.state.best_metric,
         "optimizer_steps": trainer.state.global_step,
         "resumed_from": resume,
+        "log_history": trainer.state.log_history,  # losses and validation over steps, for curves
     }
 
 
@@ -341,6 +342,12 @@ def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_reco
     evaluation = common.evaluate_model(trainer.model_wrapped, tokenizer, examples["eval"], eval_records, settings,
                                        trainer.args.device, desc=f"evaluate {label}",
                                        general_examples=examples["general"])
+    # The kept checkpoint's validation loss, token-weighted like the test figure: what a learning-rate sweep
+    # compares (the Trainer's eval_loss weights each batch's mean by its size, not by its tokens).
+    validation = common.evaluate_perplexity(trainer.model_wrapped, examples["validation"], tokenizer.pad_token_id,
+                                            settings.eval_batch_size, trainer.args.device, settings.seed,
+                                            settings.bootstrap_resamples, desc=f"validate {label}")
+    evaluation.update(validation_loss=validation["eval_loss"], validation_tokens=validation["eval_tokens"])
     artifact = save_artifact(trainer, runtime.output_dir)
     memory, memory_kind = peak_memory(runtime.device)
     return {
