@@ -167,10 +167,11 @@ def mean_and_sd(values):
 
 def method_summary(base, sweep, picked, seeded):
     return {
-        "learning_rates": {rate_name(rate): {"validation_loss": run["validation_loss"], "results": str(path)}
+        "learning_rates": {rate_name(rate): {"validation_loss": run["validation_loss"],
+                                             "results": settings.display_path(path)}
                            for rate, (path, run) in sweep.items()},
         "picked_learning_rate": picked,
-        "runs": [{"seed": run["seed"], "results": str(path), "perplexity": run["perplexity"],
+        "runs": [{"seed": run["seed"], "results": settings.display_path(path), "perplexity": run["perplexity"],
                   "general_perplexity": run.get("general_perplexity"), "train_seconds": run["train_seconds"],
                   "peak_memory_bytes": run["peak_memory_bytes"], "artifact_bytes": run["artifact_bytes"],
                   **compared_to_base(base, run)} for path, run in seeded],
@@ -186,8 +187,9 @@ def main(argv=None):
     base_path = args.study_dir / "base.json"
     base = run_once(args, evaluate_base_model, [*args.flags, "--output", str(base_path)], base_path)
     summary = {"settings": {"cpu": args.cpu, "smoke": args.smoke, "seeds": args.seeds, "flags": args.flags,
+                            "train_flags": args.train_flags,
                             "learning_rates": {m: args.rates[m] for m in args.methods}},
-               "base": {"results": str(base_path), "perplexity": base["perplexity"],
+               "base": {"results": settings.display_path(base_path), "perplexity": base["perplexity"],
                         "general_perplexity": base.get("general_perplexity")},
                "methods": {}}
     for method in args.methods:
