@@ -72,3 +72,12 @@ def test_a_json_made_with_other_flags_is_not_mixed_in(smoke):
     folder, argv = smoke
     with pytest.raises(errors.UsageError, match="other flags.*max_length"):
         study.main([*argv, "--max-length", "96"])
+
+
+@pytest.mark.parametrize("flag, expected", [([], []), (["--report-to", "tensorboard"], ["tensorboard"])])
+def test_report_to_reaches_the_trainer_and_is_off_by_default(tmp_path, flag, expected):
+    from lvf import settings, training
+
+    args = finetune.parse_args(["--output-dir", str(tmp_path), *flag])
+    arguments = training.training_arguments(args, settings.training_runtime(args, "lora", "adamw_torch"), 8)
+    assert arguments.report_to == expected
