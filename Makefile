@@ -6,13 +6,15 @@ STAMP := $(VENV)/.installed
 TF517 := .venv-tf517
 # The demo: SmolLM2-135M-Instruct on data/demo.jsonl. Learning rates suit a 135M model (the scripts'
 # defaults are the 8B write-up's); the training subset keeps the whole demo within ~15 minutes on 2 CPU cores.
-DEMO := --model smollm2-135m --dataset data/demo.jsonl --seed-style-metric --max-length 512
+# Forgetting is measured on Python's own documentation (ships with Python, PSF License): offline, and neither
+# Dolly nor the demo data; the scripts' default (WikiText-2 through `datasets`) needs the Hub.
+DEMO := --model smollm2-135m --dataset data/demo.jsonl --seed-style-metric --max-length 512 --general-file python-docs
 DEMO_TRAIN := --max-train-samples 128 --num-epochs 1
 DEMO_LORA := --learning-rate 1e-3 --batch-size 4 --grad-accum 1
 DEMO_FULL := --learning-rate 5e-5 --batch-size 4 --grad-accum 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: test demo lint
+.PHONY: test demo study lint
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-tf517.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,3 +43,10 @@ demo: $(STAMP)
 	$(PY) full_finetune.py $(DEMO) $(DEMO_TRAIN) $(DEMO_FULL) --output-dir outputs/demo/full && \
 	$(PY) report.py && \
 	echo "[demo] done in $$(( $$(date +%s) - start )) s: results/*.json, results/comparison.png, README table"
+
+# The study: each method at three learning rates (picked on validation loss), the picked rate at three seeds.
+# Rerun after an interruption: finished runs are skipped, a half-trained one resumes from its checkpoint.
+study: $(STAMP)
+	@start=$$(date +%s); \
+	$(PY) study.py --cpu && \
+	echo "[study] done in $$(( $$(date +%s) - start )) s: results/study/summary.json"

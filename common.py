@@ -12,6 +12,7 @@ import math
 import re
 import time
 from pathlib import Path
+from pydoc_data.topics import topics as pydoc_topics
 
 import numpy as np
 import torch
@@ -106,12 +107,12 @@ def load_records(source):
     return validate_records(rows, source, line_numbers)
 
 
-def _load_table(name, data_files, source):
+def _load_table(name, data_files, source, config=None, split="train"):
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(name, data_files=data_files, split="train").to_list()
+        return datasets.load_dataset(name, config, data_files=data_files, split=split).to_list()
     except Exception as error:  # datasets wraps parse errors in several types
         raise UsageError(f"cannot read {source}: {error}".splitlines()[0]) from error
 
@@ -163,27 +164,46 @@ def split_records(records, test_fraction=0.1, val_fraction=0.05, seed=42):
     """Stratified train / validation / test split, the same in all three scripts.
 
     The test split is for the final numbers only; the validation slice (of the training part)
-    alone picks the checkpoint. Categories too small to stratify are pooled, and tiny data
-    falls back to an unstratified split instead of crashing.
+    alone picks the checkpoint. Records that share a normalised instruction stay together (a
+    duplicated question in training would leak its answer into validation or test). Categories
+    too small to stratify are pooled, and tiny data falls back to an unstratified split instead
+    of crashing.
     """
-    if len(records) < 3:
-        raise UsageError(f"need at least 3 records to make train/validation/test splits, got {len(records)}")
-    indices = np.arange(len(records))
-    labels = [record["category"] for record in records]
-    rest, test = _stratified_split(indices, labels, test_fraction, seed)
-    rest_labels = [labels[i] for i in rest]
-    train, val = _stratified_split(rest, rest_labels, val_fraction, seed)
-    pick = lambda idx: [records[i] for i in sorted(idx)]  # noqa: E731
-    return pick(train), pick(val), pick(test)
+    groups, labels = instruction_groups(records)
+    rest, test = _stratified_split(np.arange(len(groups)), labels, test_fraction, seed)
+    train, val = _stratified_split(rest, [labels[i] for i in rest], val_fraction, seed)
+    return _records_of(records, groups, train), _records_of(records, groups, val), _records_of(records, groups, test)
 
 
 def held_out_split(records, test_fraction=0.1, seed=42):
     """split_records' test split alone: it is drawn first, so it does not depend on the validation share."""
+    groups, labels = instruction_groups(records)
+    _, test = _stratified_split(np.arange(len(groups)), labels, test_fraction, seed)
+    return _records_of(records, groups, test)
+
+
+def normalised_instruction(record):
+    return " ".join(record["instruction"].lower().split())
+
+
+def instruction_groups(records):
+    """Record indices grouped by normalised instruction (in order of first appearance), and each group's
+    category (its first record's) to stratify by. Without duplicates every group is one record, and the
+    split is the record-level one."""
     if len(records) < 3:
         raise UsageError(f"need at least 3 records to make train/validation/test splits, got {len(records)}")
-    _, test = _stratified_split(np.arange(len(records)), [record["category"] for record in records],
-                                test_fraction, seed)
-    return [records[i] for i in sorted(test)]
+    by_instruction = {}
+    for index, record in enumerate(records):
+        by_instruction.setdefault(normalised_instruction(record), []).append(index)
+    groups = list(by_instruction.values())
+    if len(groups) < 3:
+        raise UsageError(f"need at least 3 distinct instructions to make train/validation/test splits, "
+                         f"got {len(groups)}")
+    return groups, [records[group[0]]["category"] for group in groups]
+
+
+def _records_of(records, groups, chosen):
+    return [records[i] for i in sorted(i for group in chosen for i in groups[group])]
 
 
 def _stratified_split(indices, labels, share, seed):
@@ -231,11 +251,13 @@ def load_splits(settings, training=True):
 
 
 def load_examples(settings, tokenizer, training=True):
-    """Records read, split and tokenized: every check that needs no model, done before one loads.
-    Returns (examples by split, truncation counts by split, the eval records)."""
+    """Records read, split and tokenized, and the general text's blocks (examples["general"]): every check
+    that needs no model, done before one loads. Returns (examples by split, truncation counts by split, the
+    eval records)."""
     train, val, eval_records = load_splits(settings, training)
     splits = {"train": train, "validation": val, "eval": eval_records} if training else {"eval": eval_records}
     examples, truncation = tokenize_splits(tokenizer, settings.max_length, **splits)
+    examples["general"] = load_general_examples(settings, tokenizer)
     return examples, truncation, eval_records
 
 
@@ -250,6 +272,72 @@ def tokenize_splits(tokenizer, max_length, **splits):
             raise UsageError(f"nothing to {purpose}: the prompt of every one of its {len(records)} examples "
                              f"leaves no room within --max-length {max_length}")
     return examples, truncation
+
+
+# --------------------------------------------------------------------------- general text (forgetting)
+
+# Named plain-text sources for --general-file. WikiText-2 (raw, test split; CC BY-SA 3.0) is the usual
+# forgetting probe and needs the Hub and `datasets`; Python's own documentation (the English text of
+# pydoc_data/topics.py, PSF License Version 2, like the rest of Python) ships with every Python, so the
+# demo measures forgetting offline on text that is neither Dolly nor the demo data.
+WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+GENERAL_SOURCES = {"wikitext-2": lambda: _wikitext_text(), "python-docs": lambda: _python_docs_text()}
+
+
+def _wikitext_text():
+    name, config, split = WIKITEXT
+    ensure_hub_reachable(name, kind="dataset")
+    return "".join(row["text"] for row in _load_table(name, None, name, config=config, split=split))
+
+
+def _python_docs_text():
+    return "\n\n".join(pydoc_topics[key] for key in sorted(pydoc_topics))
+
+
+def load_general_text(source):
+    """The plain text that measures forgetting: a named source, a .txt file, or .jsonl/.json rows with a
+    `text` field (joined by blank lines)."""
+    if source in GENERAL_SOURCES:
+        return GENERAL_SOURCES[source]()
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"--general-file: use {' or '.join(GENERAL_SOURCES)}, or a .txt or .jsonl file; "
+                         f"not found: {source}")
+    if path.suffix.lower() in (".json", ".jsonl"):
+        rows, _ = read_json_records(path)
+        if not isinstance(rows, list) or not all(isinstance(row, dict) and isinstance(row.get("text"), str)
+                                                 for row in rows):
+            raise UsageError(f"--general-file {source}: every row needs a 'text' string")
+        return "\n\n".join(row["text"] for row in rows)
+    return path.read_text(encoding="utf-8")
+
+
+def general_blocks(tokenizer, text, block_length, max_blocks=None, seed=42):
+    """The text tokenized once without a chat template and cut into blocks of block_length tokens, each
+    starting with the tokenizer's BOS (when it has one, unscored) so every text token is scored exactly
+    once. Ids name the block's place and content, so runs on the same text and tokenizer pair up."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no length warning: cut below
+    step = block_length - len(bos)
+    if step < 1 or len(tokens) < step + 1:
+        raise UsageError(f"--general-file: the text has {len(tokens)} tokens, too few for one block of "
+                         f"{block_length} (--max-length)")
+    blocks = []
+    for index, first in enumerate(range(0, len(tokens) - step + 1, step)):  # whole blocks only
+        ids = bos + tokens[first:first + step]
+        digest = hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:8]
+        labels = [IGNORE_INDEX] * len(bos) + ids[len(bos):]
+        blocks.append({"id": f"general-{index:05d}-{digest}", "input_ids": ids, "attention_mask": [1] * len(ids),
+                       "labels": labels})
+    return take_subset(blocks, max_blocks, seed)
+
+
+def load_general_examples(settings, tokenizer):
+    """--general-file's blocks, read and tokenized before any model loads (None: not asked)."""
+    if not settings.general_file:
+        return None
+    text = load_general_text(settings.general_file)
+    return general_blocks(tokenizer, text, settings.max_length, settings.max_general_blocks, settings.split_seed)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -442,6 +530,11 @@ def evaluate_perplexity(model, examples, pad_token_id, batch_size=8, device=None
     return summary
 
 
+# What evaluate_model records of the general text, each as general_<name>.
+GENERAL_FIELDS = ("perplexity", "perplexity_ci95", "eval_loss", "eval_tokens", "eval_examples", "per_example",
+                  "eval_seconds")
+
+
 def summarize_nll(per_example, seed=42, resamples=1000):
     nll = np.array([item["nll_sum"] for item in per_example], dtype=np.float64)
     tokens = np.array([item["tokens"] for item in per_example], dtype=np.float64)
@@ -491,12 +584,13 @@ def paired_bootstrap(run_a, run_b, seed=42, resamples=1000, level=0.95):
 
 
 def seed_style_perplexity(model, tokenizer, records, batch_size=8, device=None, max_length=writeup.LENGTH):
-    """The write-up's number, reproduced to explain it: its examples (lvf.writeup: context dropped, padded to
-    512 with pad = eos, labels = input ids, so prompt and padding are scored) and exp of the mean of per-batch
-    mean losses (what Trainer's eval_loss reports). Never use it to compare models."""
+    """The write-up's number, reproduced to explain it: its examples (lvf.writeup: context dropped, two BOS on
+    Llama 3, padded to 512 with pad = eos, labels = input ids, so prompt and padding are scored) and exp of
+    Trainer's eval_loss, which weights each batch's mean loss by the batch's size. Never use it to compare
+    models."""
     device = device or next(model.parameters()).device
     rows = writeup.encode(tokenizer, records, max_length)
-    batch_losses = []
+    batch_losses, batch_sizes = [], []
     model.eval()
     with torch.no_grad(), no_autocast(device):
         for first in range(0, len(rows), batch_size):
@@ -507,14 +601,26 @@ def seed_style_perplexity(model, tokenizer, records, batch_size=8, device=None, 
             nll_sums, token_counts = sequence_nll(model, batch["input_ids"], batch["attention_mask"],
                                                   labels=batch["labels"])
             batch_losses.append(sum(nll_sums) / sum(token_counts))
-    return math.exp(sum(batch_losses) / len(batch_losses))
+            batch_sizes.append(len(nll_sums))
+    return math.exp(batch_size_weighted_mean(batch_losses, batch_sizes))
 
 
-def evaluate_model(model, tokenizer, eval_examples, eval_records, settings, device, desc):
-    """Held-out perplexity with its interval, and the write-up's metric when --seed-style-metric asks."""
+def batch_size_weighted_mean(batch_losses, batch_sizes):
+    """Trainer's eval_loss: each batch's mean loss repeated once per example, then averaged."""
+    return sum(loss * size for loss, size in zip(batch_losses, batch_sizes, strict=True)) / sum(batch_sizes)
+
+
+def evaluate_model(model, tokenizer, eval_examples, eval_records, settings, device, desc, general_examples=None):
+    """Held-out perplexity with its interval; the general text's (forgetting) when given, in general_*
+    fields; and the write-up's metric when --seed-style-metric asks."""
     evaluation = evaluate_perplexity(model, eval_examples, tokenizer.pad_token_id, settings.eval_batch_size, device,
                                      settings.seed, settings.bootstrap_resamples, desc=desc)
     evaluation["eval_precision"] = eval_precision(model)
+    if general_examples:
+        general = evaluate_perplexity(model, general_examples, tokenizer.pad_token_id, settings.eval_batch_size,
+                                      device, settings.seed, settings.bootstrap_resamples, desc=f"{desc} (general)")
+        evaluation.update({f"general_{key}": general[key] for key in GENERAL_FIELDS})
+        evaluation["general_file"] = settings.general_file
     if settings.seed_style_metric:
         evaluation["seed_style_perplexity"] = seed_style_perplexity(model, tokenizer, eval_records,
                                                                     settings.eval_batch_size, device)

@@ -60,7 +60,7 @@ def main(argv=None):
 
     with memory.PhasePeak(runtime.device) as eval_peak:
         evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
-                                           desc=f"evaluate {method}")
+                                           desc=f"evaluate {method}", general_examples=examples["general"])
     process_peak, process_peak_kind = results.peak_memory(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **evaluation, **recorded, total_params=total,

@@ -24,7 +24,8 @@ def parse_args(argv=None):
     group.add_argument("--lora-dropout", type=settings.dropout_rate, default=DEFAULTS["lora_dropout"],
                        help="dropout on the LoRA input")
     group.add_argument("--lora-targets", default=DEFAULTS["lora_targets"],
-                       help="comma-separated module names that get adapters")
+                       help="comma-separated module names that get adapters, or all-linear (peft: every linear "
+                            "layer but the output layer)")
     group.add_argument("--quantize", choices=["none", "4bit"], default="none",
                        help="4bit: QLoRA (NF4, double quantisation, bf16 compute; needs bitsandbytes)")
     return settings.parse(parser, argv)

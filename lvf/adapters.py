@@ -6,8 +6,10 @@ from lvf.errors import UsageError
 
 
 def lora_config(rank, alpha, dropout, targets):
+    """targets: comma-separated module names, or peft's "all-linear" (every linear layer but the output one)."""
+    names = [name.strip() for name in targets.split(",") if name.strip()]
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=[name.strip() for name in targets.split(",") if name.strip()],
+                      target_modules="all-linear" if names == ["all-linear"] else names,
                       bias="none", task_type="CAUSAL_LM")
 
 

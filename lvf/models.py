@@ -84,8 +84,8 @@ def convert_gguf_preset(name, preset):
     config_dict.pop("_name_or_path", None)
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=False)
     model.tie_weights()
+    load_weights_strictly(model, gguf_model.state_dict(), preset["gguf_file"])
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
@@ -95,6 +95,18 @@ def convert_gguf_preset(name, preset):
     except OSError:  # another process finished the same conversion first
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def load_weights_strictly(model, state_dict, source):
+    """Loads every weight the model has; the only ones that may be absent are tied to a loaded one (the
+    output layer that shares the embedding), since a missing weight would silently stay random."""
+    outcome = model.load_state_dict(state_dict, strict=False)
+    own = model.state_dict()
+    loaded_storage = {own[key].data_ptr() for key in own if key not in outcome.missing_keys}
+    untied = [key for key in outcome.missing_keys if own[key].data_ptr() not in loaded_storage]
+    if untied or outcome.unexpected_keys:
+        raise RuntimeError(f"{source}: weights missing {untied[:5]}, unexpected {outcome.unexpected_keys[:5]}")
+    return model
 
 
 def check_model_source(name, need_weights=True):

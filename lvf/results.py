@@ -56,12 +56,15 @@ RESULT_FIELDS = [
     "method", "model", "base_model", "dataset", "eval_file", "perplexity", "perplexity_ci95", "eval_loss",
     "eval_tokens", "eval_examples", "seed_style_perplexity", "trainable_params", "total_params", "base_params",
     "trainable_percent", "train_examples", "train_tokens", "train_seconds", "train_step_seconds",
-    "train_tokens_per_second", "optimizer_steps", "best_checkpoint", "best_validation_loss", "resumed_from",
+    "train_tokens_per_second", "optimizer_steps", "best_checkpoint", "best_validation_loss", "validation_loss",
+    "validation_tokens", "resumed_from",
     "eval_seconds", "eval_precision", "peak_memory_bytes", "memory_kind", "load_peak_memory_bytes",
     "train_peak_memory_bytes", "eval_peak_memory_bytes", "phase_memory_kind", "phase_memory_unavailable",
     "phase_reserved_bytes", "train_memory_breakdown", "artifact_path", "artifact_bytes", "device", "dtype",
     "dtype_by_part", "bf16_autocast", "seed", "truncation", "config", "runtime", "versions", "git_commit",
-    "created_at", "dry_run", "per_example",
+    "created_at", "dry_run",
+    "general_file", "general_perplexity", "general_perplexity_ci95", "general_eval_loss", "general_eval_tokens",
+    "general_eval_examples", "general_eval_seconds", "log_history", "per_example", "general_per_example",
 ]
 
 

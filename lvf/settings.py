@@ -118,6 +118,12 @@ def add_evaluation_flags(parser):
     add = group.add_argument
     add("--eval-batch-size", type=positive_int, default=8, help="batch size for perplexity evaluation")
     add("--bootstrap-resamples", type=positive_int, default=1000, help="resamples for the 95%% interval")
+    add("--general-file", default="wikitext-2",
+        help="plain text scored without a chat template, to measure forgetting (tuned minus base): "
+             "'wikitext-2' (raw test split through datasets; needs the Hub), 'python-docs' (Python's own "
+             "documentation, offline), a .txt file, or .jsonl rows with a 'text' field; '' skips it")
+    add("--max-general-blocks", type=positive_int, default=64,
+        help="score at most this many blocks of --max-length tokens of the general text")
     add("--seed-style-metric", action="store_true",
         help="also compute the write-up's flawed perplexity (labels = input ids, padded to 512 with eos, "
              "context dropped) on the same examples, as seed_style_perplexity")
@@ -157,6 +163,9 @@ def add_training_flags(parser, method, learning_rate, batch_size, grad_accum):
     add("--packing", action="store_true",
         help="padding-free training: each batch is flattened into one row with position ids restarting per "
              "example (on CPU length-grouped batches are faster)")
+    add("--report-to", default="none",
+        help="the Trainer's live logging (e.g. tensorboard, wandb, when installed; comma-separated); the "
+             "results JSON keeps the log history either way")
     add("--resume", action="store_true",
         help="continue from the last checkpoint in --output-dir (after a crash or a signal)")
     return group

@@ -172,7 +172,7 @@ def training_arguments(settings, runtime, train_examples):
         seed=settings.seed,
         data_seed=settings.seed,
         train_sampling_strategy="group_by_length",
-        report_to="none",
+        report_to=settings.report_to,
         remove_unused_columns=False,
         use_cpu=runtime.device == "cpu",
         dataloader_num_workers=0,
@@ -309,6 +309,7 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples, tra
         "optimizer_steps": trainer.state.global_step,
         "resumed_from": resume,
         "train_memory_breakdown": breakdown.breakdown(train_peak.bytes),
+        "log_history": trainer.state.log_history,  # losses and validation over steps, for curves
     }, train_peak
 
 
@@ -383,10 +384,18 @@ def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_reco
     script's PhasePeak of loading the model."""
     trainer, measured, train_peak = train(settings, runtime, model, tokenizer, examples["train"],
                                           examples["validation"], training_args)
+    scored = without_mixed_precision_wrapper(trainer)
     # Every rank evaluates the whole set: the same forwards everywhere; the main process writes the results.
     with PhasePeak(runtime.device) as eval_peak:
-        evaluation = common.evaluate_model(without_mixed_precision_wrapper(trainer), tokenizer, examples["eval"],
-                                           eval_records, settings, trainer.args.device, desc=f"evaluate {label}")
+        evaluation = common.evaluate_model(scored, tokenizer, examples["eval"], eval_records, settings,
+                                           trainer.args.device, desc=f"evaluate {label}",
+                                           general_examples=examples["general"])
+    # The kept checkpoint's validation loss, token-weighted like the test figure: what a learning-rate sweep
+    # compares (the Trainer's eval_loss weights each batch's mean by its size, not by its tokens).
+    validation = common.evaluate_perplexity(scored, examples["validation"], tokenizer.pad_token_id,
+                                            settings.eval_batch_size, trainer.args.device, settings.seed,
+                                            settings.bootstrap_resamples, desc=f"validate {label}")
+    evaluation.update(validation_loss=validation["eval_loss"], validation_tokens=validation["eval_tokens"])
     artifact = save_artifact(trainer, runtime.output_dir)
     memory, memory_kind = peak_memory(runtime.device)
     return {

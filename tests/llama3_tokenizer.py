@@ -37,6 +37,7 @@ def build_llama3_tokenizer(output_dir):
     """Converts tokenizer.model to a transformers tokenizer with the official chat template."""
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
     from tiktoken.load import load_tiktoken_bpe
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -46,6 +47,14 @@ def build_llama3_tokenizer(output_dir):
     specials = special_tokens()
     backend = TikTokenConverter(vocab_file=str(path), pattern=MetaTokenizer.pat_str,
                                 extra_special_tokens=specials).converted()
+    # The Hub tokenizer.json's post-processor: plain tokenizer(text) calls (add_special_tokens=True)
+    # start with <|begin_of_text|>, so a test can catch a BOS added twice.
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                      pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
+                                      special_tokens=[("<|begin_of_text|>", BOS_ID)]),
+    ])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
                                         eos_token="<|eot_id|>", chat_template=common.LLAMA3_CHAT_TEMPLATE)
     tokenizer.save_pretrained(output_dir)

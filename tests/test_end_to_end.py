@@ -14,7 +14,8 @@ from lvf import results
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
 PROJECT_DIR = common.PROJECT_DIR
-SMALL = ["--max-eval-samples", "12", "--max-length", "256", "--eval-batch-size", "4"]
+SMALL = ["--max-eval-samples", "12", "--max-length", "256", "--eval-batch-size", "4", "--general-file", "python-docs",
+         "--max-general-blocks", "6"]
 SMALL_TRAINING = ["--max-train-samples", "24", "--max-val-samples", "6"]
 
 
@@ -62,6 +63,20 @@ def test_methods_are_paired_on_the_same_examples(runs):
     assert ids[0] == ids[1] == ids[2]
     token_counts = [sorted((i["id"], i["tokens"]) for i in r["per_example"]) for r in runs.values()]
     assert token_counts[0] == token_counts[1] == token_counts[2]
+
+
+def test_general_text_is_scored_alike_for_every_method(runs):
+    blocks = [sorted((i["id"], i["tokens"]) for i in r["general_per_example"]) for r in runs.values()]
+    assert blocks[0] == blocks[1] == blocks[2] and len(blocks[0]) == 6
+    assert all(tokens == 255 for _, tokens in blocks[0])  # --max-length 256: a BOS and 255 scored tokens
+    for result in runs.values():
+        nll = sum(item["nll_sum"] for item in result["general_per_example"])
+        tokens = sum(item["tokens"] for item in result["general_per_example"])
+        assert result["general_file"] == "python-docs" and result["general_eval_tokens"] == tokens
+        assert result["general_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-9)
+        low, high = result["general_perplexity_ci95"]
+        assert low <= result["general_perplexity"] <= high
+    assert runs["full"]["general_perplexity"] != runs["base"]["general_perplexity"]
 
 
 def test_training_fields_and_counts(runs):
@@ -123,6 +138,6 @@ def test_eval_file_replaces_the_test_split_and_base_reads_nothing_else(tmp_path,
     eval_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     output = tmp_path / "base.json"
     run_script("evaluate_base_model.py", "--model", tiny_llama_dir, "--dataset", tmp_path / "missing.jsonl",
-               "--eval-file", eval_file, "--max-length", "4096", "--output", output)
+               "--eval-file", eval_file, "--max-length", "4096", "--general-file", "", "--output", output)
     result = json.loads(output.read_text())
     assert result["eval_examples"] == 5 and result["eval_file"] == str(eval_file)

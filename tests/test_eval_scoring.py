@@ -2,7 +2,6 @@
 scoring the whole batch's logits at once, a bounded logits tensor, no autocast, and a LoRA model scored like
 its base."""
 
-import math
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from accelerate.state import AcceleratorState
 from conftest import tiny_llama_config
 from peft import LoraConfig, get_peft_model
 from test_perplexity import random_examples
+from test_writeup import writeup_perplexity_by_hand
 from transformers import LlamaForCausalLM
 
 import common
@@ -77,20 +77,9 @@ def test_write_up_metric_is_unchanged_by_block_scoring(monkeypatch, llama3_token
     recorder = LogitsRecorder(model.lm_head)
     blockwise = common.seed_style_perplexity(model, llama3_tokenizer, records, batch_size=2, max_length=40)
     assert recorder.largest <= 16 * model.config.vocab_size
-    # The earlier way: the Trainer's loss over labels = input ids, padded with eos, mean of batch means.
-    eos = llama3_tokenizer.eos_token_id
-    losses = []
-    with torch.no_grad():
-        for first in range(0, len(records), 2):
-            texts = [llama3_tokenizer.apply_chat_template([{"role": "user", "content": r["instruction"]},
-                                                           {"role": "assistant", "content": r["response"]}],
-                                                          tokenize=False)
-                     for r in records[first:first + 2]]
-            ids = [llama3_tokenizer(t, add_special_tokens=False)["input_ids"][:40] for t in texts]
-            input_ids = torch.tensor([i + [eos] * (40 - len(i)) for i in ids])
-            attention = torch.tensor([[1] * len(i) + [0] * (40 - len(i)) for i in ids])
-            losses.append(float(model(input_ids=input_ids, attention_mask=attention, labels=input_ids).loss))
-    assert blockwise == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-6)
+    # The whole-batch way: the model's own loss over labels = input ids, batch by batch.
+    expected = writeup_perplexity_by_hand(model, llama3_tokenizer, records, batch_size=2, max_length=40)
+    assert blockwise == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.fixture

@@ -32,6 +32,15 @@ def test_llama3_example_has_one_bos_masked_prompt_context_and_eot(llama3_tokeniz
     assert llama3_tokenizer.decode(scored) == "Ada Lovelace wrote it.<|eot_id|>"
 
 
+def test_test_tokenizer_adds_a_bos_like_the_real_one(llama3_tokenizer):
+    # Meta-Llama-3-8B-Instruct's tokenizer.json prepends <|begin_of_text|> to plain text; without that the
+    # single-BOS test above could not catch a template's BOS doubled by a second tokenizer call.
+    assert llama3_tokenizer("Hello")["input_ids"] == [BOS_ID, *llama3_tokenizer("Hello", add_special_tokens=False)
+                                                      ["input_ids"]]
+    rendered = llama3_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert llama3_tokenizer(rendered)["input_ids"][:2] == [BOS_ID, BOS_ID]
+
+
 def test_long_response_is_cut_at_the_end_and_long_prompt_dropped(llama3_tokenizer):
     full, _ = common.tokenize_example(llama3_tokenizer, {**RECORD, "response": "word " * 200}, 1024)
     prompt_length = full["labels"].count(common.IGNORE_INDEX)

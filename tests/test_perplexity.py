@@ -145,3 +145,34 @@ def test_paired_bootstrap_identical_runs_contain_zero_and_clear_gap_excludes_it(
     gap = common.paired_bootstrap(better, run)
     assert gap["difference"] < 0 and gap["ci95"][1] < 0 and gap["significant"]
     assert common.paired_bootstrap(run, [{"id": "other", "nll_sum": 1.0, "tokens": 1}]) is None
+
+
+def test_seed_style_metric_matches_a_hand_computation_with_two_bos_and_size_weighted_batches(llama3_tokenizer):
+    from llama3_tokenizer import BOS_ID
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    records = [{"instruction": f"Question {n}?", "context": "ignored", "response": "Answer " * n}
+               for n in (1, 2, 3)]
+    length, eos = 40, llama3_tokenizer.eos_token_id
+    # The write-up: the template's text (already starting with <|begin_of_text|>), tokenized with the
+    # tokenizer's own BOS added again, cut and padded with eos to a fixed length, every position a target.
+    rows = []
+    for record in records:
+        text = llama3_tokenizer.apply_chat_template([{"role": "user", "content": record["instruction"]},
+                                                     {"role": "assistant", "content": record["response"]}],
+                                                    tokenize=False)
+        ids = [BOS_ID, *llama3_tokenizer(text, add_special_tokens=False)["input_ids"]][:length]
+        assert ids[:2] == [BOS_ID, BOS_ID]
+        rows.append((ids + [eos] * (length - len(ids)), [1] * len(ids) + [0] * (length - len(ids))))
+    batch_means = []
+    for batch in (rows[:2], rows[2:]):  # batch_size=2 over 3 records: batches of 2 and 1
+        input_ids = torch.tensor([ids for ids, _ in batch])
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=torch.tensor([mask for _, mask in batch])).logits
+        batch_means.append(float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))))
+    expected = math.exp((2 * batch_means[0] + 1 * batch_means[1]) / 3)  # Trainer: weighted by batch size
+    got = common.seed_style_perplexity(model, llama3_tokenizer, records, batch_size=2, max_length=length)
+    assert got == pytest.approx(expected, rel=1e-5)

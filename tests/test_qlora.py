@@ -44,7 +44,7 @@ def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, 
     monkeypatch.setattr(models, "load_model", lambda *a, **kw: loaded.append(load_model(*a, **kw)) or loaded[-1])
     args = ["--model", str(tiny_llama_64_dir), "--dataset", str(records_path), "--quantize", "4bit",
             "--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128",
-            "--batch-size", "2", "--max-steps", "2", "--output-dir", str(tmp_path / "qlora")]
+            "--batch-size", "2", "--max-steps", "2", "--general-file", "", "--output-dir", str(tmp_path / "qlora")]
     finetune.main([*args, "--output", str(tmp_path / "qlora.json")])
     result = json.loads((tmp_path / "qlora.json").read_text())
 

@@ -20,6 +20,11 @@ def make_records(counts):
     return records
 
 
+def asked(record):
+    """The instruction up to case and spacing: what the split must keep on one side."""
+    return " ".join(record["instruction"].lower().split())
+
+
 def ids(records):
     return [record["id"] for record in records]
 
@@ -63,6 +68,26 @@ def test_too_few_records_is_a_usage_error():
         common.split_records(make_records({"a": 2}), 0.1, 0.05, seed=42)
 
 
+def test_records_sharing_an_instruction_never_straddle_splits():
+    records = make_records({"a": 150, "b": 90, "c": 60})
+    # Every fifth record repeats an earlier instruction, up to case and spacing, with another response.
+    for index in range(0, len(records), 5):
+        source = records[(index * 7) % len(records)]
+        copy = {**records[index], "instruction": "  " + source["instruction"].upper().replace(" ", "  "),
+                "response": f"another answer {index}"}
+        copy["id"] = common.record_id(copy)
+        records[index] = copy
+    train, val, test = common.split_records(records, 0.1, 0.05, seed=42)
+    parts = [{asked(r) for r in part} for part in (train, val, test)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert len(train) + len(val) + len(test) == len(records)
+    assert ids(common.held_out_split(records, 0.1, seed=42)) == ids(test)
+    # Still stratified: each category's share of the test split is close to its share of the data.
+    test_counts = Counter(r["category"] for r in test)
+    for category, share in {"a": 0.5, "b": 0.3, "c": 0.2}.items():
+        assert abs(test_counts[category] - len(test) * share) <= 2
+
+
 def test_subsets_are_deterministic_and_ordered():
     records = make_records({"a": 50})
     subset = common.take_subset(records, 10, seed=42)
@@ -88,7 +113,8 @@ def test_dolly_records_split(real_dolly_path):
     records = common.load_records(str(real_dolly_path))
     assert len(records) == 1172
     train, val, test = common.split_records(records, 0.1, 0.05, seed=42)
-    assert len(test) == 117
+    # 117 instructions: one of them is asked twice, and both records go to the test split together.
+    assert len({asked(r) for r in test}) == 117 and len(test) == 118
     assert Counter(r["category"] for r in test)["summarization"] == 80
 
 

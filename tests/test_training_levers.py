@@ -128,7 +128,7 @@ def test_packed_run_trains_on_exactly_the_scored_tokens(tmp_path, tiny_llama_dir
     output = tmp_path / "lora.json"
     argv = ["--model", tiny_llama_dir, "--dataset", records_path, "--max-train-samples", "8", "--max-val-samples", "2",
             "--max-eval-samples", "2", "--max-length", "4096", "--batch-size", "4", "--max-steps", "2",
-            "--eval-steps", "2", "--packing", "--bootstrap-resamples", "10", "--output", output,
+            "--eval-steps", "2", "--packing", "--bootstrap-resamples", "10", "--general-file", "", "--output", output,
             "--output-dir", tmp_path / "lora"]
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -1,4 +1,4 @@
-"""The write-up's recipe (lvf.writeup) is kept once, and serves its metric with the numbers it always had."""
+"""The write-up's recipe (lvf.writeup) is kept once, and its metric is the write-up's, computed by hand."""
 
 import math
 
@@ -10,21 +10,23 @@ import common
 from lvf import writeup
 
 
-def frozen_seed_style_perplexity(model, tokenizer, records, batch_size, max_length=512):
-    """common.seed_style_perplexity as it was before lvf.writeup existed (commit 0b16b6f), kept to pin its numbers."""
+def writeup_perplexity_by_hand(model, tokenizer, records, batch_size, max_length=512):
+    """The write-up's metric written out plainly: its chat text tokenized with the default special tokens (two
+    BOS on Llama 3), padded with eos, labels = input ids, and the Trainer's eval_loss (each batch's mean loss
+    weighted by the batch's size)."""
     eos_id = tokenizer.eos_token_id
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": record["instruction"]},
                                             {"role": "assistant", "content": record["response"]}], tokenize=False)
              for record in records]
-    batch_losses = []
+    weighted, examples = 0.0, 0
     with torch.no_grad():
         for first in range(0, len(texts), batch_size):
-            encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
-                       for text in texts[first:first + batch_size]]
+            encoded = [tokenizer(text)["input_ids"][:max_length] for text in texts[first:first + batch_size]]
             input_ids = torch.tensor([ids + [eos_id] * (max_length - len(ids)) for ids in encoded])
             attention = torch.tensor([[1] * len(ids) + [0] * (max_length - len(ids)) for ids in encoded])
-            batch_losses.append(float(model(input_ids=input_ids, attention_mask=attention, labels=input_ids).loss))
-    return math.exp(sum(batch_losses) / len(batch_losses))
+            loss = float(model(input_ids=input_ids, attention_mask=attention, labels=input_ids).loss)
+            weighted, examples = weighted + loss * len(encoded), examples + len(encoded)
+    return math.exp(weighted / examples)
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +34,13 @@ def demo_records(records_path):
     return common.load_records(str(records_path))[:5]
 
 
-def test_seed_style_perplexity_keeps_its_numbers(llama3_tokenizer, demo_records):
+def test_seed_style_perplexity_is_the_writeups_metric(llama3_tokenizer, demo_records):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config()).eval()
-    # Batches of 2, 2 and 1: the mean of per-batch means differs from the mean over tokens, as the write-up's did.
-    expected = frozen_seed_style_perplexity(model, llama3_tokenizer, demo_records, batch_size=2)
+    # Batches of 2, 2 and 1: weighting by batch size differs from the plain mean of batch means.
+    expected = writeup_perplexity_by_hand(model, llama3_tokenizer, demo_records, batch_size=2)
     # Scored block by block (bounded logits), so sums run in another order: equal to float rounding.
     assert common.seed_style_perplexity(model, llama3_tokenizer, demo_records, batch_size=2) == pytest.approx(
         expected, rel=1e-6)
@@ -51,6 +53,7 @@ def test_writeup_rows_drop_context_pad_with_eos_to_512_and_score_everything(llam
     for row in rows:
         assert len(row["input_ids"]) == len(row["attention_mask"]) == writeup.LENGTH
         assert row["labels"] == row["input_ids"]  # prompt and padding are targets
+        assert row["input_ids"][:2] == [llama3_tokenizer.bos_token_id] * 2  # the template's BOS and the tokenizer's
     short = rows[0]
     kept = sum(short["attention_mask"])
     assert short["input_ids"][kept:] == [llama3_tokenizer.eos_token_id] * (writeup.LENGTH - kept)

@@ -1,0 +1,83 @@
+"""The study: rates picked on validation loss, the picked rate at several seeds, resumable; all-linear LoRA."""
+
+import json
+
+import pytest
+
+import finetune
+import study
+from lvf import errors
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
+
+
+def test_all_linear_targets_every_linear_layer_but_the_output(tmp_path, tiny_llama_dir):
+    output = tmp_path / "dry.json"
+    finetune.main(["--dry-run", "--model", str(tiny_llama_dir), "--lora-targets", "all-linear", "--lora-r", "16",
+                   "--output", str(output)])
+    # Tiny Llama, per layer: q, o 32->32; k, v 32->16; gate, up 32->64; down 64->32. LoRA adds r x (in + out).
+    per_layer = 16 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
+    assert json.loads(output.read_text())["trainable_params"] == 2 * per_layer
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, tiny_llama_dir, records_path):
+    folder = tmp_path_factory.mktemp("study")
+    argv = ["--smoke", "--study-dir", str(folder / "results"), "--outputs-dir", str(folder / "outputs"),
+            "--", "--model", str(tiny_llama_dir), "--dataset", str(records_path)]
+    study.main(argv)
+    return folder, argv
+
+
+def test_smoke_study_picks_each_rate_on_validation_and_trains_it_at_every_seed(smoke):
+    folder, _ = smoke
+    summary = json.loads((folder / "results" / "summary.json").read_text())
+    base = json.loads((folder / "results" / "base.json").read_text())
+    assert set(summary["methods"]) == set(study.METHODS)
+    for method, found in summary["methods"].items():
+        sweep = found["learning_rates"]
+        assert len(sweep) == 2
+        best = min(sweep, key=lambda rate: sweep[rate]["validation_loss"])
+        assert study.rate_name(found["picked_learning_rate"]) == best
+        assert [run["seed"] for run in found["runs"]] == [42, 43]
+        for run in found["runs"]:
+            result = json.loads((folder / "results" / method / f"lr-{best}-seed-{run['seed']}.json").read_text())
+            assert result["config"]["learning_rate"] == found["picked_learning_rate"]
+            assert result["log_history"] and any("eval_loss" in entry for entry in result["log_history"])
+            assert result["validation_tokens"] > 0 and result["general_perplexity"] > 0
+            # Paired with the base run on every example it scored (of 6 sampled, those that fit 128 tokens).
+            assert run["improvement_over_base"]["examples"] == base["eval_examples"] == result["eval_examples"]
+            assert run["forgetting"]["examples"] == 2
+            assert not list((folder / "outputs" / method / f"lr-{best}-seed-{run['seed']}").glob("checkpoint-*"))
+    lora = json.loads(next((folder / "results" / "lora-all-linear").glob("*.json")).read_text())
+    qkvo = json.loads(next((folder / "results" / "lora-qkvo").glob("*.json")).read_text())
+    assert lora["config"]["lora_targets"] == "all-linear" and lora["trainable_params"] > qkvo["trainable_params"]
+
+
+def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(smoke, monkeypatch):
+    folder, argv = smoke
+    ran = []
+    monkeypatch.setattr(study, "run_script", lambda module, args: ran.append(args))
+    study.main(argv)
+    assert ran == []
+    missing = folder / "results" / "full" / "lr-0.001-seed-42.json"
+    kept = missing.read_text()
+    missing.unlink()
+    monkeypatch.setattr(study, "run_script", lambda module, args: ran.append(args) or missing.write_text(kept))
+    study.main(argv)
+    assert len(ran) == 1 and "0.001" in ran[0] and "--resume" not in ran[0]
+
+
+def test_a_json_made_with_other_flags_is_not_mixed_in(smoke):
+    folder, argv = smoke
+    with pytest.raises(errors.UsageError, match="other flags.*max_length"):
+        study.main([*argv, "--max-length", "96"])
+
+
+@pytest.mark.parametrize("flag, expected", [([], []), (["--report-to", "tensorboard"], ["tensorboard"])])
+def test_report_to_reaches_the_trainer_and_is_off_by_default(tmp_path, flag, expected):
+    from lvf import settings, training
+
+    args = finetune.parse_args(["--output-dir", str(tmp_path), *flag])
+    arguments = training.training_arguments(args, settings.training_runtime(args, "lora", "adamw_torch"), 8)
+    assert arguments.report_to == expected
