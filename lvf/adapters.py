@@ -18,7 +18,23 @@ def add_adapters(model, config, targets_flag):
         raise UsageError(f"--lora-targets {targets_flag}: {error}".splitlines()[0]) from error
 
 
+def keep_4bit_weights_unchanged(model):
+    """Workaround for bitsandbytes (0.50) on CPUs with AVX512-BF16: Linear4bit.forward (nn/modules.py) repacks
+    its weight for a fast CPU kernel at the first no-grad forward in eval mode (the Trainer's validation), and
+    that repacking (functional.py, _convert_weight_packed_for_cpu) rounds the block scales (absmax) to bf16;
+    saving a checkpoint (state_dict) undoes the packing but quantises the rounded scales again
+    (_convert_weight_packed_for_cpu_inverse). So every validation + checkpoint changes the frozen base weights
+    slightly, and a run resumed from a checkpoint (weights loaded afresh) trains on other base weights than
+    the run that went on. Keeping the weights in their loaded format makes training and resuming exact.
+    Found by the attribute (Linear4bit's own switch), so this module never imports bitsandbytes itself."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def prepare_for_4bit_training(model, gradient_checkpointing):
-    """peft's recipe for training adapters on a 4-bit model: norms in fp32, input gradients on."""
+    """peft's recipe for training adapters on a 4-bit model: norms in fp32, input gradients on; the 4-bit
+    weights stay exactly as loaded (keep_4bit_weights_unchanged)."""
+    keep_4bit_weights_unchanged(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
