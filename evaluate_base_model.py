@@ -18,6 +18,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     runtime = settings.evaluation_runtime(args, METHOD)
+    results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
 
     if args.dry_run:
         _, total = models.count_parameters(models.meta_model(models.model_config(args.model, args.trust_remote_code)))

@@ -34,6 +34,7 @@ def main(argv=None):
     args = parse_args(argv)
     method = "qlora" if args.quantize == "4bit" else "lora"
     runtime = settings.training_runtime(args, method, optimizer="adamw_torch")
+    results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
     training.start_run(args, runtime)
 
     if args.dry_run:  # counted unquantised: 4-bit storage does not change the parameter counts
@@ -58,7 +59,7 @@ def main(argv=None):
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method)
     record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total - trainable, truncation=truncation)
-    results.finish(record, runtime.output)
+    results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def main(argv=None):
     args = parse_args(argv)
     optimizer = default_optimizer if args.optim == "auto" else args.optim
     runtime = settings.training_runtime(args, METHOD, optimizer)
+    results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
     training.start_run(args, runtime)
 
     if args.dry_run:
@@ -53,7 +54,7 @@ def main(argv=None):
     trainable, total = models.count_parameters(model)
     record = results.build_results(args, runtime, METHOD, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total, truncation=truncation)
-    results.finish(record, runtime.output)
+    results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 
 if __name__ == "__main__":

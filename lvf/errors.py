@@ -1,15 +1,21 @@
-"""How a script ends: bad input is one line and exit 2, a signal is exit 130, anything else a traceback."""
+"""How a script ends: bad input is one line and exit 2, results written elsewhere than asked exit 1, a signal
+is exit 130, anything else a traceback."""
 
 import os
 import signal
 import sys
 
+RESULTS_ELSEWHERE_EXIT_STATUS = 1  # the run finished, but its results are not where --output said
 USAGE_EXIT_STATUS = 2
 SIGNAL_EXIT_STATUS = 130  # after SIGINT or SIGTERM, whether or not a checkpoint was saved; no results file
 
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit status 2, no traceback."""
+
+
+class ResultsWrittenElsewhere(Exception):
+    """The run finished but its results could not be written where asked; they were written elsewhere."""
 
 
 class Interrupted(Exception):
@@ -29,6 +35,9 @@ def main_guard(main):
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USAGE_EXIT_STATUS)
+    except ResultsWrittenElsewhere as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(RESULTS_ELSEWHERE_EXIT_STATUS)
     except (Interrupted, KeyboardInterrupt) as error:
         if debug and isinstance(error, KeyboardInterrupt):
             raise
