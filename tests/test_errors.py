@@ -6,7 +6,9 @@ runs); a few run as real subprocesses to show the same from the command line.
 
 import json
 import os
+import shutil
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +171,58 @@ def test_output_in_a_folder_that_cannot_be_written(tmp_path, unwritable_folder, 
     scripts = TRAINING_SCRIPTS if flag == "--output-dir" else SCRIPTS
     fails_cleanly(["--dataset", tmp_path / "nope.jsonl", flag, unwritable_folder / "lvf-out" / "run.json"],
                   f"cannot write in {unwritable_folder}", scripts=scripts)
+
+
+# --------------------------------------------------------------------------- broken model folders
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_llama_dir):
+    """A copy of the tiny model's folder, to break."""
+    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+
+
+def test_truncated_safetensors_is_named(records_path, fails_cleanly, model_copy):
+    weights = model_copy / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # a download cut short
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], f"{weights}: truncated (the tensors end at byte")
+
+
+def test_safetensors_with_an_impossible_header_length(records_path, fails_cleanly, model_copy):
+    weights = model_copy / "model.safetensors"
+    weights.write_bytes(b"<!DOCTYPE html><html>an error page saved in place of the weights</html>")
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], f"{weights}: truncated or not safetensors")
+
+
+def test_safetensors_whose_header_is_not_json(records_path, fails_cleanly, model_copy):
+    weights = model_copy / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", 16) + b"{not json at all" + bytes(64))
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], f"{weights}: invalid safetensors header")
+
+
+def test_missing_shard_named_by_the_index(records_path, fails_cleanly, model_copy):
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    fails_cleanly(["--dataset", records_path, "--model", model_copy],
+                  "names the shard model-00002-of-00002.safetensors, which is missing")
+
+
+def test_model_folder_without_tokenizer_files(records_path, fails_cleanly, model_copy):
+    (model_copy / "tokenizer.json").unlink()
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], "has no tokenizer files")
+
+
+def test_config_that_does_not_parse_is_named(records_path, fails_cleanly, model_copy):
+    config = model_copy / "config.json"
+    config.write_text(config.read_text()[:-20])
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], f"{config}: not valid JSON (line")
+
+
+def test_model_type_transformers_does_not_know(records_path, fails_cleanly, model_copy):
+    config = model_copy / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "llama-from-the-future"}))
+    fails_cleanly(["--dataset", records_path, "--model", model_copy],
+                  f"{config}: model_type 'llama-from-the-future' is not known to this transformers")
 
 
 def test_max_length_zero(fails_cleanly):
