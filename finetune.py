@@ -52,7 +52,7 @@ def main(argv=None):
 
     model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization)
     if quantization is not None:
-        model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
+        model = adapters.prepare_for_4bit_training(model)
     model = add_adapters(model, args)
     trainable, total = models.count_parameters(model)
 

@@ -1,5 +1,7 @@
 """LoRA adapters through peft: the configuration, adding them to a model, and peft's 4-bit preparation."""
 
+import warnings
+
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from lvf.errors import UsageError
@@ -13,7 +15,13 @@ def lora_config(rank, alpha, dropout, targets):
 
 def add_adapters(model, config, targets_flag):
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft (0.21, peft_model.py PeftModel.__init__) reads model.is_gradient_checkpointing, which transformers
+            # 5.23 deprecated (is_activation_checkpointing): a FutureWarning on every LoRA run that is peft's to
+            # fix, not the user's. Only that message, only during this call, is ignored.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as error:  # e.g. --lora-targets that name no module of this model
         raise UsageError(f"--lora-targets {targets_flag}: {error}".splitlines()[0]) from error
 
@@ -32,9 +40,10 @@ def keep_4bit_weights_unchanged(model):
             module.support_avx512bf16_for_cpu = False
 
 
-def prepare_for_4bit_training(model, gradient_checkpointing):
-    """peft's recipe for training adapters on a 4-bit model: norms in fp32, input gradients on; the 4-bit
-    weights stay exactly as loaded (keep_4bit_weights_unchanged)."""
+def prepare_for_4bit_training(model):
+    """peft's recipe for training adapters on a 4-bit model: base weights frozen, norms in fp32; the 4-bit
+    weights stay exactly as loaded (keep_4bit_weights_unchanged). Checkpointing is left to the Trainer, as for
+    LoRA (training.checkpointing_arguments, non-reentrant, so no input gradients are needed): peft would turn it
+    on through gradient_checkpointing_enable, deprecated in transformers 5.23."""
     keep_4bit_weights_unchanged(model)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

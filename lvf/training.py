@@ -2,6 +2,7 @@
 signal with a checkpoint, resuming, and saving the final artifact."""
 
 import contextlib
+import dataclasses
 import datetime as dt
 import inspect
 import math
@@ -195,10 +196,22 @@ def warmup_steps(total_steps):
     return max(1, round(0.03 * total_steps))
 
 
+# transformers 5.23 renamed TrainingArguments' gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs):
+# the old names warn (FutureWarning) on every run, even when False; 5.17 knows only the old names.
+CHECKPOINTING_ARGUMENT = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                              if name in {field.name for field in dataclasses.fields(TrainingArguments)})
+
+
+def checkpointing_arguments(enabled):
+    """Activation (gradient) checkpointing, under the names this transformers knows; non-reentrant, which
+    needs no input gradients and works with frozen embeddings (LoRA)."""
+    return {CHECKPOINTING_ARGUMENT: enabled,
+            f"{CHECKPOINTING_ARGUMENT}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(settings, runtime, train_examples):
     total_steps = optimizer_steps(settings, runtime, train_examples)
     eval_steps = settings.eval_steps or max(1, math.ceil(total_steps / 5))
-    checkpointing = runtime.gradient_checkpointing
     return TrainingArguments(
         output_dir=str(runtime.output_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -219,8 +232,7 @@ def training_arguments(settings, runtime, train_examples):
         greater_is_better=False,
         logging_steps=max(1, min(10, eval_steps)),
         bf16=runtime.bf16_autocast,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        **checkpointing_arguments(runtime.gradient_checkpointing),
         optim=runtime.optimizer,
         seed=settings.seed,
         data_seed=settings.seed,

@@ -9,6 +9,8 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import common
@@ -124,6 +126,21 @@ def test_resume_after_sigterm_at_several_steps_matches_an_uninterrupted_run(meth
     assert result["resumed_from"].endswith(f"checkpoint-{CUTS[-1]}")
     measured = lambda run: (run["perplexity"], run["best_validation_loss"])  # noqa: E731
     assert measured(result) == pytest.approx(measured(expected), rel=1e-6, abs=0)
+    # The perplexity is that of the best checkpoint, which may come from the first epoch (before a wrong order
+    # would show), so the last checkpoint's weights (the adapter, or every weight) and validation loss are
+    # compared too.
+    last = lambda run: tmp_path / run / "checkpoint-8"  # noqa: E731
+    torch.testing.assert_close(saved_weights(last("run")), saved_weights(last("reference")), rtol=1e-6, atol=1e-9)
+    assert last_validation_loss(last("run")) == pytest.approx(last_validation_loss(last("reference")), rel=1e-6)
+
+
+def last_validation_loss(checkpoint):
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    return [entry["eval_loss"] for entry in history if "eval_loss" in entry][-1]
+
+
+def saved_weights(folder):
+    return {name: tensor for path in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(path).items()}
 
 
 def test_sigterm_outside_training_exits_130_without_a_traceback(capsys):
