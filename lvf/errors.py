@@ -1,11 +1,11 @@
-"""How a script ends: bad input is one line and exit 2, results written elsewhere than asked exit 1, a signal
+"""How a script ends: bad input is one line and exit 2, results written elsewhere than asked exit 3, a signal
 is exit 130, anything else a traceback."""
 
 import os
 import signal
 import sys
 
-RESULTS_ELSEWHERE_EXIT_STATUS = 1  # the run finished, but its results are not where --output said
+RESULTS_ELSEWHERE_EXIT_STATUS = 3  # the run finished, but its results are not where --output said (1 is a traceback)
 USAGE_EXIT_STATUS = 2
 SIGNAL_EXIT_STATUS = 130  # after SIGINT or SIGTERM, whether or not a checkpoint was saved; no results file
 
@@ -23,8 +23,9 @@ class Interrupted(Exception):
 
 
 def main_guard(main):
-    """Runs a script's main: bad input is one line and exit 2; a signal is exit 130 (with a checkpoint
-    when it comes during training); --debug or LVF_DEBUG=1 shows tracebacks."""
+    """Runs a script's main: bad input is one line and exit 2; results that could only be written elsewhere
+    are one line saying where and exit 3; a signal is exit 130 (with a checkpoint when it comes during
+    training); --debug or LVF_DEBUG=1 shows tracebacks."""
     debug = "--debug" in sys.argv or os.environ.get("LVF_DEBUG") == "1"
     # Outside training, SIGTERM stops like Ctrl-C does: no results, status 130, no traceback.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

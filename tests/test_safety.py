@@ -56,7 +56,7 @@ def test_results_that_cannot_be_written_at_the_end_are_kept_beside_the_model(tmp
 
     kept = tmp_path / "out" / "results.json"
     err = capsys.readouterr().err.splitlines()
-    assert exit_info.value.code == 1, err[-1]
+    assert exit_info.value.code == errors.RESULTS_ELSEWHERE_EXIT_STATUS == 3, err[-1]
     assert err[-1].startswith(f"error: could not write the results to {asked} (")
     assert err[-1].endswith(f"they are in {kept}")
     assert json.loads(kept.read_text())["perplexity"] > 1
