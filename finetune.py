@@ -51,6 +51,7 @@ def main(argv=None):
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
 
     model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization)
+    models.pad_with_the_tokenizers_token(model, tokenizer)
     if quantization is not None:
         model = adapters.prepare_for_4bit_training(model)
     model = add_adapters(model, args)

@@ -49,6 +49,7 @@ def main(argv=None):
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation, eval_records = common.load_examples(args, tokenizer)
     model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code)
+    models.pad_with_the_tokenizers_token(model, tokenizer)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD)
     trainable, total = models.count_parameters(model)

@@ -220,6 +220,15 @@ def load_model(source, dtype, device, trust_remote_code=False, quantization_conf
     )
 
 
+def pad_with_the_tokenizers_token(model, tokenizer):
+    """Records the tokenizer's pad id (common.setup_tokenizer picks one when the model has none) in the model's
+    configs. The Trainer would do the same (trainer_utils.align_special_tokens) and log a notice on every run;
+    padding is masked by attention and labels, never by id, so nothing computed changes."""
+    for config in (model.config.get_text_config(), getattr(model, "generation_config", None)):
+        if config is not None:
+            config.pad_token_id = tokenizer.pad_token_id
+
+
 def four_bit_config(device):
     """QLoRA's quantisation: NF4 weights with double quantisation; bf16 compute on CUDA, fp32 on CPU."""
     if importlib.util.find_spec("bitsandbytes") is None:

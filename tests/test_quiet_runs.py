@@ -1,4 +1,5 @@
-"""Output a user reads is signal: a run shows no deprecation warning caused by the kit's own calls."""
+"""Output a user reads is signal: a run shows no deprecation warning caused by the kit's own calls, and no notice
+about what the kit itself chose."""
 
 import warnings
 
@@ -19,7 +20,8 @@ RUNS = {  # checkpointing on where it goes through another call (the Trainer's, 
 
 
 @pytest.mark.parametrize("method", RUNS)
-def test_training_shows_no_checkpointing_deprecation_warning(method, tmp_path, tiny_llama_64_dir, records_path):
+def test_training_shows_no_checkpointing_deprecation_warning(method, tmp_path, capfd, tiny_llama_64_dir,
+                                                             records_path):
     script, extra = RUNS[method]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -29,4 +31,6 @@ def test_training_shows_no_checkpointing_deprecation_warning(method, tmp_path, t
                     if issubclass(item.category, (FutureWarning, DeprecationWarning))
                     and "checkpointing" in str(item.message)]
     assert deprecations == []
+    # The pad id the kit gives the tokenizer is in the model's configs already: no alignment notice from the Trainer.
+    assert "The tokenizer has new PAD/BOS/EOS tokens" not in capfd.readouterr().err
     assert (tmp_path / "results.json").is_file()
