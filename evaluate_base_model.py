@@ -36,6 +36,7 @@ def main(argv=None):
     base_model = args.model if artifact is None else artifact.base_model
     weights_from = base_model if artifact is not None and artifact.is_adapter else args.model
     runtime = settings.evaluation_runtime(args, METHOD if artifact is None else artifacts.results_name(args.model))
+    results.check_outputs(runtime, writes_model=False)  # before any data or model is loaded
     models.check_attention_implementation(args.attn_implementation)
     # With --eval-file only that file is read; the dataset is then recorded as null.
     recorded = dict(base_model=base_model, dataset=None if args.eval_file else args.dataset,

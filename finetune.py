@@ -57,6 +57,7 @@ def add_adapters(model, args):
 def main(argv=None):
     args = parse_args(argv)
     method, runtime = resolve_runtime(args)
+    results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
     training.start_run(args, runtime)
 
     if args.dry_run:  # counted unquantised: 4-bit storage does not change the parameter counts
@@ -79,8 +80,9 @@ def main(argv=None):
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization,
                                   args.attn_implementation)
+        models.pad_with_the_tokenizers_token(model, tokenizer)
         if quantization is not None:
-            model = adapters.prepare_for_4bit_training(model, runtime.gradient_checkpointing)
+            model = adapters.prepare_for_4bit_training(model)
         model = add_adapters(model, args)
     trainable, total = models.count_parameters(model)
     stored_as = models.dtype_by_part(model)
@@ -90,7 +92,7 @@ def main(argv=None):
     record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total - trainable, truncation=truncation,
                                    dtype_by_part=stored_as)
-    results.finish(record, runtime.output)
+    results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 
 if __name__ == "__main__":

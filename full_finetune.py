@@ -53,6 +53,7 @@ def resolve_runtime(args):
 def main(argv=None):
     args = parse_args(argv)
     _, runtime = resolve_runtime(args)
+    results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
     training.start_run(args, runtime)
     warn_if_updates_round_away(runtime)
 
@@ -74,6 +75,7 @@ def main(argv=None):
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
                                   attn_implementation=args.attn_implementation)
+        models.pad_with_the_tokenizers_token(model, tokenizer)
     stored_as = models.dtype_by_part(model)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD,
@@ -82,7 +84,7 @@ def main(argv=None):
     record = results.build_results(args, runtime, METHOD, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total, truncation=truncation,
                                    dtype_by_part=stored_as)
-    results.finish(record, runtime.output)
+    results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """LoRA adapters through peft: the configuration, adding them to a model, and peft's 4-bit preparation."""
 
+import warnings
+
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from lvf.errors import UsageError
@@ -15,17 +17,40 @@ def lora_config(rank, alpha, dropout, targets):
 
 def add_adapters(model, config, targets_flag):
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft (0.21, peft_model.py PeftModel.__init__) reads model.is_gradient_checkpointing, which transformers
+            # 5.23 deprecated (is_activation_checkpointing): a FutureWarning on every LoRA run that is peft's to
+            # fix, not the user's. Only that message, only during this call, is ignored.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as error:  # e.g. --lora-targets that name no module of this model
         raise UsageError(f"--lora-targets {targets_flag}: {error}".splitlines()[0]) from error
 
 
-def prepare_for_4bit_training(model, gradient_checkpointing):
-    """peft's recipe for training adapters on a 4-bit model: input gradients on, and every weight that is not
+def keep_4bit_weights_unchanged(model):
+    """Workaround for bitsandbytes (0.50) on CPUs with AVX512-BF16: Linear4bit.forward (nn/modules.py) repacks
+    its weight for a fast CPU kernel at the first no-grad forward in eval mode (the Trainer's validation), and
+    that repacking (functional.py, _convert_weight_packed_for_cpu) rounds the block scales (absmax) to bf16;
+    saving a checkpoint (state_dict) undoes the packing but quantises the rounded scales again
+    (_convert_weight_packed_for_cpu_inverse). So every validation + checkpoint changes the frozen base weights
+    slightly, and a run resumed from a checkpoint (weights loaded afresh) trains on other base weights than
+    the run that went on. Keeping the weights in their loaded format makes training and resuming exact.
+    Found by the attribute (Linear4bit's own switch), so this module never imports bitsandbytes itself."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def prepare_for_4bit_training(model):
+    """peft's recipe for training adapters on a 4-bit model: base weights frozen, and every weight that is not
     4-bit (norms, and also embed_tokens and lm_head) cast to fp32; peft 0.21 has no option to skip the cast. On
-    Llama 3 8B that is +2.1 GB over bf16 (2 x 128,256 x 4,096 x 2 bytes); results record it in dtype_by_part."""
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    Llama 3 8B that is +2.1 GB over bf16 (2 x 128,256 x 4,096 x 2 bytes); results record it in dtype_by_part.
+    The 4-bit weights stay exactly as loaded (keep_4bit_weights_unchanged). Checkpointing is left to the Trainer, as for
+    LoRA (training.checkpointing_arguments, non-reentrant, so no input gradients are needed): peft would turn it
+    on through gradient_checkpointing_enable, deprecated in transformers 5.23."""
+    keep_4bit_weights_unchanged(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def load_adapter(model, folder):

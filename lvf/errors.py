@@ -1,9 +1,11 @@
-"""How a script ends: bad input is one line and exit 2, a signal is exit 130, anything else a traceback."""
+"""How a script ends: bad input is one line and exit 2, results written elsewhere than asked exit 3, a signal
+is exit 130, anything else a traceback."""
 
 import os
 import signal
 import sys
 
+RESULTS_ELSEWHERE_EXIT_STATUS = 3  # the run finished, but its results are not where --output said (1 is a traceback)
 USAGE_EXIT_STATUS = 2
 SIGNAL_EXIT_STATUS = 130  # after SIGINT or SIGTERM, whether or not a checkpoint was saved; no results file
 
@@ -12,13 +14,18 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit status 2, no traceback."""
 
 
+class ResultsWrittenElsewhere(Exception):
+    """The run finished but its results could not be written where asked; they were written elsewhere."""
+
+
 class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint."""
 
 
 def main_guard(main):
-    """Runs a script's main: bad input is one line and exit 2; a signal is exit 130 (with a checkpoint
-    when it comes during training); --debug or LVF_DEBUG=1 shows tracebacks."""
+    """Runs a script's main: bad input is one line and exit 2; results that could only be written elsewhere
+    are one line saying where and exit 3; a signal is exit 130 (with a checkpoint when it comes during
+    training); --debug or LVF_DEBUG=1 shows tracebacks."""
     debug = "--debug" in sys.argv or os.environ.get("LVF_DEBUG") == "1"
     # Outside training, SIGTERM stops like Ctrl-C does: no results, status 130, no traceback.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -29,6 +36,9 @@ def main_guard(main):
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USAGE_EXIT_STATUS)
+    except ResultsWrittenElsewhere as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(RESULTS_ELSEWHERE_EXIT_STATUS)
     except (Interrupted, KeyboardInterrupt) as error:
         if debug and isinstance(error, KeyboardInterrupt):
             raise

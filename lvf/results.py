@@ -9,11 +9,13 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import get_token
 
 from lvf import memory
+from lvf.errors import ResultsWrittenElsewhere, UsageError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -159,22 +161,78 @@ def keep_in_history(path):
     return kept
 
 
+def check_writable(path, flag, is_folder=False):
+    """Refuses, before any data or model is loaded, an output location that cannot be written: a folder
+    where a file goes (or the reverse), a parent that is a file, a folder without write permission, a file
+    system that refuses files. Tried for real with a temporary file in the nearest existing folder, since
+    permission bits say nothing for root (and nothing about read-only or virtual file systems)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != is_folder:
+        raise UsageError(f"{flag} {path}: is a {'file' if is_folder else 'folder'}; expected a "
+                         f"{'folder' if is_folder else 'file'}")
+    existing = path if path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".lvf-write-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot write in {existing} ({error.strerror or error})") from error
+
+
+def check_outputs(runtime, writes_model):
+    """Every place the run will write, checked before the work: the results JSON and its history/ folder,
+    and (when a model is trained) --output-dir."""
+    if runtime.output is not None:
+        check_writable(runtime.output, "--output")
+        check_writable(Path(runtime.output).parent / "history", "--output (its history/ folder)", is_folder=True)
+    if writes_model and runtime.output_dir is not None:
+        check_writable(runtime.output_dir, "--output-dir", is_folder=True)
+
+
+def write_results_somewhere(results, output, fallback_dir=None):
+    """Writes the results to output; when that fails at the end of a run (disk full, permissions changed
+    meanwhile), to fallback_dir/results.json or else a temporary file, so a finished run's numbers are
+    never lost. Returns (the path written, the error that kept them from output or None)."""
+    try:
+        return write_json_atomic(output, results), None
+    except OSError as error:
+        failure = error
+    candidates = [Path(fallback_dir) / "results.json"] if fallback_dir is not None else []
+    candidates.append(Path(tempfile.gettempdir()) / f"lvf-{results['method']}-{os.getpid()}.json")
+    for candidate in candidates:
+        try:
+            return write_json_atomic(candidate, results), failure
+        except OSError:
+            continue
+    raise failure
+
+
 def is_main_process():
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def finish(results, output):
+def finish(results, output, fallback_dir=None):
     """Writes the results (main process only; nowhere when output is None, as in a dry run without
-    --output) and prints a one-line summary."""
+    --output) and prints a one-line summary. If output cannot be written, they go beside the saved model
+    (fallback_dir) or to a temporary file, and the run ends with an error that says where."""
     if not is_main_process():
         return
     ppl = results.get("perplexity")
     summary = f"[{results['method']}]"
+    failure = None
     if output is not None:
-        summary += f" wrote {write_json_atomic(output, results)}"
+        written, failure = write_results_somewhere(results, output, fallback_dir)
+        summary += f" wrote {written}"
     if ppl is not None:
         low, high = results["perplexity_ci95"]
         summary += f": perplexity {ppl:.4f} (95% CI {low:.4f}-{high:.4f}) on {results['eval_tokens']} tokens"
     if results.get("trainable_params") is not None:
         summary += f"; trainable {results['trainable_params']:,} of {results['total_params']:,}"
-    print(summary)
+    print(summary, flush=True)
+    if failure is not None:
+        raise ResultsWrittenElsewhere(f"could not write the results to {output} ({failure.strerror or failure}); "
+                                      f"they are in {written}")

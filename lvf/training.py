@@ -2,6 +2,7 @@
 signal with a checkpoint, resuming, and saving the final artifact."""
 
 import contextlib
+import dataclasses
 import datetime as dt
 import inspect
 import math
@@ -24,6 +25,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import common
 from common import IGNORE_INDEX
@@ -34,15 +36,69 @@ from lvf.results import is_main_process, peak_memory, weights_bytes
 from lvf.settings import display_path
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from its own generator, seeded with seed + epoch at each pass, so that an
+    epoch's order does not depend on what consumed the global RNG before it (see epoch_seeded_sampler)."""
+
+    def __init__(self, batch_size, lengths, seed):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+def epoch_seeded_sampler(sampler, args):
+    """Workaround for transformers (5.23, 5.17) Trainer._get_train_sampler (trainer.py), which builds
+    LengthGroupedSampler (trainer_pt_utils.py) without a generator, so get_length_grouped_indices draws each
+    epoch's order from the global torch RNG when the epoch's iteration begins. A run resumed mid-epoch starts from
+    a freshly seeded RNG (the checkpoint's rng_state.pth is put back only after the skipped batches), so from the
+    second epoch on the rest of the resumed epoch trains on other batches than the uninterrupted run did: LoRA and
+    full fine-tuning alike. The replacement's order is a function of (data seed, epoch) alone."""
+    if type(sampler) is not LengthGroupedSampler or sampler.generator is not None:
+        return sampler
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+
+
+class SetSamplerEpoch(TrainerCallback):
+    """Gives the epoch-seeded sampler the epoch the loop is in, also in the epoch a run resumes into."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is the loop's epoch exactly at an epoch's start (k + n/n at its end), and k + a fraction
+        # in the epoch a run resumes into; accelerate forwards the Trainer's own set_epoch to the sampler except
+        # through SkipBatchSampler(BatchSamplerShard(...)), i.e. a DDP mid-epoch resume.
+        sampler = self.trainer.epoch_seeded_sampler
+        if sampler is not None:
+            sampler.set_epoch(math.floor(state.epoch or 0))
+
+
 def make_trainer_class(base=None):
     """Trainer that also counts the scored tokens it trains on and the time it spends away
-    from training (validation and checkpoints), so tokens/s means training tokens/s.
+    from training (validation and checkpoints), so tokens/s means training tokens/s, and whose
+    length-grouped data order survives a resume (EpochSeededLengthGroupedSampler).
     `base` (default: transformers.Trainer) lets bench/throughput.py measure other trainers the same way."""
     class MeasuredTrainer(base or Trainer):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.scored_tokens = None
             self.seconds_away = 0.0
+            self.epoch_seeded_sampler = None
+            self.add_callback(SetSamplerEpoch(self))
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = epoch_seeded_sampler(super()._get_train_sampler(train_dataset), self.args)
+            if isinstance(sampler, EpochSeededLengthGroupedSampler):
+                self.epoch_seeded_sampler = sampler
+            return sampler
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             # Scored = a target that counts in the loss and is not padding (some pipelines label padding).
@@ -142,10 +198,22 @@ def warmup_steps(total_steps):
     return max(1, round(0.03 * total_steps))
 
 
+# transformers 5.23 renamed TrainingArguments' gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs):
+# the old names warn (FutureWarning) on every run, even when False; 5.17 knows only the old names.
+CHECKPOINTING_ARGUMENT = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                              if name in {field.name for field in dataclasses.fields(TrainingArguments)})
+
+
+def checkpointing_arguments(enabled):
+    """Activation (gradient) checkpointing, under the names this transformers knows; non-reentrant, which
+    needs no input gradients and works with frozen embeddings (LoRA)."""
+    return {CHECKPOINTING_ARGUMENT: enabled,
+            f"{CHECKPOINTING_ARGUMENT}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(settings, runtime, train_examples):
     total_steps = optimizer_steps(settings, runtime, train_examples)
     eval_steps = settings.eval_steps or max(1, math.ceil(total_steps / 5))
-    checkpointing = runtime.gradient_checkpointing
     return TrainingArguments(
         output_dir=str(runtime.output_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -166,8 +234,7 @@ def training_arguments(settings, runtime, train_examples):
         greater_is_better=False,
         logging_steps=max(1, min(10, eval_steps)),
         bf16=runtime.bf16_autocast,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        **checkpointing_arguments(runtime.gradient_checkpointing),
         optim=runtime.optimizer,
         seed=settings.seed,
         data_seed=settings.seed,

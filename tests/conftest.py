@@ -71,3 +71,16 @@ def tiny_llama_dir(tmp_path_factory, llama3_tokenizer_dir):
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
     AutoTokenizer.from_pretrained(llama3_tokenizer_dir).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_64_dir(tmp_path_factory, llama3_tokenizer_dir):
+    """Layer sizes that are multiples of 64 (bitsandbytes' 4-bit blocks on CPU)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama-64")
+    config = tiny_llama_config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(llama3_tokenizer_dir).save_pretrained(folder)
+    return folder

@@ -6,9 +6,12 @@ runs); a few run as real subprocesses to show the same from the command line.
 
 import json
 import os
+import shutil
 import socket
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,13 +46,14 @@ def jsonl(tmp_path, *lines, name="data.jsonl"):
 @pytest.fixture
 def fails_cleanly(tmp_path, capsys, tiny_llama_dir):
     """check(args, problem): each script exits with status 2, no traceback, no results file, and a
-    message that names the problem. A real local model is given unless args name another."""
+    message that names the problem. A real local model and writable outputs are given unless args name others."""
     def check(args, problem, scripts=SCRIPTS, usage_line=False):
         for name, module in scripts.items():
             output = tmp_path / "results" / f"{name}.json"
-            argv = ["--model", str(tiny_llama_dir), *map(str, args), "--output", str(output)]
+            argv = ["--model", str(tiny_llama_dir), "--output", str(output)]
             if name in TRAINING_SCRIPTS:
                 argv += ["--output-dir", str(tmp_path / "outputs" / name)]
+            argv += map(str, args)  # last: args may name other outputs
             with pytest.raises(SystemExit) as exit_info:
                 errors.main_guard(lambda module=module, argv=argv: module.main(argv))
             err = capsys.readouterr().err
@@ -117,6 +121,108 @@ def test_model_folder_without_safetensors_weights(tmp_path, fails_cleanly, recor
     (folder / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     fails_cleanly(["--dataset", records_path, "--model", folder], "has no .safetensors weights")
+
+
+# --------------------------------------------------------------------------- outputs, checked before the work
+# The data file does not exist: an output error that comes first was found before any data was read.
+
+
+def test_results_path_under_a_file(tmp_path, fails_cleanly):
+    (tmp_path / "a-file").write_text("not a folder")
+    fails_cleanly(["--dataset", tmp_path / "nope.jsonl", "--output", tmp_path / "a-file" / "results.json"],
+                  f"--output {tmp_path / 'a-file' / 'results.json'}: {tmp_path / 'a-file'} is a file, not a folder")
+
+
+def test_output_dir_under_a_file(tmp_path, fails_cleanly):
+    (tmp_path / "a-file").write_text("not a folder")
+    fails_cleanly(["--dataset", tmp_path / "nope.jsonl", "--output-dir", tmp_path / "a-file" / "out"],
+                  "a-file is a file, not a folder", scripts=TRAINING_SCRIPTS)
+
+
+def test_results_path_that_is_a_folder(tmp_path, fails_cleanly):
+    (tmp_path / "taken.json").mkdir()
+    fails_cleanly(["--dataset", tmp_path / "nope.jsonl", "--output", tmp_path / "taken.json"],
+                  "taken.json: is a folder; expected a file")
+
+
+def test_history_folder_that_is_a_file(tmp_path, fails_cleanly):
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "history").write_text("where earlier results would be kept")
+    fails_cleanly(["--dataset", tmp_path / "nope.jsonl", "--output", tmp_path / "kept" / "r.json"],
+                  "--output (its history/ folder)")
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A real folder nobody may create files in. A folder with mode 0o500 is that for a user, but root writes
+    there regardless (and the tests may run as root, as in a container): then /sys, where even root cannot
+    create a file."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o500)
+        yield folder
+        folder.chmod(0o700)
+    else:
+        yield Path("/sys")
+
+
+@pytest.mark.parametrize("flag", ["--output", "--output-dir"])
+def test_output_in_a_folder_that_cannot_be_written(tmp_path, unwritable_folder, fails_cleanly, flag):
+    scripts = TRAINING_SCRIPTS if flag == "--output-dir" else SCRIPTS
+    fails_cleanly(["--dataset", tmp_path / "nope.jsonl", flag, unwritable_folder / "lvf-out" / "run.json"],
+                  f"cannot write in {unwritable_folder}", scripts=scripts)
+
+
+# --------------------------------------------------------------------------- broken model folders
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_llama_dir):
+    """A copy of the tiny model's folder, to break."""
+    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+
+
+def test_truncated_safetensors_is_named(records_path, fails_cleanly, model_copy):
+    weights = model_copy / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # a download cut short
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], f"{weights}: truncated (the tensors end at byte")
+
+
+def test_safetensors_with_an_impossible_header_length(records_path, fails_cleanly, model_copy):
+    weights = model_copy / "model.safetensors"
+    weights.write_bytes(b"<!DOCTYPE html><html>an error page saved in place of the weights</html>")
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], f"{weights}: truncated or not safetensors")
+
+
+def test_safetensors_whose_header_is_not_json(records_path, fails_cleanly, model_copy):
+    weights = model_copy / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", 16) + b"{not json at all" + bytes(64))
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], f"{weights}: invalid safetensors header")
+
+
+def test_missing_shard_named_by_the_index(records_path, fails_cleanly, model_copy):
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    fails_cleanly(["--dataset", records_path, "--model", model_copy],
+                  "names the shard model-00002-of-00002.safetensors, which is missing")
+
+
+def test_model_folder_without_tokenizer_files(records_path, fails_cleanly, model_copy):
+    (model_copy / "tokenizer.json").unlink()
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], "has no tokenizer files")
+
+
+def test_config_that_does_not_parse_is_named(records_path, fails_cleanly, model_copy):
+    config = model_copy / "config.json"
+    config.write_text(config.read_text()[:-20])
+    fails_cleanly(["--dataset", records_path, "--model", model_copy], f"{config}: not valid JSON (line")
+
+
+def test_model_type_transformers_does_not_know(records_path, fails_cleanly, model_copy):
+    config = model_copy / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "llama-from-the-future"}))
+    fails_cleanly(["--dataset", records_path, "--model", model_copy],
+                  f"{config}: model_type 'llama-from-the-future' is not known to this transformers")
 
 
 def test_max_length_zero(fails_cleanly):

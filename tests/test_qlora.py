@@ -5,25 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama_config
 
 import finetune
 from lvf import adapters, errors, models
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_64_dir(tmp_path_factory, llama3_tokenizer_dir):
-    """Layer sizes that are multiples of 64 (bitsandbytes' 4-bit blocks on CPU)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama-64")
-    config = tiny_llama_config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(llama3_tokenizer_dir).save_pretrained(folder)
-    return folder
 
 
 def test_dry_run_for_the_8b_default_counts_like_lora(tmp_path):
@@ -72,7 +58,7 @@ def test_4bit_preparation_keeps_embeddings_and_norms_in_fp32_and_results_say_so(
     quantization = models.four_bit_config("cuda")  # bf16 compute, as on a GPU; weights loaded in bf16
     model = models.load_model(str(tiny_llama_64_dir), torch.bfloat16, "cpu", quantization_config=quantization)
     assert models.dtype_by_part(model)["embed_tokens"] == "bfloat16"
-    model = adapters.prepare_for_4bit_training(model, gradient_checkpointing=False)
+    model = adapters.prepare_for_4bit_training(model)
     model = finetune.add_adapters(model, finetune.parse_args([]))
     assert models.dtype_by_part(model) == {
         "linear_4bit": "nf4", "embed_tokens": "float32", "input_layernorm": "float32",

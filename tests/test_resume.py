@@ -9,9 +9,13 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import common
 import finetune
+import full_finetune
 from lvf import errors, training
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
@@ -64,6 +68,80 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
     assert result["optimizer_steps"] == expected["optimizer_steps"] == 4
     assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
     assert result["best_validation_loss"] == pytest.approx(expected["best_validation_loss"], rel=1e-4)
+
+
+# 16 demo records of which 8 fit in 64 tokens (pinned below): at 2 a step, 4 optimizer steps an epoch, a checkpoint
+# every 4 steps, 8 steps in all.
+CUT_RUN = ["--max-train-samples", "16", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "64",
+           "--max-steps", "8", "--eval-steps", "4", "--learning-rate", "1e-2", "--dtype", "float32",
+           "--bf16-autocast", "off", "--bootstrap-resamples", "10"]
+# One run stopped by SIGTERM during step 2 (first epoch, before any checkpoint), then resumed and stopped again
+# during step 5 (second epoch, just after checkpoint 4) and step 7 (just before checkpoint 8), then resumed to the end.
+CUTS = (2, 5, 7)
+METHODS = {
+    "lora": (finetune, ["--batch-size", "2", "--grad-accum", "1"]),  # LoRA dropout on (the default 0.05)
+    "qlora": (finetune, ["--batch-size", "2", "--grad-accum", "1", "--quantize", "4bit"]),
+    "full": (full_finetune, ["--batch-size", "1", "--grad-accum", "2"]),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_after_sigterm_at_several_steps_matches_an_uninterrupted_run(method, tmp_path, monkeypatch,
+                                                                            tiny_llama_64_dir, records_path):
+    script, extra = METHODS[method]
+    signal_at = {"step": None}
+
+    class SigtermDuringStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == signal_at["step"]:
+                os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by training.StopOnSignal
+
+    make_trainer_class = training.make_trainer_class
+
+    def with_signal(*a, **kw):
+        class Signalled(make_trainer_class(*a, **kw)):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.add_callback(SigtermDuringStep())
+        return Signalled
+
+    monkeypatch.setattr(training, "make_trainer_class", with_signal)
+
+    def args(name, *more):
+        return ["--model", str(tiny_llama_64_dir), "--dataset", str(records_path), *CUT_RUN, *extra,
+                "--output", str(tmp_path / f"{name}.json"), "--output-dir", str(tmp_path / name), *more]
+
+    script.main(args("reference"))
+    for number, step in enumerate(CUTS):
+        signal_at["step"] = step
+        with pytest.raises(errors.Interrupted):
+            script.main(args("run", *(["--resume"] if number else [])))
+        assert training.latest_checkpoint(tmp_path / "run").endswith(f"checkpoint-{step}")
+    signal_at["step"] = None
+    script.main(args("run", "--resume"))
+
+    expected = json.loads((tmp_path / "reference.json").read_text())
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert result["train_examples"] == expected["train_examples"] == 8  # the epochs the cuts were placed in
+    assert result["optimizer_steps"] == expected["optimizer_steps"] == 8
+    assert result["resumed_from"].endswith(f"checkpoint-{CUTS[-1]}")
+    measured = lambda run: (run["perplexity"], run["best_validation_loss"])  # noqa: E731
+    assert measured(result) == pytest.approx(measured(expected), rel=1e-6, abs=0)
+    # The perplexity is that of the best checkpoint, which may come from the first epoch (before a wrong order
+    # would show), so the last checkpoint's weights (the adapter, or every weight) and validation loss are
+    # compared too.
+    last = lambda run: tmp_path / run / "checkpoint-8"  # noqa: E731
+    torch.testing.assert_close(saved_weights(last("run")), saved_weights(last("reference")), rtol=1e-6, atol=1e-9)
+    assert last_validation_loss(last("run")) == pytest.approx(last_validation_loss(last("reference")), rel=1e-6)
+
+
+def last_validation_loss(checkpoint):
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    return [entry["eval_loss"] for entry in history if "eval_loss" in entry][-1]
+
+
+def saved_weights(folder):
+    return {name: tensor for path in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(path).items()}
 
 
 def test_sigterm_outside_training_exits_130_without_a_traceback(capsys):

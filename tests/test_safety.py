@@ -7,7 +7,7 @@ import json
 import pytest
 
 import finetune
-from lvf import models, results, settings
+from lvf import errors, models, results, settings, training
 
 
 def test_results_are_written_atomically_and_earlier_ones_kept(tmp_path):
@@ -34,6 +34,33 @@ def test_only_the_main_process_writes_results(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     results.finish({"method": "lora"}, tmp_path / "lora.json")
     assert not (tmp_path / "lora.json").exists()
+
+
+@pytest.mark.slow
+def test_results_that_cannot_be_written_at_the_end_are_kept_beside_the_model(tmp_path, monkeypatch, capsys,
+                                                                             tiny_llama_dir, records_path):
+    asked = tmp_path / "results" / "lora.json"
+    train_evaluate_save = training.train_evaluate_save
+
+    def then_the_results_folder_becomes_a_file(*args, **kwargs):
+        measured = train_evaluate_save(*args, **kwargs)
+        (tmp_path / "results").write_text("took the results folder's place during the run")  # a real failure
+        return measured
+
+    monkeypatch.setattr(training, "train_evaluate_save", then_the_results_folder_becomes_a_file)
+    argv = ["--model", str(tiny_llama_dir), "--dataset", str(records_path), "--max-train-samples", "8",
+            "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128", "--max-steps", "1",
+            "--bootstrap-resamples", "10", "--output", str(asked), "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        errors.main_guard(lambda: finetune.main(argv))
+
+    kept = tmp_path / "out" / "results.json"
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == errors.RESULTS_ELSEWHERE_EXIT_STATUS == 3, err[-1]
+    assert err[-1].startswith(f"error: could not write the results to {asked} (")
+    assert err[-1].endswith(f"they are in {kept}")
+    assert json.loads(kept.read_text())["perplexity"] > 1
+    assert (tmp_path / "out" / "final").is_dir()
 
 
 def test_no_token_or_secret_reaches_the_results(tmp_path, monkeypatch, capsys, tiny_llama_dir):
