@@ -12,7 +12,7 @@ import pytest
 import common
 
 PROJECT_DIR = common.PROJECT_DIR
-SCRIPTS = ["evaluate_base_model.py", "finetune.py", "full_finetune.py", "report.py", "bench/throughput.py",
+SCRIPTS = ["evaluate_base_model.py", "finetune.py", "full_finetune.py", "report.py", "study.py", "bench/throughput.py",
            "bench/gpu_check.py"]
 CONTROL = {"&&", "||", ";", "|", "&"}
 REDIRECT = {">", ">>", "<", "2>", "2>&1"}
@@ -116,3 +116,11 @@ def test_a_renamed_flag_or_script_is_caught(modules):
     assert "line 2: finetune.py refuses ['--lora-rank', '8']" in problems[0]
     assert "compare.py is not one of the kit's scripts" in problems[1]
     assert "line 4: finetune.py refuses ['--lora-target', 'q_proj']" in problems[2]
+
+
+def test_every_results_field_is_documented():
+    """A field added to the results schema without a line in docs/results-schema.md fails here."""
+    from lvf.results import RESULT_FIELDS
+
+    documented = set(re.findall(r"`([a-z_0-9]+)`", (PROJECT_DIR / "docs" / "results-schema.md").read_text()))
+    assert [field for field in RESULT_FIELDS if field not in documented] == []
