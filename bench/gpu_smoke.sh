@@ -37,7 +37,7 @@ if [ "$CPU_DRY" = 1 ]; then
   if [ -z "${PYTHON:-}" ]; then if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi; fi
   SIZE=(--tiny); TOKENIZER=(); FULL_OPTIM=adamw_torch   # bitsandbytes' paged optimizers need CUDA
   TRAIN=(--max-train-samples 8 --max-val-samples 2 --max-steps 2 --eval-steps 2 --batch-size 2 --grad-accum 1)
-  EVAL=(--max-eval-samples 4 --max-length 256 --bootstrap-resamples 10)
+  EVAL=(--max-eval-samples 4 --max-length 256 --bootstrap-resamples 10 --general-file python-docs --max-general-blocks 4)
   CHECK=(--tiny)
 else
   PYTHON=${PYTHON:-python3}
@@ -46,7 +46,7 @@ else
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
   SIZE=(); TOKENIZER=(--tokenizer "$PREPARED/tokenizer"); FULL_OPTIM=paged_adamw_8bit
   TRAIN=(--max-train-samples 256 --max-val-samples 16 --max-steps 30 --eval-steps 30 --batch-size 8 --grad-accum 1)
-  EVAL=(--max-eval-samples 64 --max-length 1024)
+  EVAL=(--max-eval-samples 64 --max-length 1024 --general-file python-docs --max-general-blocks 16)
   CHECK=(--budget-seconds 300)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || log "nvidia-smi not available"

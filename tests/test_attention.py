@@ -18,7 +18,7 @@ def test_flash_attention_without_the_package_is_a_usage_error(module, tiny_llama
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
     monkeypatch.setattr(models, "load_model", lambda *a, **kw: pytest.fail("a model was loaded"))
-    argv = ["--model", str(tiny_llama_dir), "--attn-implementation", "flash_attention_2",
+    argv = ["--model", str(tiny_llama_dir), "--general-file", "", "--attn-implementation", "flash_attention_2",
             "--output", str(tmp_path / "r.json")]
     if module is not evaluate_base_model:
         argv += ["--output-dir", str(tmp_path / "out")]
@@ -35,7 +35,7 @@ def test_the_chosen_attention_reaches_the_model_and_the_results(tiny_llama_dir, 
     monkeypatch.setattr(models, "load_model", lambda *a, **kw: loaded.append(load_model(*a, **kw)) or loaded[-1])
     output = tmp_path / "base.json"
     evaluate_base_model.main(["--model", str(tiny_llama_dir), "--dataset", str(records_path), "--max-eval-samples",
-                              "2", "--attn-implementation", "eager", "--output", str(output)])
+                              "2", "--general-file", "", "--attn-implementation", "eager", "--output", str(output)])
     assert loaded[0].config._attn_implementation == "eager"
     assert json.loads(output.read_text())["config"]["attn_implementation"] == "eager"
     assert evaluate_base_model.parse_args([]).attn_implementation == "sdpa"

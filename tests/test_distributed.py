@@ -15,10 +15,10 @@ from lvf import models
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
-# 9 sampled demo records leave 8 that fit 256 tokens: 2 processes x batch 2 x 2 steps, so the launcher pads
+# 8 sampled demo records, all of which fit 384 tokens: 2 processes x batch 2 x 2 steps, so the launcher pads
 # nothing and one epoch trains on every example exactly once.
 RUN = ["--general-file", "",  # no forgetting measure: not what this test checks
-       "--max-train-samples", "9", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "256",
+       "--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "384",
        "--batch-size", "2", "--eval-batch-size", "4", "--learning-rate", "1e-2"]
 CONFIGS = common.PROJECT_DIR / "configs"
 

@@ -8,7 +8,7 @@ from test_end_to_end import run_script  # the scripts as a user runs them, in a 
 
 pytestmark = pytest.mark.slow  # trains two tiny runs end to end
 
-SMALL = ["--max-eval-samples", "6", "--max-length", "256", "--eval-batch-size", "3"]
+SMALL = ["--max-eval-samples", "6", "--max-length", "256", "--eval-batch-size", "3", "--general-file", ""]
 TRAIN = ["--max-train-samples", "8", "--max-val-samples", "3", "--max-steps", "2", "--eval-steps", "1"]
 
 

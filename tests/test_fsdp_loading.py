@@ -21,7 +21,8 @@ def test_fsdp_ranks_see_fsdp_at_load_and_only_rank_0_holds_the_weights(tmp_path,
               "--config_file", str(common.PROJECT_DIR / "configs" / "fsdp_full_8b.yaml"),
               "--num_processes", "2", "--main_process_port", str(free_port())]
     worker = common.PROJECT_DIR / "tests" / "fsdp_load_worker.py"
-    args = ["--model", str(tiny_llama_dir), "--dataset", str(records_path), "--max-train-samples", "8",
+    args = ["--model", str(tiny_llama_dir), "--dataset", str(records_path), "--general-file", "",
+            "--max-train-samples", "8",
             "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "256",
             "--output-dir", str(tmp_path / "full"), "--output", str(tmp_path / "full.json")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -31,7 +31,7 @@ def weight_change(tmp_path, name, tiny_llama_dir, records_path, precision):
     full_finetune.main(["--model", str(tiny_llama_dir), "--dataset", str(records_path), *precision,
                         "--learning-rate", "1e-5", "--max-steps", "10", "--eval-steps", "10",
                         "--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "2",
-                        "--max-length", "256", "--batch-size", "2", "--grad-accum", "1",
+                        "--max-length", "256", "--batch-size", "2", "--grad-accum", "1", "--general-file", "",
                         "--output-dir", str(output_dir), "--output", str(tmp_path / f"{name}.json")])
     before = load_file(tiny_llama_dir / "model.safetensors")
     after = load_file(output_dir / "final" / "model.safetensors")

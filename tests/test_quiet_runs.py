@@ -11,7 +11,8 @@ import full_finetune
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
-SHORT_RUN = ["--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128",
+SHORT_RUN = ["--general-file", "",
+             "--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128",
              "--max-steps", "1", "--bootstrap-resamples", "10", "--batch-size", "2", "--grad-accum", "1"]
 RUNS = {  # checkpointing on where it goes through another call (the Trainer's, or peft's for 4-bit)
     "lora": (finetune, ["--gradient-checkpointing", "on"]),

@@ -72,7 +72,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
 
 # 16 demo records of which 8 fit in 64 tokens (pinned below): at 2 a step, 4 optimizer steps an epoch, a checkpoint
 # every 4 steps, 8 steps in all.
-CUT_RUN = ["--max-train-samples", "16", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "64",
+CUT_RUN = ["--general-file", "",
+           "--max-train-samples", "16", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "64",
            "--max-steps", "8", "--eval-steps", "4", "--learning-rate", "1e-2", "--dtype", "float32",
            "--bf16-autocast", "off", "--bootstrap-resamples", "10"]
 # One run stopped by SIGTERM during step 2 (first epoch, before any checkpoint), then resumed and stopped again

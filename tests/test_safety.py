@@ -48,7 +48,8 @@ def test_results_that_cannot_be_written_at_the_end_are_kept_beside_the_model(tmp
         return measured
 
     monkeypatch.setattr(training, "train_evaluate_save", then_the_results_folder_becomes_a_file)
-    argv = ["--model", str(tiny_llama_dir), "--dataset", str(records_path), "--max-train-samples", "8",
+    argv = ["--model", str(tiny_llama_dir), "--dataset", str(records_path), "--general-file", "",
+            "--max-train-samples", "8",
             "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128", "--max-steps", "1",
             "--bootstrap-resamples", "10", "--output", str(asked), "--output-dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
