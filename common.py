@@ -250,15 +250,15 @@ def load_splits(settings, training=True):
     return train, val, eval_records
 
 
-def load_examples(settings, tokenizer, training=True):
-    """Records read, split and tokenized, and the general text's blocks (examples["general"]): every check
-    that needs no model, done before one loads. Returns (examples by split, truncation counts by split, the
-    eval records)."""
-    train, val, eval_records = load_splits(settings, training)
-    splits = {"train": train, "validation": val, "eval": eval_records} if training else {"eval": eval_records}
+def load_examples(settings, tokenizer, records):
+    """The records of load_splits (train, validation, eval; train and validation None when not training)
+    tokenized, and the general text's blocks (examples["general"]): every check that needs no model, done
+    before one loads. Returns (examples by split, truncation counts by split)."""
+    train, val, eval_records = records
+    splits = {"train": train, "validation": val, "eval": eval_records} if train is not None else {"eval": eval_records}
     examples, truncation = tokenize_splits(tokenizer, settings.max_length, **splits)
     examples["general"] = load_general_examples(settings, tokenizer)
-    return examples, truncation, eval_records
+    return examples, truncation
 
 
 def tokenize_splits(tokenizer, max_length, **splits):

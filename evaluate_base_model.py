@@ -50,11 +50,14 @@ def main(argv=None):
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     source = models.check_model_source(weights_from)
+    # With --eval-file only that file is read; before the tokenizer, so a data error shows in milliseconds.
+    records = common.load_splits(args, training=False)
     # A saved artifact's own tokenizer carries the chat template it was trained with.
     has_tokenizer = artifact is not None and Path(artifact.folder, "tokenizer_config.json").is_file()
     tokenizer = models.load_tokenizer(str(artifact.folder) if has_tokenizer else source, args.chat_template,
                                       args.trust_remote_code)
-    examples, truncation, eval_records = common.load_examples(args, tokenizer, training=False)
+    examples, truncation = common.load_examples(args, tokenizer, records)
+    _, _, eval_records = records
     with memory.PhasePeak(runtime.device) as load_peak:
         model, base_params = load_scored_model(args, artifact, source, runtime)
         model = model.to(runtime.device)

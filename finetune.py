@@ -4,8 +4,7 @@
     python finetune.py --model smollm2-135m --dataset data/demo.jsonl
 """
 
-import common
-from lvf import adapters, artifacts, errors, memory, models, results, settings, training
+from lvf import adapters, errors, memory, models, results, settings, training
 
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too).
 DEFAULTS = {"learning_rate": 2e-4, "batch_size": 4, "grad_accum": 1,
@@ -71,11 +70,8 @@ def main(argv=None):
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
-    tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
-    examples, truncation, eval_records = common.load_examples(args, tokenizer)
-    training_args = training.init_distributed(args, runtime, len(examples["train"]))
-    if results.is_main_process():
-        artifacts.write_origin(runtime.output_dir, method, args.model)
+    loaded = training.load_training_data(args, runtime, source, method)
+    tokenizer, examples, truncation, eval_records, training_args = loaded
 
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization,

@@ -10,8 +10,7 @@ import sys
 
 import torch
 
-import common
-from lvf import artifacts, errors, memory, models, results, settings, training
+from lvf import errors, memory, models, results, settings, training
 
 METHOD = "full"
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too).
@@ -67,11 +66,8 @@ def main(argv=None):
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
-    tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
-    examples, truncation, eval_records = common.load_examples(args, tokenizer)
-    training_args = training.init_distributed(args, runtime, len(examples["train"]))
-    if results.is_main_process():
-        artifacts.write_origin(runtime.output_dir, METHOD, args.model)
+    loaded = training.load_training_data(args, runtime, source, METHOD)
+    tokenizer, examples, truncation, eval_records, training_args = loaded
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
                                   attn_implementation=args.attn_implementation)

@@ -29,9 +29,10 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import common
 from common import IGNORE_INDEX
-from lvf.artifacts import ORIGIN_FILE
+from lvf.artifacts import ORIGIN_FILE, write_origin
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
 from lvf.memory import PhasePeak, TrainingBreakdown, phase_fields
+from lvf.models import load_tokenizer
 from lvf.results import is_main_process, peak_memory, weights_bytes
 from lvf.settings import display_path
 
@@ -246,6 +247,21 @@ def training_arguments(settings, runtime, train_examples):
         save_only_model=False,
         ddp_find_unused_parameters=False if runtime.world_size > 1 else None,
     )
+
+
+def load_training_data(settings, runtime, source, method):
+    """What a training script needs before its model loads: the records (read before the tokenizer, so a data
+    error shows in milliseconds), the tokenizer and the tokenized examples, the Trainer's arguments (which start
+    the distributed state: init_distributed) and the run's origin.json. Returns (tokenizer, examples,
+    truncation, eval records, training arguments)."""
+    records = common.load_splits(settings)
+    tokenizer = load_tokenizer(source, settings.chat_template, settings.trust_remote_code)
+    examples, truncation = common.load_examples(settings, tokenizer, records)
+    training_args = init_distributed(settings, runtime, len(examples["train"]))
+    if is_main_process():
+        write_origin(runtime.output_dir, method, settings.model)
+    _, _, eval_records = records
+    return tokenizer, examples, truncation, eval_records, training_args
 
 
 def init_distributed(settings, runtime, train_examples):
