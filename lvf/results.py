@@ -80,7 +80,7 @@ def build_results(settings, runtime, method, **fields):
         method=method,
         model=settings.model,
         base_model=settings.model,  # an evaluated artifact overrides it with the base it was trained from
-        dataset=None if (method == "base" and eval_file) else settings.dataset,
+        dataset=settings.dataset,  # evaluate_base_model.py records null when --eval-file was all it read
         eval_file=eval_file,
         seed=settings.seed,
         config=json.loads(json.dumps(config, default=str)),
