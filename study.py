@@ -1,5 +1,6 @@
-"""The study: each method trained at several learning rates, each method's rate picked on validation loss,
-then the picked rate trained at three seeds; every run's results JSON kept, and one summary.
+"""The study: each method at several learning rates, its rate picked on validation loss, then trained at 3 seeds.
+
+Every run's results JSON is kept, and one summary is written.
 
     python study.py                 # Llama 3 8B Instruct on dolly-15k (a GPU): the scripts' defaults
     python study.py --cpu           # make study: SmolLM2-135M on data/demo.jsonl, sized for 2 CPU cores
