@@ -281,7 +281,6 @@ def tokenize_splits(tokenizer, max_length, **splits):
 # pydoc_data/topics.py, PSF License Version 2, like the rest of Python) ships with every Python, so the
 # demo measures forgetting offline on text that is neither Dolly nor the demo data.
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
-GENERAL_SOURCES = {"wikitext-2": lambda: _wikitext_text(), "python-docs": lambda: _python_docs_text()}
 
 
 def _wikitext_text():
@@ -292,6 +291,9 @@ def _wikitext_text():
 
 def _python_docs_text():
     return "\n\n".join(pydoc_topics[key] for key in sorted(pydoc_topics))
+
+
+GENERAL_SOURCES = {"wikitext-2": _wikitext_text, "python-docs": _python_docs_text}
 
 
 def load_general_text(source):

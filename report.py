@@ -45,7 +45,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("sources", nargs="*", type=Path,
                         help="results JSON files or folders (searched recursively, history/ left out); "
-                             "default: --results-dir")
+                             "default: --results-dir, without its study/ folder")
     parser.add_argument("--results-dir", type=Path, default=common.PROJECT_DIR / "results",
                         help="folder read when no sources are given; the plots are written there")
     parser.add_argument("--readme", type=Path, default=common.PROJECT_DIR / "README.md",
@@ -69,14 +69,15 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- runs and groups
 
 
-def result_files(sources):
-    """The given files, and every *.json under the given folders except kept earlier versions (history/)."""
+def result_files(sources, skipped_folders=("history",)):
+    """The given files, and every *.json under the given folders except those under skipped_folders (kept
+    earlier versions: history/)."""
     seen = set()
     for source in map(Path, sources):
         paths = [source]
         if source.is_dir():
             paths = sorted(path for path in source.rglob("*.json")
-                           if "history" not in path.relative_to(source).parts[:-1])
+                           if not set(skipped_folders) & set(path.relative_to(source).parts[:-1]))
         for path in paths:
             if path.resolve() not in seen:
                 seen.add(path.resolve())
@@ -90,11 +91,11 @@ def display_name(path):
         return str(path)
 
 
-def load_results(sources):
+def load_results(sources, skipped_folders=("history",)):
     """Every finished run in the sources (a folder, or a list of files and folders), each with `source`, the
     file it came from. Dry runs and other JSON (a study's summary) are left out."""
     runs = []
-    for path in result_files([sources] if isinstance(sources, (str, Path)) else sources):
+    for path in result_files([sources] if isinstance(sources, (str, Path)) else sources, skipped_folders):
         data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict) and data.get("method") and data.get("per_example") and not data.get("dry_run"):
             runs.append({**data, "source": display_name(path)})
@@ -276,6 +277,8 @@ def group_summary(group, seed, resamples):
     """Mean ± sd across the group's runs and the two-level interval of the mean; one run keeps its own
     recorded perplexity and interval."""
     ids = shared_ids(group.runs)
+    if not ids:  # only with --allow-intersection: runs of one group scored on different examples
+        return {"mean": None, "sd": None, "ci95": None, "examples": 0}
     complete = all(len(run["per_example"]) == len(ids) for run in group.runs)
     if len(group.runs) == 1 and complete:
         run = group.runs[0]
@@ -352,6 +355,8 @@ def fmt_seeds(group):
 
 
 def fmt_perplexity(summary):
+    if summary["mean"] is None:
+        return "– (its runs share no example)"
     low, high = summary["ci95"]
     spread = f" ± {fmt_number(summary['sd'])}" if summary["sd"] is not None else ""
     return f"{fmt_number(summary['mean'])}{spread} ({fmt_number(low)}–{fmt_number(high)})"
@@ -485,9 +490,11 @@ def draw_plot(groups, path, seed=42, resamples=1000):
     axes = figure.subplots(1, 4)
 
     summaries = [group_summary(group, seed, resamples) for group in groups]
-    means = [summary["mean"] for summary in summaries]
-    errors_ = [[mean - summary["ci95"][0] for mean, summary in zip(means, summaries, strict=True)],
-               [summary["ci95"][1] - mean for mean, summary in zip(means, summaries, strict=True)]]
+    shown = [summary if summary["mean"] is not None else {"mean": np.nan, "ci95": [np.nan, np.nan]}
+             for summary in summaries]  # a group whose runs share no example gets no bar
+    means = [summary["mean"] for summary in shown]
+    errors_ = [[mean - summary["ci95"][0] for mean, summary in zip(means, shown, strict=True)],
+               [summary["ci95"][1] - mean for mean, summary in zip(means, shown, strict=True)]]
     axes[0].bar(labels, means, yerr=errors_, capsize=6, color=colors)
     axes[0].set_title("Held-out perplexity (mean, 95% CI)\nlower is better")
     axes[0].set_ylabel("perplexity")
@@ -691,8 +698,12 @@ def committed_inputs(results_dir, readme):
 
 
 def load_groups(sources, args):
-    """The runs in sources, grouped; runs on different examples refused unless --allow-intersection."""
-    groups = group_runs(load_results(sources), [key.strip() for key in args.variant_keys.split(",") if key.strip()])
+    """The runs in sources, grouped; runs on different examples refused unless --allow-intersection. The results
+    folder read by default leaves out study/ as well as history/: a study's runs (another recipe) are reported
+    when named (`python report.py results/study`)."""
+    skipped = ("history",) if args.sources else ("history", "study")
+    groups = group_runs(load_results(sources, skipped),
+                        [key.strip() for key in args.variant_keys.split(",") if key.strip()])
     if not args.allow_intersection:
         refuse_different_examples(groups)
     return groups

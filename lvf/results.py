@@ -74,6 +74,7 @@ def build_results(settings, runtime, method, **fields):
     """Every field of the schema; those that do not apply are null. `config` is what was asked (as
     given), `runtime` what the run resolved from it."""
     results = dict.fromkeys(RESULT_FIELDS)
+    resolved = runtime.record()
     config = {key: value for key, value in dataclasses.asdict(settings).items() if not SECRET_NAME.search(key)}
     eval_file = getattr(settings, "eval_file", None)
     results.update(
@@ -84,10 +85,10 @@ def build_results(settings, runtime, method, **fields):
         eval_file=eval_file,
         seed=settings.seed,
         config=json.loads(json.dumps(config, default=str)),
-        runtime=runtime.record(),
-        device=runtime.device,
-        dtype=str(runtime.dtype).removeprefix("torch."),
-        bf16_autocast=runtime.bf16_autocast,
+        runtime=resolved,
+        device=resolved["device"],
+        dtype=resolved["dtype"],
+        bf16_autocast=resolved["bf16_autocast"],
         versions=package_versions(),
         git_commit=git_commit(),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

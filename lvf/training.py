@@ -251,25 +251,21 @@ def training_arguments(settings, runtime, train_examples):
 
 def load_training_data(settings, runtime, source, method):
     """What a training script needs before its model loads: the records (read before the tokenizer, so a data
-    error shows in milliseconds), the tokenizer and the tokenized examples, the Trainer's arguments (which start
-    the distributed state: init_distributed) and the run's origin.json. Returns (tokenizer, examples,
-    truncation, eval records, training arguments)."""
+    error shows in milliseconds), the tokenizer and the tokenized examples, the Trainer's arguments and the
+    run's origin.json. Returns (tokenizer, examples, truncation, eval records, training arguments).
+
+    The Trainer's arguments are built here, before the model loads: building them starts the process group
+    and, under `accelerate launch`, registers DeepSpeed's config, and only then does from_pretrained see FSDP
+    (is_fsdp_enabled, for cpu-ram-efficient loading) or ZeRO-3 (partitioned as it is built). Hold them until
+    training: DeepSpeed's config is kept through a weak reference."""
     records = common.load_splits(settings)
     tokenizer = load_tokenizer(source, settings.chat_template, settings.trust_remote_code)
     examples, truncation = common.load_examples(settings, tokenizer, records)
-    training_args = init_distributed(settings, runtime, len(examples["train"]))
+    training_args = training_arguments(settings, runtime, len(examples["train"]))
     if is_main_process():
         write_origin(runtime.output_dir, method, settings.model)
     _, _, eval_records = records
     return tokenizer, examples, truncation, eval_records, training_args
-
-
-def init_distributed(settings, runtime, train_examples):
-    """The Trainer's arguments, built before the model loads. Building them starts the process group and,
-    under `accelerate launch`, registers DeepSpeed's config: only then does from_pretrained see FSDP
-    (is_fsdp_enabled, for cpu-ram-efficient loading) or ZeRO-3 (partitioned as it is built). Hold the
-    returned arguments until training: DeepSpeed's config is kept through a weak reference."""
-    return training_arguments(settings, runtime, train_examples)
 
 
 def to_dataset(examples):
@@ -348,12 +344,11 @@ def start_run(settings, runtime):
                          "or choose another --output-dir")
 
 
-def train(settings, runtime, model, tokenizer, train_examples, val_examples, training_args=None):
+def train(settings, runtime, model, tokenizer, train_examples, val_examples, training_args):
     """Trains with the Trainer, keeps the best checkpoint by validation loss. Returns the trainer, the
     measurements and training's own peak memory (validation and checkpoints during training included)."""
     stopper = StopOnSignal()
     breakdown = TrainingBreakdown()
-    training_args = training_args or training_arguments(settings, runtime, len(train_examples))
     collator = model_collator(training_args, model, tokenizer, runtime.device, settings.packing)
     trainer = make_trainer_class()(
         model=model,
@@ -448,8 +443,6 @@ def save_artifact(trainer, output_dir):
     return final
 
 
-
-
 def without_mixed_precision_wrapper(trainer):
     """The model to evaluate: the distributed wrapper is kept (under FSDP and DeepSpeed every rank must run
     the same forwards, which gather the weights collectively), but the bf16 autocast that accelerate put
@@ -460,8 +453,8 @@ def without_mixed_precision_wrapper(trainer):
     return trainer.model_wrapped
 
 
-def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_records, label, training_args=None,
-                        load_peak=None):
+def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_records, label, training_args,
+                        load_peak):
     """What a training script does once its model is built: train (best checkpoint by validation loss),
     score the held-out set, save the artifact. Returns the measured results fields; load_peak is the
     script's PhasePeak of loading the model."""

@@ -284,3 +284,23 @@ def test_check_reads_the_committed_results_not_a_local_run(tmp_path, results_dir
 
     git(repo, "commit", "-qam", "results changed, table not regenerated")
     assert report.main([*argv, "--check"]) == 1
+
+
+def test_the_default_folder_leaves_a_study_out(tmp_path, results_dir):
+    # make study writes results/study/...: runs of another recipe (other length, other examples) that a plain
+    # `python report.py` (make demo) must neither pool with the demo's runs nor refuse over.
+    study_run = base_on_another_file()
+    write_runs(results_dir / "study" / "lora-qkvo", {"lr-0.001-seed-42": {**study_run, "method": "lora", **LORA}})
+    rows, _ = render(tmp_path, "--results-dir", str(results_dir))
+    assert "| 42 |" in row(rows, "| LoRA |")
+    rows, _ = render(tmp_path, str(results_dir / "study"))  # named, it is read
+    assert row(rows, "| LoRA |")
+
+
+def test_a_group_whose_runs_share_no_example_is_shown_not_crashed(tmp_path, results_dir):
+    other_seed = base_on_another_file()
+    write_runs(results_dir, {"lora-seed-43": {**other_seed, "method": "lora", "seed": 43,
+                                              "config": {"learning_rate": 1e-3, "seed": 43, "split_seed": 42},
+                                              "eval_file": None, "dataset": "data/demo.jsonl", **LORA}})
+    rows, _ = render(tmp_path, "--results-dir", str(results_dir), "--allow-intersection")
+    assert "| – (its runs share no example) |" in row(rows, "| LoRA |")
