@@ -4,6 +4,10 @@
     python finetune.py --model smollm2-135m --dataset data/demo.jsonl
 """
 
+import dataclasses
+
+import torch
+
 from lvf import adapters, errors, memory, models, results, settings, training
 
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too).
@@ -41,8 +45,17 @@ def default_lora_config():
 
 
 def resolve_runtime(args):
+    """With --dtype auto and bf16 autocast on, the frozen base is held in bf16 while training, as on CUDA
+    (where auto means bf16 anyway): it is never updated, and under autocast its matmuls run in bf16 either way.
+    On a CPU the auto dtype is fp32, and there autocast re-cast every frozen weight to bf16 at each step and
+    kept the copies for backward, and the residual stream stayed fp32 (bench/throughput.py measures the
+    difference). The adapters stay fp32 (peft); QLoRA keeps its own dtypes. Evaluation then scores the adapters
+    on the base in its own evaluation dtype (eval_dtype), as evaluate_base_model.py scores the base."""
     method = "qlora" if args.quantize == "4bit" else "lora"
-    return method, settings.training_runtime(args, method, optimizer=OPTIMIZER)
+    runtime = settings.training_runtime(args, method, optimizer=OPTIMIZER)
+    if args.dtype == "auto" and runtime.bf16_autocast and args.quantize == "none" and runtime.dtype != torch.bfloat16:
+        runtime = dataclasses.replace(runtime, dtype=torch.bfloat16, eval_dtype=runtime.dtype)
+    return method, runtime
 
 
 def add_adapters(model, args):
@@ -80,11 +93,22 @@ def main(argv=None):
         if quantization is not None:
             model = adapters.prepare_for_4bit_training(model)
         model = add_adapters(model, args)
+        if runtime.bf16_autocast and quantization is None:
+            adapters.leave_adapter_inputs_to_autocast(model)
     trainable, total = models.count_parameters(model)
     stored_as = models.dtype_by_part(model)
 
+    def on_base_in_eval_dtype(trained):
+        """The trained adapters on a fresh copy of the base in the evaluation dtype (the one the base model
+        is scored in), not on the bf16 copy they were trained on."""
+        base = models.load_model(source, runtime.eval_dtype, runtime.device, args.trust_remote_code, None,
+                                 args.attn_implementation)
+        models.pad_with_the_tokenizers_token(base, tokenizer)
+        return adapters.on_another_base(trained, base)
+
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method,
-                                            training_args, load_peak)
+                                            training_args, load_peak,
+                                            on_base_in_eval_dtype if runtime.eval_dtype is not None else None)
     record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total - trainable, truncation=truncation,
                                    dtype_by_part=stored_as)

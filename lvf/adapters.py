@@ -2,7 +2,14 @@
 
 import warnings
 
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 
 from lvf.errors import UsageError
 
@@ -26,6 +33,26 @@ def add_adapters(model, config, targets_flag):
             return get_peft_model(model, config)
     except ValueError as error:  # e.g. --lora-targets that name no module of this model
         raise UsageError(f"--lora-targets {targets_flag}: {error}".splitlines()[0]) from error
+
+
+def leave_adapter_inputs_to_autocast(model):
+    """Under bf16 autocast only. peft casts each adapter's input to the adapter's dtype (fp32) before its dropout
+    and lora_A, and autocast then casts it straight back to bf16 for lora_A's matmul: two copies of the
+    activation per adapted module each step, and the dropout in fp32. Without autocast an fp32 lora_A could not
+    take a bf16 input, so this is for training under autocast only (evaluation builds its own model)."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+
+
+def on_another_base(trained, base):
+    """The trained adapters (their values, copied) on another copy of their base model, e.g. one held in another
+    dtype for evaluation; frozen, in eval mode."""
+    config = trained.peft_config["default"]
+    model = add_adapters(base, config, config.target_modules)
+    set_peft_model_state_dict(model, get_peft_model_state_dict(trained))
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def keep_4bit_weights_unchanged(model):

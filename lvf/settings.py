@@ -197,18 +197,22 @@ class Runtime:
     """Derived once from the settings and the machine; never written back into the settings."""
 
     device: str
-    dtype: torch.dtype  # the weights' dtype
+    dtype: torch.dtype  # the weights' dtype (while training, for a training script)
     output: Path | None  # results JSON (None: a dry run that only prints)
     output_dir: Path | None = None  # checkpoints and the saved model (training only)
     bf16_autocast: bool = False
     gradient_checkpointing: bool = False
     optimizer: str | None = None
     world_size: int = 1
+    # The weights' dtype when scoring, where it is not dtype: the base model's own evaluation dtype, so that
+    # every method is scored on the same weights (finetune.py trains LoRA on a bf16 copy of the base on CPUs).
+    eval_dtype: torch.dtype | None = None
 
     def record(self):
         """JSON-ready, with paths relative to the working directory when they are inside it."""
         values = dataclasses.asdict(self)
         values["dtype"] = dtype_name(self.dtype)
+        values["eval_dtype"] = dtype_name(self.eval_dtype or self.dtype)
         for key in ("output", "output_dir"):
             values[key] = display_path(values[key])
         return values

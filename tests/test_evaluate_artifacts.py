@@ -19,6 +19,9 @@ def trained(tmp_path_factory, tiny_llama_dir, records_path):
     data = ["--model", tiny_llama_dir, "--dataset", records_path, *SMALL]
     run_script("finetune.py", *data, *TRAIN, "--output", out / "lora.json", "--output-dir", out / "lora")
     run_script("full_finetune.py", *data, *TRAIN, "--output", out / "full.json", "--output-dir", out / "full")
+    # As on a CPU with AMX or AVX512-BF16 (--bf16-autocast auto turns it on there): LoRA trains on a bf16 base.
+    run_script("finetune.py", *data, *TRAIN, "--bf16-autocast", "on", "--output", out / "lora-bf16.json",
+               "--output-dir", out / "lora-bf16")
     return out
 
 
@@ -46,6 +49,27 @@ def test_saved_artifact_is_scored_under_its_own_method(trained, method, tiny_lla
     # The same examples, scored by the same weights, give the training run's own perplexity.
     trained_result = json.loads((trained / f"{method}.json").read_text())
     assert evaluated["perplexity"] == pytest.approx(trained_result["perplexity"], rel=1e-4)
+
+
+def test_lora_trained_on_a_bf16_base_is_scored_on_the_base_as_the_base_model_is(trained, records_path, tmp_path,
+                                                                              monkeypatch):
+    import evaluate_base_model
+    from lvf import settings
+
+    result = json.loads((trained / "lora-bf16.json").read_text())
+    assert result["runtime"]["dtype"] == "bfloat16" and result["runtime"]["eval_dtype"] == "float32"
+    parts = result["dtype_by_part"]
+    assert parts["q_proj"] == parts["embed_tokens"] == "bfloat16" and parts["lora_A"] == "float32"
+    assert result["eval_precision"]["weights"] == ["float32"]
+    # Scoring the saved adapter on the fp32 base (what evaluate_base_model.py does, and how the base model
+    # itself is scored) gives the training run's own figures: the adapters were not scored on the bf16 copy.
+    monkeypatch.setattr(settings, "PROJECT_DIR", tmp_path)
+    evaluate_base_model.main(["--model", str(trained / "lora-bf16" / "final"), "--dataset", str(records_path),
+                              *SMALL])
+    evaluated = json.loads((tmp_path / "results" / "eval-lora-bf16-final.json").read_text())
+    assert evaluated["eval_precision"]["weights"] == ["float32"]
+    assert ([item["nll_sum"] for item in evaluated["per_example"]]
+            == pytest.approx([item["nll_sum"] for item in result["per_example"]], rel=1e-6))
 
 
 def test_a_plain_model_folder_is_still_the_base_model(tiny_llama_dir):
