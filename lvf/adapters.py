@@ -13,6 +13,13 @@ from peft import (
 
 from lvf.errors import UsageError
 
+# At every save (each checkpoint and the final adapter) peft checks whether the base model's vocabulary was
+# resized, by reading config.json from base_model_name_or_path. Ours names the base as the user did (a preset, or
+# a Hub id that HF_HUB_OFFLINE makes unreachable), so peft warned at every save that it could not check. The kit
+# never resizes the vocabulary (padding reuses a token the tokenizer has), so there is nothing to find.
+warnings.filterwarnings("ignore", message="Could not find a config file in .* - will assume that the vocabulary "
+                        "was not modified", category=UserWarning)
+
 
 def lora_config(rank, alpha, dropout, targets):
     """targets: comma-separated module names, or peft's "all-linear" (every linear layer but the output one)."""

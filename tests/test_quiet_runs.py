@@ -2,7 +2,9 @@
 about what the kit itself chose."""
 
 import logging
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +52,25 @@ class Recorder(logging.Handler):
 
     def emit(self, record):
         self.messages.append(record.getMessage())
+
+
+def test_saving_an_adapter_whose_base_is_a_preset_name_does_not_warn(tiny_llama_dir):
+    """In a process of its own, as a script runs: pytest resets warning filters set at import time."""
+    import subprocess
+    import sys
+
+    code = f"""
+import finetune
+from peft import get_peft_model_state_dict
+from transformers import AutoModelForCausalLM
+from lvf import adapters
+model = adapters.add_adapters(AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r}),
+                              finetune.default_lora_config(), "q_proj")
+model.peft_config["default"].base_model_name_or_path = "smollm2-135m"  # as finetune.add_adapters names it
+get_peft_model_state_dict(model)
+print("saved")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(finetune.__file__).parent, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.stdout.strip() == "saved", done.stderr[-2000:]
+    assert "Could not find a config file" not in done.stderr
