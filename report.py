@@ -4,6 +4,7 @@
     python report.py results/*.json results/study/**/*.json   # only the given files (or folders)
     python report.py --check                    # exit 1 if the committed README block is stale (make test, CI)
     python report.py --allow-intersection       # compare runs on the examples they share, and say so
+    python report.py --study results/study      # a study (study.py): its picked runs, in the README's study block
 
 Runs are grouped by method and variant: the settings named by --variant-keys, everything that tells runs of one
 method apart except the training seed. A group of several seeds shows mean ± sd across seeds. A comparison's
@@ -30,6 +31,7 @@ import common
 from lvf import errors, results
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+STUDY_START, STUDY_END = "<!-- study-table:start -->", "<!-- study-table:end -->"
 METHOD_ORDER = ["base", "lora", "qlora", "full"]
 METHOD_LABELS = {"base": "Zero-shot (base)", "lora": "LoRA", "qlora": "QLoRA", "full": "Full fine-tuning"}
 METHOD_COLORS = {"base": "#888888", "lora": "#1f77b4", "qlora": "#17becf", "full": "#d62728"}
@@ -61,6 +63,9 @@ def parse_args(argv=None):
                              "one method apart; runs that differ only in others (the seed) are one group")
     parser.add_argument("--allow-intersection", action="store_true",
                         help="compare runs evaluated on different examples on the examples they share")
+    parser.add_argument("--study", type=Path, default=None, metavar="FOLDER",
+                        help="report a study.py folder instead: the base model and each method's runs at its picked "
+                             "learning rate, with the rates tried, into the README's study block; plots go in FOLDER")
     parser.add_argument("--seed", type=int, default=42, help="seed of the bootstrap")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     return parser.parse_args(argv)
@@ -461,12 +466,48 @@ def render_block(groups, seed, resamples):
             + ["", provenance_line(runs)])
 
 
-def replace_block(text, block_lines):
-    if START not in text or END not in text:
-        raise SystemExit(f"error: README has no {START} ... {END} markers")
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    return before + START + "\n" + "\n".join(block_lines) + "\n" + END + after
+def replace_block(text, block_lines, markers=(START, END)):
+    start, end = markers
+    if start not in text or end not in text:
+        raise errors.UsageError(f"the README has no {start} ... {end} markers")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    return before + start + "\n" + "\n".join(block_lines) + "\n" + end + after
+
+
+# --------------------------------------------------------------------------- a study (study.py)
+
+
+def study_summary(folder):
+    path = Path(folder) / "summary.json"
+    if not path.is_file():
+        raise errors.UsageError(f"--study {folder}: no summary.json (run study.py, or name the folder it wrote)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def study_files(folder, summary):
+    """The runs a study reports: the base model, and every method's runs at its picked learning rate."""
+    files = [summary["base"]["file"]] + [run["file"] for method in summary["methods"].values()
+                                         for run in method["runs"]]
+    return [Path(folder) / name for name in files]
+
+
+def study_rate_lines(summary):
+    """Per method: the learning rates tried with their validation loss, and the one picked."""
+    lines = ["", "| study method | learning rates tried: validation loss (lowest picked) | picked |",
+             "| --- | --- | --- |"]
+    for method, found in summary["methods"].items():
+        picked = found["picked_learning_rate"]
+        tried = ", ".join(f"{'**' if float(rate) == picked else ''}{rate}: {entry['validation_loss']:.4f}"
+                          f"{'**' if float(rate) == picked else ''}" for rate, entry in found["learning_rates"].items())
+        lines.append(f"| {method} | {tried} | {picked:g} |")
+    return lines
+
+
+def study_block(folder, args):
+    summary = study_summary(folder)
+    groups = load_groups(study_files(folder, summary), args)
+    return groups, render_block(groups, args.seed, args.resamples) + study_rate_lines(summary)
 
 
 # --------------------------------------------------------------------------- plots
@@ -714,14 +755,25 @@ def rendered(sources, readme_text, args):
     return replace_block(readme_text, render_block(load_groups(sources, args), args.seed, args.resamples))
 
 
+def study_in(results_dir):
+    """The committed study's folder, if results/ holds one."""
+    folder = Path(results_dir) / "study"
+    return folder if (folder / "summary.json").is_file() else None
+
+
 def check(args):
     with committed_inputs(args.results_dir, args.readme) as (results_dir, readme_text):
         stale = rendered([results_dir], readme_text, args) != readme_text
+        study = study_in(results_dir)
+        if study is not None and STUDY_START in readme_text:
+            block = study_block(study, args)[1]
+            stale = stale or replace_block(readme_text, block, (STUDY_START, STUDY_END)) != readme_text
     if stale:
-        print(f"{args.readme}: the committed results table does not match the committed {args.results_dir}/*.json;"
-              " run `python report.py` and commit both", file=sys.stderr)
+        print(f"{args.readme}: the committed results table (or study table) does not match the committed "
+              f"{args.results_dir}/*.json; run `python report.py` (`--study {args.results_dir}/study`) and commit both",
+              file=sys.stderr)
         return 1
-    print(f"{args.readme}: results table is up to date")
+    print(f"{args.readme}: results table{' and study table' if study is not None else ''} up to date")
     working_text = args.readme.read_text(encoding="utf-8")
     try:
         local_stale = rendered(args.sources or [args.results_dir], working_text, args) != working_text
@@ -738,17 +790,22 @@ def main(argv=None):
     args = parse_args(argv)
     if args.check:
         return check(args)
-    groups = load_groups(args.sources or [args.results_dir], args)
     readme_text = args.readme.read_text(encoding="utf-8")
-    updated = replace_block(readme_text, render_block(groups, args.seed, args.resamples))
+    if args.study is not None:
+        groups, block = study_block(args.study, args)
+        updated = replace_block(readme_text, block, (STUDY_START, STUDY_END))
+        plot = args.plot or args.study / "comparison.png"
+    else:
+        groups = load_groups(args.sources or [args.results_dir], args)
+        updated = replace_block(readme_text, render_block(groups, args.seed, args.resamples))
+        plot = args.plot or args.results_dir / "comparison.png"
     if updated != readme_text:
         results.write_atomic(args.readme, updated)
     runs = sum(len(group.runs) for group in groups)
     print(f"updated the results table in {args.readme} ({runs} runs in {len(groups)} groups)")
     if groups:
         found = comparisons(groups, args.seed, args.resamples)
-        for path in draw_plots(groups, found, args.plot or args.results_dir / "comparison.png", args.seed,
-                               args.resamples):
+        for path in draw_plots(groups, found, plot, args.seed, args.resamples):
             print(f"wrote {path}")
         for line in comparison_lines(found)[3:]:
             print(line)

@@ -43,7 +43,10 @@ METHODS = {
 # ("LoRA Without Regret", 2025), so the LoRA grids start higher.
 GPU_RATES = {"lora-qkvo": [3e-5, 1e-4, 3e-4, 1e-3], "lora-all-linear": [3e-5, 1e-4, 3e-4, 1e-3],
              "full": [3e-6, 1e-5, 3e-5]}
-CPU_RATES = {"lora-qkvo": [3e-4, 1e-3, 3e-3], "lora-all-linear": [3e-4, 1e-3, 3e-3], "full": [1.5e-5, 5e-5, 1.5e-4]}
+# On CPU-sized runs (24 optimizer steps) every method's best rate was the top of a grid one step lower (LoRA 3e-3 of
+# 3e-4..3e-3, full 1.5e-4 of 1.5e-5..1.5e-4; 2026-11-29), so these grids reach a step above that.
+CPU_RATES = {"lora-qkvo": [1e-3, 3e-3, 1e-2, 3e-2], "lora-all-linear": [1e-3, 3e-3, 1e-2, 3e-2],
+             "full": [5e-5, 1.5e-4, 5e-4, 1.5e-3]}
 
 # make study on 2 CPU cores: the demo's model and data, shorter sequences, fewer examples and validations.
 # Flags every script takes, then the training scripts' own.
@@ -166,13 +169,17 @@ def mean_and_sd(values):
             "runs": len(values)}
 
 
-def method_summary(base, sweep, picked, seeded):
+def method_summary(args, base, sweep, picked, seeded):
+    """results: the run's JSON as a path from the working directory; file: the same inside --study-dir (what
+    `report.py --study` reads, wherever the folder is)."""
+    def where(path):
+        return {"results": settings.display_path(path), "file": Path(path).relative_to(args.study_dir).as_posix()}
+
     return {
-        "learning_rates": {rate_name(rate): {"validation_loss": run["validation_loss"],
-                                             "results": settings.display_path(path)}
+        "learning_rates": {rate_name(rate): {"validation_loss": run["validation_loss"], **where(path)}
                            for rate, (path, run) in sweep.items()},
         "picked_learning_rate": picked,
-        "runs": [{"seed": run["seed"], "results": settings.display_path(path), "perplexity": run["perplexity"],
+        "runs": [{"seed": run["seed"], **where(path), "perplexity": run["perplexity"],
                   "general_perplexity": run.get("general_perplexity"), "train_seconds": run["train_seconds"],
                   "peak_memory_bytes": run["peak_memory_bytes"], "artifact_bytes": run["artifact_bytes"],
                   **compared_to_base(base, run)} for path, run in seeded],
@@ -190,14 +197,15 @@ def main(argv=None):
     summary = {"settings": {"cpu": args.cpu, "smoke": args.smoke, "seeds": args.seeds, "flags": args.flags,
                             "train_flags": args.train_flags,
                             "learning_rates": {m: args.rates[m] for m in args.methods}},
-               "base": {"results": settings.display_path(base_path), "perplexity": base["perplexity"],
+               "base": {"results": settings.display_path(base_path), "file": base_path.name,
+                        "perplexity": base["perplexity"],
                         "general_perplexity": base.get("general_perplexity")},
                "methods": {}}
     for method in args.methods:
         sweep = {rate: train_run(args, method, rate, args.seeds[0]) for rate in args.rates[method]}
         picked = pick_rate({rate: run for rate, (_, run) in sweep.items()})
         seeded = [sweep[picked]] + [train_run(args, method, picked, seed) for seed in args.seeds[1:]]
-        summary["methods"][method] = method_summary(base, sweep, picked, seeded)
+        summary["methods"][method] = method_summary(args, base, sweep, picked, seeded)
         summary["wall_seconds_this_invocation"] = time.perf_counter() - start  # runs done earlier not counted
         results.write_atomic(args.study_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"[study] wrote {settings.display_path(args.study_dir / 'summary.json')} in "

@@ -304,3 +304,41 @@ def test_a_group_whose_runs_share_no_example_is_shown_not_crashed(tmp_path, resu
                                               "eval_file": None, "dataset": "data/demo.jsonl", **LORA}})
     rows, _ = render(tmp_path, "--results-dir", str(results_dir), "--allow-intersection")
     assert "| – (its runs share no example) |" in row(rows, "| LoRA |")
+
+
+def fake_study(results_dir):
+    """A study.py folder: base, and one method with two rates tried, the lower picked, at two seeds."""
+    folder = results_dir / "study"
+    runs = {"base": fake_run("base", 1.0)}
+    for rate, seeds, scale in ((1e-3, (42, 43), 0.7), (3e-3, (42,), 0.8)):
+        for seed in seeds:
+            runs[f"full/lr-{rate:g}-seed-{seed}"] = fake_run("full", scale + 0.01 * (seed - 42), seed=seed,
+                                                               config={"learning_rate": rate}, **FULL)
+    (folder / "full").mkdir(parents=True)
+    write_runs(folder, runs)
+    summary = {"base": {"file": "base.json"}, "methods": {"full": {
+        "learning_rates": {"0.001": {"validation_loss": 2.1, "file": "full/lr-0.001-seed-42.json"},
+                           "0.003": {"validation_loss": 2.3, "file": "full/lr-0.003-seed-42.json"}},
+        "picked_learning_rate": 1e-3,
+        "runs": [{"seed": seed, "file": f"full/lr-0.001-seed-{seed}.json"} for seed in (42, 43)]}}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_a_study_is_reported_in_its_own_block_and_checked(tmp_path, results_dir):
+    study = fake_study(results_dir)
+    readme = tmp_path / "README.md"
+    readme.write_text(README + f"{report.STUDY_START}\n{report.STUDY_END}\n")
+    argv = ["--results-dir", str(results_dir), "--readme", str(readme), "--resamples", "100"]
+    report.main(argv)
+    report.main([*argv, "--study", str(study)])
+    text = readme.read_text()
+    block = text.split(report.STUDY_START)[1]
+    assert "| Full fine-tuning | `smollm2-135m` | `data/demo.jsonl` | 42, 43 |" in block  # the picked rate only
+    assert "| full | **0.001: 2.1000**, 0.003: 2.3000 | 0.001 |" in block
+    assert text.split(report.STUDY_START)[0].count("| Full fine-tuning |") == 1  # the demo's block is its own
+    assert report.main([*argv, "--check"]) == 0
+    changed = json.loads((study / "full" / "lr-0.001-seed-43.json").read_text())
+    changed["train_seconds"] *= 2
+    (study / "full" / "lr-0.001-seed-43.json").write_text(json.dumps(changed))
+    assert report.main([*argv, "--check"]) == 1

@@ -68,6 +68,28 @@ def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(smoke, monkeypa
     assert len(ran) == 1 and "0.001" in ran[0] and "--resume" not in ran[0]
 
 
+def test_report_shows_the_study_at_each_methods_picked_rate_in_its_own_block(smoke, tmp_path):
+    import report
+
+    folder, _ = smoke
+    summary = json.loads((folder / "results" / "summary.json").read_text())
+    readme = tmp_path / "README.md"
+    demo_block = f"{report.START}\nthe demo's table\n{report.END}"
+    readme.write_text(f"# x\n{demo_block}\n\n{report.STUDY_START}\n{report.STUDY_END}\n")
+    report.main(["--study", str(folder / "results"), "--readme", str(readme), "--resamples", "50"])
+    text = readme.read_text()
+    assert demo_block in text  # the demo's block is left alone
+    block = text.split(report.STUDY_START)[1].split(report.STUDY_END)[0]
+    rows = [line for line in block.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == 1 + len(study.METHODS)  # the base model, and one group per method: its picked rate
+    assert all("| 42, 43 |" in row for row in rows[1:])
+    for method, found in summary["methods"].items():
+        line = next(line for line in block.splitlines() if line.startswith(f"| {method} |"))
+        assert line.endswith(f"| {found['picked_learning_rate']:g} |")
+        assert all(rate in line for rate in found["learning_rates"])
+    assert "forgetting" in block and (folder / "results" / "learning_vs_forgetting.png").is_file()
+
+
 def test_a_json_made_with_other_flags_is_not_mixed_in(smoke):
     folder, argv = smoke
     with pytest.raises(errors.UsageError, match="other flags.*max_length"):
