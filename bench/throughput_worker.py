@@ -23,7 +23,7 @@ from transformers import TrainingArguments, default_data_collator  # noqa: E402
 import common  # noqa: E402
 import finetune  # noqa: E402
 import full_finetune  # noqa: E402
-from lvf import errors, models, results, settings, training, writeup  # noqa: E402
+from lvf import errors, memory, models, results, settings, training, writeup  # noqa: E402
 
 CONTENDERS = ("trl", "writeup")
 SCRIPTS = {"lora": finetune, "full": full_finetune}
@@ -122,8 +122,9 @@ def main(argv=None):
     records = common.load_records(args.records)
     build = trl_trainer if args.contender == "trl" else writeup_trainer
     trainer, work = build(args, model_source, tokenizer, records)
-    start = time.perf_counter()  # timed as training.train times our own path
-    trainer.train()
+    start = time.perf_counter()  # timed as training.train times our own path, and its peak taken alike
+    with memory.PhasePeak(settings.resolve_device()) as train_peak:
+        trainer.train()
     train_seconds = time.perf_counter() - start
     busy_seconds = train_seconds - trainer.seconds_away
     train_tokens = int(trainer.scored_tokens)
@@ -138,6 +139,7 @@ def main(argv=None):
         "bf16_autocast": bool(trainer.args.bf16),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "peak_memory_bytes": results.peak_memory("cpu")[0],
+        "train_peak_memory_bytes": train_peak.bytes,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
     }
     results.write_atomic(args.result, json.dumps(measured, indent=2) + "\n")
