@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(PY) report.py && \
 	echo "[demo] done in $$(( $$(date +%s) - start )) s: results/*.json, results/comparison.png, README table"
 
-# The study: each method at three learning rates (picked on validation loss), the picked rate at three seeds.
+# The study: each method at four learning rates (picked on validation loss), the picked rate at three seeds.
 # Rerun after an interruption: finished runs are skipped, a half-trained one resumes from its checkpoint.
 study: $(STAMP)
 	@start=$$(date +%s); \
