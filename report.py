@@ -35,6 +35,7 @@ STUDY_START, STUDY_END = "<!-- study-table:start -->", "<!-- study-table:end -->
 METHOD_ORDER = ["base", "lora", "qlora", "full"]
 METHOD_LABELS = {"base": "Zero-shot (base)", "lora": "LoRA", "qlora": "QLoRA", "full": "Full fine-tuning"}
 METHOD_COLORS = {"base": "#888888", "lora": "#1f77b4", "qlora": "#17becf", "full": "#d62728"}
+VARIANT_COLORS = ["#2ca02c", "#ff7f0e", "#8c564b", "#e377c2"]
 PAIRS = [("lora", "full"), ("qlora", "full"), ("lora", "base"), ("qlora", "base"), ("full", "base")]
 UNTRAINED = {"base"}  # no training seed: one run measures it fully
 VARIANT_KEYS = "model,dataset,eval_file,learning_rate,lora_targets,lora_r,quantize"
@@ -517,6 +518,14 @@ def method_color(method):
     return METHOD_COLORS.get(method, "#9467bd")
 
 
+def group_color(group, groups):
+    """The method's colour for its first group; another for each further variant of the method (e.g. LoRA's
+    target modules), so that groups of one method can be told apart."""
+    siblings = [other for other in groups if other.method == group.method]
+    index = next(i for i, other in enumerate(siblings) if other is group)
+    return method_color(group.method) if index == 0 else VARIANT_COLORS[(index - 1) % len(VARIANT_COLORS)]
+
+
 def save_figure(figure, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -526,7 +535,7 @@ def save_figure(figure, path):
 def draw_plot(groups, path, seed=42, resamples=1000):
     """Bar charts, one bar per group: perplexity (mean, 95% interval), memory, training time, parameters."""
     labels = [group.label for group in groups]
-    colors = [method_color(group.method) for group in groups]
+    colors = [group_color(group, groups) for group in groups]
     figure = Figure(figsize=(16, 4.2))
     axes = figure.subplots(1, 4)
 
@@ -546,7 +555,7 @@ def draw_plot(groups, path, seed=42, resamples=1000):
     axes[1].set_ylabel("GiB")
 
     trained = [group for group in groups if group.mean("train_seconds") is not None]
-    trained_colors = [method_color(group.method) for group in trained]
+    trained_colors = [group_color(group, groups) for group in trained]
     axes[2].bar([group.label for group in trained], [group.mean("train_seconds") / 60 for group in trained],
                 color=trained_colors)
     axes[2].set_title("Training wall time")
@@ -599,8 +608,9 @@ def draw_tradeoff(found, path):
     forgetting = all(general is not None for _, _, general, _ in points)
     figure = Figure(figsize=(7.5, 5.5 if forgetting else 2.2 + 0.7 * len(points)))
     axis = figure.subplots()
+    shown = [group for group, *_ in points]
     for row, (group, result, general, runs) in enumerate(points):
-        color = method_color(group.method)
+        color = group_color(group, shown)
         ys = [forget for _, forget in runs] if forgetting else [row] * len(runs)
         axis.scatter([learn for learn, _ in runs], ys, color=color, alpha=0.45, s=25)
         low, high = result["ci95"]
@@ -658,7 +668,7 @@ def draw_validation_curves(groups, path):
     for group, curve in curves:
         tokens, losses = zip(*curve, strict=True)
         style = styles[[g for g in groups if g.method == group.method].index(group) % len(styles)]
-        axis.plot(tokens, losses, style, marker="o", markersize=3, color=method_color(group.method), alpha=0.8,
+        axis.plot(tokens, losses, style, marker="o", markersize=3, color=group_color(group, groups), alpha=0.8,
                   label=None if group.label in labelled else group.label)
         labelled.add(group.label)
     axis.set_xlabel("training tokens")
