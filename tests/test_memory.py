@@ -22,6 +22,15 @@ def test_a_phase_peak_is_its_own_not_the_process_peak_before_it():
     assert busy.bytes - quiet.bytes > 150 * MB
 
 
+def test_a_phase_peak_does_not_start_from_memory_an_earlier_phase_freed_in_small_blocks():
+    with memory.PhasePeak("cpu") as busy:
+        blocks = [torch.ones(16_000) for _ in range(4_000)]  # 64 KB each: the C heap, not their own mappings
+        del blocks
+    with memory.PhasePeak("cpu") as quiet:
+        pass
+    assert busy.bytes - quiet.bytes > 150 * MB  # 250 MB freed by the first phase is not the second's
+
+
 def test_the_whole_process_peak_survives_the_phase_resets():
     with memory.PhasePeak("cpu"):
         block = torch.ones(200 * MB, dtype=torch.uint8)
