@@ -94,21 +94,24 @@ def main(argv=None):
             model = adapters.prepare_for_4bit_training(model)
         model = add_adapters(model, args)
         if runtime.bf16_autocast and quantization is None:
-            adapters.leave_adapter_inputs_to_autocast(model)
+            adapters.cast_adapter_inputs(model, enabled=False)
     trainable, total = models.count_parameters(model)
     stored_as = models.dtype_by_part(model)
 
-    def on_base_in_eval_dtype(trained):
-        """The trained adapters on a fresh copy of the base in the evaluation dtype (the one the base model
-        is scored in), not on the bf16 copy they were trained on."""
+    def model_to_score(trained):
+        """The trained adapters on a fresh copy of the base in the evaluation dtype (the one the base model is
+        scored in) when they were trained on a bf16 copy; else the trained model itself (None), scored without
+        autocast, so peft casts the adapters' inputs again."""
+        if runtime.eval_dtype is None:
+            adapters.cast_adapter_inputs(trained, enabled=True)
+            return None
         base = models.load_model(source, runtime.eval_dtype, runtime.device, args.trust_remote_code, None,
                                  args.attn_implementation)
         models.pad_with_the_tokenizers_token(base, tokenizer)
         return adapters.on_another_base(trained, base)
 
     measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method,
-                                            training_args, load_peak,
-                                            on_base_in_eval_dtype if runtime.eval_dtype is not None else None)
+                                            training_args, load_peak, model_to_score)
     record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
                                    total_params=total, base_params=total - trainable, truncation=truncation,
                                    dtype_by_part=stored_as)

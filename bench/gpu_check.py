@@ -42,7 +42,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy  # noqa: E
 
 import finetune  # noqa: E402
 import full_finetune  # noqa: E402
-from lvf import models, results, settings, training  # noqa: E402
+from lvf import adapters, models, results, settings, training  # noqa: E402
 
 GIB = 1024**3
 SCRIPTS = {"lora": finetune, "full": full_finetune}
@@ -142,6 +142,8 @@ def build_model(args, method, script_args, runtime):
                                                  attn_implementation=script_args.attn_implementation)
     if method == "lora":
         model = finetune.add_adapters(model, script_args)
+        if runtime.bf16_autocast:  # as finetune.py: adapter inputs left to autocast
+            adapters.cast_adapter_inputs(model, enabled=False)
     return model
 
 

@@ -1,6 +1,8 @@
 """Where a training step's time goes, LoRA against full fine-tuning, on the same batches (CPU only).
 
-    python bench/profile_step.py --output bench/results/profile_step.json   # the committed file (~8 min, 2 cores)
+    python bench/profile_step.py --output bench/results/profile_step.json   # about 8 min on 2 cores
+    python bench/profile_step.py --profile baseline,bf16_base_nocast,bf16_base_nocast_dropout0 --output ...
+                                        # all three profiled: the committed file (9.4 min, docs/performance.md)
     python bench/profile_step.py --quick --output /tmp/profile-quick.json   # smoke run, tiny random model (< 1 min)
     python bench/profile_step.py --threads 1 ...       # on a busy machine: one thread, and read the CPU-second ratios
 
@@ -13,7 +15,7 @@ method: /proc/self/clear_refs resets VmHWM once the model is loaded, lvf.memory)
 
 Both methods (SmolLM2-135M-Instruct, the `smollm2-135m` preset, by default) are built as finetune.py and
 full_finetune.py build them: their own flag parsers and resolve_runtime (dtype, bf16 autocast, optimizer),
-models.load_model, finetune.add_adapters, adapters.leave_adapter_inputs_to_autocast, training.training_arguments,
+models.load_model, finetune.add_adapters, adapters.cast_adapter_inputs, training.training_arguments,
 training.model_collator and the kit's Trainer subclass (training.make_trainer_class), with the Trainer's own
 optimizer, scheduler and autocast (create_optimizer, accelerate's prepare, create_scheduler). They live in one
 process and are stepped alternately, so a busy machine slows both alike: compare the ratios, not the absolute
@@ -188,7 +190,7 @@ def build_model(source, tokenizer, kit_settings, runtime, method, kit_precision)
     if method == "lora":
         model = finetune.add_adapters(model, kit_settings)
         if kit_precision and runtime.bf16_autocast:
-            adapters.leave_adapter_inputs_to_autocast(model)
+            adapters.cast_adapter_inputs(model, enabled=False)
     return model
 
 
@@ -546,6 +548,7 @@ def memory_worker(args):
         model = build_model(source, tokenizer, kit_settings, runtime, method, VARIANTS[variant]["kit_precision"])
         stepper = Stepper(model, tokenizer, kit_settings, runtime, feature_batches)
         loaded = memory.cpu_peak_since_reset()  # the whole process so far: imports, data, model, Trainer
+        memory.release_freed_memory()  # as lvf.memory.PhasePeak does before each phase
         unavailable = memory.reset_cpu_peak()
         start = current_rss()
         for index in range(max(args.warmup, 1) + len(feature_batches)):

@@ -1,5 +1,6 @@
 """LoRA adapters through peft: the configuration, adding them to a model, and peft's 4-bit preparation."""
 
+import copy
 import warnings
 
 from peft import (
@@ -42,20 +43,23 @@ def add_adapters(model, config, targets_flag):
         raise UsageError(f"--lora-targets {targets_flag}: {error}".splitlines()[0]) from error
 
 
-def leave_adapter_inputs_to_autocast(model):
-    """Under bf16 autocast only. peft casts each adapter's input to the adapter's dtype (fp32) before its dropout
-    and lora_A, and autocast then casts it straight back to bf16 for lora_A's matmul: two copies of the
-    activation per adapted module each step, and the dropout in fp32. Without autocast an fp32 lora_A could not
-    take a bf16 input, so this is for training under autocast only (evaluation builds its own model)."""
+def cast_adapter_inputs(model, enabled):
+    """peft casts each adapter's input to the adapter's dtype (fp32) before its dropout and lora_A. Under bf16
+    autocast, lora_A's matmul casts it straight back to bf16: two copies of the activation per adapted module
+    each step, and the dropout in fp32; so training under autocast turns the cast off (enabled=False). Without
+    autocast an fp32 lora_A cannot take a bf16 input, so scoring the trained model turns it on again."""
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = enabled
 
 
 def on_another_base(trained, base):
     """The trained adapters (their values, copied) on another copy of their base model, e.g. one held in another
     dtype for evaluation; frozen, in eval mode."""
-    config = trained.peft_config["default"]
+    # A copy: get_peft_model renames the config's base_model_name_or_path after `base` (a preset's cache folder),
+    # and the trained model's config is the one its saved adapter records.
+    config = copy.deepcopy(trained.peft_config["default"])
+    config.base_model_name_or_path = None
     model = add_adapters(base, config, config.target_modules)
     set_peft_model_state_dict(model, get_peft_model_state_dict(trained))
     model.requires_grad_(False)

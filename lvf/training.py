@@ -457,13 +457,14 @@ def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_reco
                         load_peak, evaluation_model=None):
     """What a training script does once its model is built: train (best checkpoint by validation loss),
     score the held-out set, save the artifact. Returns the measured results fields; load_peak is the
-    script's PhasePeak of loading the model. evaluation_model, when given, builds the model to score from the
-    trained one (default: the trained model itself)."""
+    script's PhasePeak of loading the model. evaluation_model, when given, is called with the trained model
+    (unwrapped) and returns the model to score, or None to score the trained model itself (default)."""
     trainer, measured, train_peak = train(settings, runtime, model, tokenizer, examples["train"],
                                           examples["validation"], training_args)
     scored = without_mixed_precision_wrapper(trainer)
     if evaluation_model is not None:
-        scored = evaluation_model(trainer.accelerator.unwrap_model(scored))
+        rebuilt = evaluation_model(trainer.accelerator.unwrap_model(scored))
+        scored = scored if rebuilt is None else rebuilt
     # Every rank evaluates the whole set: the same forwards everywhere; the main process writes the results.
     with PhasePeak(runtime.device) as eval_peak:
         evaluation = common.evaluate_model(scored, tokenizer, examples["eval"], eval_records, settings,

@@ -94,3 +94,28 @@ def test_adapter_names_a_preset_base_by_its_preset_name_not_a_cache_path():
     args = finetune.parse_args(["--model", "llama3-8b-instruct"])
     model = finetune.add_adapters(models.meta_model(models.model_config(args.model)), args)
     assert model.peft_config["default"].base_model_name_or_path == "llama3-8b-instruct"
+
+
+def test_lora_trained_and_scored_in_bf16_weights_runs_to_the_end(tmp_path, tiny_llama_dir, records_path):
+    # --dtype bfloat16 (and CUDA's auto): the trained model itself is scored, without autocast, so peft must
+    # cast the adapters' inputs to their fp32 again; training under autocast had turned that off.
+    run_script("finetune.py", "--model", tiny_llama_dir, "--dataset", records_path, *SMALL, *TRAIN,
+               "--dtype", "bfloat16", "--bf16-autocast", "on", "--output", tmp_path / "lora.json",
+               "--output-dir", tmp_path / "lora")
+    result = json.loads((tmp_path / "lora.json").read_text())
+    assert result["runtime"]["eval_dtype"] == "bfloat16" and result["perplexity"] > 0
+    assert sorted(result["eval_precision"]["weights"]) == ["bfloat16", "float32"]
+
+
+def test_scoring_on_another_base_leaves_the_trained_adapters_config_alone(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    import finetune
+    from lvf import adapters
+
+    trained = adapters.add_adapters(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                    finetune.default_lora_config(), "q_proj")
+    trained.peft_config["default"].base_model_name_or_path = "smollm2-135m"  # as finetune.add_adapters names it
+    scored = adapters.on_another_base(trained, AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
+    assert trained.peft_config["default"].base_model_name_or_path == "smollm2-135m"  # what its save records
+    assert not any(parameter.requires_grad for parameter in scored.parameters())
