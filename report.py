@@ -488,8 +488,12 @@ def study_summary(folder):
 
 def study_files(folder, summary):
     """The runs a study reports: the base model, and every method's runs at its picked learning rate."""
-    files = [summary["base"]["file"]] + [run["file"] for method in summary["methods"].values()
-                                         for run in method["runs"]]
+    try:
+        files = [summary["base"]["file"]] + [run["file"] for method in summary["methods"].values()
+                                             for run in method["runs"]]
+    except KeyError as missing:
+        raise errors.UsageError(f"--study {folder}: summary.json has no {missing} entries (an older study.py "
+                                "wrote it): rerun the study command; it rewrites it from the finished runs") from None
     return [Path(folder) / name for name in files]
 
 
@@ -775,7 +779,8 @@ def check(args):
     with committed_inputs(args.results_dir, args.readme) as (results_dir, readme_text):
         stale = rendered([results_dir], readme_text, args) != readme_text
         study = study_in(results_dir)
-        if study is not None and STUDY_START in readme_text:
+        checked_study = study is not None and STUDY_START in readme_text
+        if checked_study:
             block = study_block(study, args)[1]
             stale = stale or replace_block(readme_text, block, (STUDY_START, STUDY_END)) != readme_text
     if stale:
@@ -783,7 +788,7 @@ def check(args):
               f"{args.results_dir}/*.json; run `python report.py` (`--study {args.results_dir}/study`) and commit both",
               file=sys.stderr)
         return 1
-    print(f"{args.readme}: results table{' and study table' if study is not None else ''} up to date")
+    print(f"{args.readme}: results table{' and study table' if checked_study else ''} up to date")
     working_text = args.readme.read_text(encoding="utf-8")
     try:
         local_stale = rendered(args.sources or [args.results_dir], working_text, args) != working_text

@@ -43,7 +43,7 @@ METHODS = {
 # ("LoRA Without Regret", 2025), so the LoRA grids start higher.
 GPU_RATES = {"lora-qkvo": [3e-5, 1e-4, 3e-4, 1e-3], "lora-all-linear": [3e-5, 1e-4, 3e-4, 1e-3],
              "full": [3e-6, 1e-5, 3e-5]}
-# On CPU-sized runs (24 optimizer steps) every method's best rate was the top of a grid one step lower (LoRA 3e-3 of
+# On CPU-sized runs (21 optimizer steps) every method's best rate was the top of a grid one step lower (LoRA 3e-3 of
 # 3e-4..3e-3, full 1.5e-4 of 1.5e-5..1.5e-4; 2026-11-29), so these grids reach a step above that.
 CPU_RATES = {"lora-qkvo": [1e-3, 3e-3, 1e-2, 3e-2], "lora-all-linear": [1e-3, 3e-3, 1e-2, 3e-2],
              "full": [5e-5, 1.5e-4, 5e-4, 1.5e-3]}

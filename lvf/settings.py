@@ -88,7 +88,8 @@ def add_model_flags(parser):
     add("--chat-template", default=None,
         help="'llama3' installs the official Llama 3 Instruct template; or a path to a Jinja template file")
     add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-        help="weight dtype: auto is bfloat16 on CUDA, float32 on CPU")
+        help="weight dtype: auto is bfloat16 on CUDA, float32 on CPU (where LoRA under bf16 autocast "
+             "trains on a bfloat16 copy of the frozen base and is scored on the float32 one)")
     add("--attn-implementation", choices=models.ATTENTION_IMPLEMENTATIONS, default="sdpa",
         help="attention kernels: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn "
              "package), or eager")
