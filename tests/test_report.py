@@ -67,10 +67,12 @@ def results_dir(tmp_path):
 
 
 def render(tmp_path, *argv):
-    """Runs report.py on a fresh README and returns the block's table rows."""
+    """Runs report.py on a fresh README and returns the block's table rows. Plots go to tmp_path (by default they
+    go to --results-dir, the project's results/ folder, when sources are named)."""
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    assert report.main([*argv, "--readme", str(readme), "--resamples", "300"]) == 0
+    plot = [] if "--results-dir" in argv else ["--plot", str(tmp_path / "plots" / "comparison.png")]
+    assert report.main([*argv, "--readme", str(readme), "--resamples", "300", *plot]) == 0
     return [line for line in readme.read_text().splitlines() if line.startswith("| ")], readme.read_text()
 
 
