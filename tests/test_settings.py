@@ -64,8 +64,11 @@ def test_results_record_what_was_asked_apart_from_what_was_resolved(tmp_path, mo
     assert config["output_dir"] == str(tmp_path / "out" / "lora")
     assert not {"device", "torch_dtype", "bf16", "optim"} & set(config)
     # As resolved, with paths relative to the working directory they sit in.
-    assert runtime["device"] == "cpu" and runtime["dtype"] == "float32" and runtime["optimizer"] == "adamw_torch"
+    assert runtime["device"] == "cpu" and runtime["optimizer"] == "adamw_torch"
     assert isinstance(runtime["bf16_autocast"], bool)
+    # LoRA trains on a bf16 copy of the base where autocast is on (AMX or AVX512-BF16), and is scored in fp32.
+    assert runtime["dtype"] == ("bfloat16" if runtime["bf16_autocast"] else "float32")
+    assert runtime["eval_dtype"] == "float32"
     assert runtime["output"] == os.path.join("runs", "lora.json") and runtime["output_dir"] == "out/lora"
     assert record["dtype"] == runtime["dtype"] and record["bf16_autocast"] == runtime["bf16_autocast"]
 
