@@ -264,6 +264,11 @@ class Stepper:
 # --------------------------------------------------------------------------- profiling
 
 
+# A module's category by its class name's ending, for the modules not named above.
+CLASS_CATEGORIES = (("RMSNorm", "norm"), ("Attention", "attention_core"), ("MLP", "mlp_act"),
+                    ("DecoderLayer", "residual"), ("RotaryEmbedding", "rope"), ("ForCausalLM", "loss_and_head_glue"))
+
+
 def module_category(name, module):
     """The category of the ops a module runs itself (innermost module wins)."""
     kind = type(module).__name__
@@ -280,19 +285,7 @@ def module_category(name, module):
         return "lm_head"
     if leaf == "embed_tokens":
         return "embedding"
-    if kind.endswith("RMSNorm"):
-        return "norm"
-    if kind.endswith("Attention"):
-        return "attention_core"
-    if kind.endswith("MLP"):
-        return "mlp_act"
-    if kind.endswith("DecoderLayer"):
-        return "residual"
-    if kind.endswith("RotaryEmbedding"):
-        return "rope"
-    if kind.endswith("ForCausalLM"):
-        return "loss_and_head_glue"
-    return None
+    return next((category for suffix, category in CLASS_CATEGORIES if kind.endswith(suffix)), None)
 
 
 def tag_modules(model):
