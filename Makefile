@@ -4,14 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TF517 := .venv-tf517
-# The demo: SmolLM2-135M-Instruct on data/demo.jsonl. Learning rates suit a 135M model (the scripts'
-# defaults are the 8B write-up's); the training subset keeps the whole demo within ~15 minutes on 2 CPU cores.
-# Forgetting is measured on Python's own documentation (ships with Python, PSF License): offline, and neither
-# Dolly nor the demo data; the scripts' default (WikiText-2 through `datasets`) needs the Hub.
-DEMO := --model smollm2-135m --dataset data/demo.jsonl --seed-style-metric --max-length 512 --general-file python-docs
-DEMO_TRAIN := --max-train-samples 128 --num-epochs 1
-DEMO_LORA := --learning-rate 1e-3 --batch-size 4 --grad-accum 1
-DEMO_FULL := --learning-rate 5e-5 --batch-size 4 --grad-accum 1
+# The CPU demo and the CPU study are experiment files (experiments/demo-cpu.yaml, experiments/study-cpu.yaml): their
+# results are committed in results/demo-cpu/ and results/study-cpu/, which only these two targets rewrite.
+DEMO := experiments/demo-cpu.yaml
+STUDY := experiments/study-cpu.yaml
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: test demo study lint
@@ -37,16 +33,17 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	@start=$$(date +%s); \
-	rm -rf outputs/demo && \
-	$(PY) evaluate_base_model.py $(DEMO) && \
-	$(PY) finetune.py $(DEMO) $(DEMO_TRAIN) $(DEMO_LORA) --output-dir outputs/demo/lora && \
-	$(PY) full_finetune.py $(DEMO) $(DEMO_TRAIN) $(DEMO_FULL) --output-dir outputs/demo/full && \
-	$(PY) report.py && \
-	echo "[demo] done in $$(( $$(date +%s) - start )) s: results/*.json, results/comparison.png, README table"
+	rm -rf outputs/demo-cpu && \
+	$(PY) evaluate_base_model.py --config $(DEMO) && \
+	$(PY) finetune.py --config $(DEMO) && \
+	$(PY) full_finetune.py --config $(DEMO) && \
+	$(PY) report.py --config $(DEMO) && \
+	echo "[demo] done in $$(( $$(date +%s) - start )) s: results/demo-cpu/, its plots and the README block"
 
 # The study: each method at four learning rates (picked on validation loss), the picked rate at three seeds.
 # Rerun after an interruption: finished runs are skipped, a half-trained one resumes from its checkpoint.
 study: $(STAMP)
 	@start=$$(date +%s); \
-	$(PY) study.py --cpu && \
-	echo "[study] done in $$(( $$(date +%s) - start )) s: results/study/summary.json"
+	$(PY) study.py --config $(STUDY) && \
+	$(PY) report.py --config $(STUDY) && \
+	echo "[study] done in $$(( $$(date +%s) - start )) s: results/study-cpu/summary.json, its plots and the README block"

@@ -2,8 +2,8 @@
 adapter or model folder, recorded under the method that trained it.
 
     python evaluate_base_model.py                      # Llama 3 8B Instruct on dolly-15k's test split
-    python evaluate_base_model.py --model smollm2-135m --dataset data/demo.jsonl
-    python evaluate_base_model.py --model outputs/lora/final   # a saved adapter: results/eval-lora-final.json
+    python evaluate_base_model.py --config experiments/demo-cpu.yaml   # the CPU demo's settings (SmolLM2-135M)
+    python evaluate_base_model.py --model outputs/demo-cpu/lora/final   # results/demo-cpu/eval-lora-final.json
 """
 
 from pathlib import Path
@@ -16,7 +16,7 @@ METHOD = "base"
 
 def parse_args(argv=None):
     parser = settings.evaluation_parser(__doc__.splitlines()[0], METHOD)
-    return settings.parse(parser, argv)
+    return settings.parse(parser, argv, sections=("shared", "evaluate_base_model"))
 
 
 def load_scored_model(args, artifact, source, runtime):
@@ -35,7 +35,9 @@ def main(argv=None):
     method = METHOD if artifact is None else artifact.method
     base_model = args.model if artifact is None else artifact.base_model
     weights_from = base_model if artifact is not None and artifact.is_adapter else args.model
-    runtime = settings.evaluation_runtime(args, METHOD if artifact is None else artifacts.results_name(args.model))
+    # A saved artifact's results join the experiment that trained it (origin.json), unless --config names one.
+    runtime = settings.evaluation_runtime(args, METHOD if artifact is None else artifacts.results_name(args.model),
+                                          experiment=None if artifact is None or args.config else artifact.experiment)
     results.check_outputs(runtime, writes_model=False)  # before any data or model is loaded
     models.check_attention_implementation(args.attn_implementation)
     # With --eval-file only that file is read; the dataset is then recorded as null.

@@ -1,16 +1,18 @@
 """LoRA (or QLoRA with --quantize 4bit) fine-tuning, then perplexity on the held-out split.
 
     python finetune.py                                 # Llama 3 8B Instruct on dolly-15k, r=16 on q/k/v/o
-    python finetune.py --model smollm2-135m --dataset data/demo.jsonl
+    python finetune.py --config experiments/demo-cpu.yaml   # the CPU demo's settings (SmolLM2-135M)
 """
 
 import dataclasses
 
 import torch
 
-from lvf import adapters, errors, memory, models, results, settings, training
+import common
+from lvf import adapters, artifacts, errors, memory, models, results, settings, training
 
-# This script's defaults where they differ from the shared flags' (bench/ reads them here too).
+# This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
+# flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that).
 DEFAULTS = {"learning_rate": 2e-4, "batch_size": 4, "grad_accum": 1,
             "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_targets": "q_proj,k_proj,v_proj,o_proj"}
 OPTIMIZER = "adamw_torch"  # the adapters are small: plain AdamW, on every device
@@ -31,7 +33,7 @@ def parse_args(argv=None):
                             "layer but the output layer)")
     group.add_argument("--quantize", choices=["none", "4bit"], default="none",
                        help="4bit: QLoRA (NF4, double quantisation, bf16 compute; needs bitsandbytes)")
-    return settings.parse(parser, argv)
+    return settings.parse(parser, argv, sections=("shared", "training", "finetune"))
 
 
 def lora_config(args):
@@ -79,13 +81,19 @@ def main(argv=None):
                                        base_params=total - trainable)
         return results.finish(record, runtime.output)
 
-    # Everything that can be wrong with the input fails here, in seconds, before the model loads.
+    # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
+    # read before the tokenizer, so a data error shows in milliseconds.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
-    loaded = training.load_training_data(args, runtime, source, method)
-    tokenizer, examples, truncation, eval_records, training_args = loaded
+    records = common.load_splits(args)  # train, validation, eval
+    tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
+    examples, truncation = common.load_examples(args, tokenizer, records)
+    training_args = training.training_arguments(args, runtime, len(examples["train"]))  # before the model loads
+    if results.is_main_process():
+        artifacts.write_origin(runtime.output_dir, method, args.model, runtime.experiment)
 
+    # The model: the base (4-bit for QLoRA), then the adapters.
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization,
                                   args.attn_implementation)
@@ -98,21 +106,36 @@ def main(argv=None):
     trainable, total = models.count_parameters(model)
     stored_as = models.dtype_by_part(model)
 
-    def model_to_score(trained):
-        """The trained adapters on a fresh copy of the base in the evaluation dtype (the one the base model is
-        scored in) when they were trained on a bf16 copy; else the trained model itself (None), scored without
-        autocast, so peft casts the adapters' inputs again."""
-        if runtime.eval_dtype is None:
-            adapters.cast_adapter_inputs(trained, enabled=True)
-            return None
+    # Train; the checkpoint with the lowest validation loss is kept.
+    trainer, measured, train_peak = training.train(args, runtime, model, tokenizer, examples["train"],
+                                                   examples["validation"], training_args)
+
+    # Score the adapters as the base model is scored: on a fresh copy of the base in the evaluation dtype when they
+    # were trained on a bf16 copy; else the trained model itself, without autocast, so peft casts the adapters'
+    # inputs again. Every rank evaluates the whole set (the same forwards everywhere); the main process writes.
+    scored = training.without_mixed_precision_wrapper(trainer)
+    trained = trainer.accelerator.unwrap_model(scored)
+    if runtime.eval_dtype is None:
+        adapters.cast_adapter_inputs(trained, enabled=True)
+    else:
         base = models.load_model(source, runtime.eval_dtype, runtime.device, args.trust_remote_code, None,
                                  args.attn_implementation)
         models.pad_with_the_tokenizers_token(base, tokenizer)
-        return adapters.on_another_base(trained, base)
+        scored = adapters.on_another_base(trained, base)
+    with memory.PhasePeak(runtime.device) as eval_peak:
+        evaluation = common.evaluate_model(scored, tokenizer, examples["eval"], records[2], args,
+                                           trainer.args.device, desc=f"evaluate {method}",
+                                           general_examples=examples["general"])
+    validation = training.validation_fields(scored, examples["validation"], tokenizer, args, trainer.args.device,
+                                            method)
 
-    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, method,
-                                            training_args, load_peak, model_to_score)
-    record = results.build_results(args, runtime, method, **measured, trainable_params=trainable,
+    # Save the adapter, then record.
+    artifact = training.save_artifact(trainer, runtime.output_dir)
+    process_peak, process_peak_kind = results.peak_memory(runtime.device)
+    record = results.build_results(args, runtime, method, **measured, **evaluation, **validation,
+                                   **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
+                                   peak_memory_bytes=process_peak, memory_kind=process_peak_kind,
+                                   **training.artifact_fields(artifact), trainable_params=trainable,
                                    total_params=total, base_params=total - trainable, truncation=truncation,
                                    dtype_by_part=stored_as)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)

@@ -1,7 +1,7 @@
 """Full fine-tuning of every weight, then perplexity on the held-out split.
 
     python full_finetune.py                            # Llama 3 8B Instruct on dolly-15k, paged 8-bit AdamW
-    python full_finetune.py --model smollm2-135m --dataset data/demo.jsonl
+    python full_finetune.py --config experiments/demo-cpu.yaml   # the CPU demo's settings (SmolLM2-135M)
 """
 
 import importlib.util
@@ -10,10 +10,12 @@ import sys
 
 import torch
 
-from lvf import errors, memory, models, results, settings, training
+import common
+from lvf import artifacts, errors, memory, models, results, settings, training
 
 METHOD = "full"
-# This script's defaults where they differ from the shared flags' (bench/ reads them here too).
+# This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
+# flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that).
 DEFAULTS = {"learning_rate": 1e-5, "batch_size": 2, "grad_accum": 2}
 
 
@@ -26,7 +28,7 @@ def parse_args(argv=None):
     # fp32 master weights, bf16 compute (autocast, on by default on CUDA): in bf16 weights most AdamW updates at
     # lr 1e-5 are smaller than half a bf16 step of the weight and round away (README: memory per option).
     parser.set_defaults(dtype="float32")
-    return settings.parse(parser, argv)
+    return settings.parse(parser, argv, sections=("shared", "training", "full_finetune"))
 
 
 def warn_if_updates_round_away(runtime):
@@ -63,21 +65,46 @@ def main(argv=None):
                                        base_params=total)
         return results.finish(record, runtime.output)
 
-    # Everything that can be wrong with the input fails here, in seconds, before the model loads.
+    # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
+    # read before the tokenizer, so a data error shows in milliseconds.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
-    loaded = training.load_training_data(args, runtime, source, METHOD)
-    tokenizer, examples, truncation, eval_records, training_args = loaded
+    records = common.load_splits(args)  # train, validation, eval
+    tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
+    examples, truncation = common.load_examples(args, tokenizer, records)
+    training_args = training.training_arguments(args, runtime, len(examples["train"]))  # before the model loads
+    if results.is_main_process():
+        artifacts.write_origin(runtime.output_dir, METHOD, args.model, runtime.experiment)
+
+    # The model, every weight trainable.
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
                                   attn_implementation=args.attn_implementation)
         models.pad_with_the_tokenizers_token(model, tokenizer)
     stored_as = models.dtype_by_part(model)
 
-    measured = training.train_evaluate_save(args, runtime, model, tokenizer, examples, eval_records, METHOD,
-                                            training_args, load_peak)
+    # Train; the checkpoint with the lowest validation loss is kept.
+    trainer, measured, train_peak = training.train(args, runtime, model, tokenizer, examples["train"],
+                                                   examples["validation"], training_args)
+
+    # Score in the weights' own precision (autocast taken off). Every rank evaluates the whole set: under FSDP and
+    # DeepSpeed the forwards gather the weights collectively; the main process writes the results.
+    scored = training.without_mixed_precision_wrapper(trainer)
+    with memory.PhasePeak(runtime.device) as eval_peak:
+        evaluation = common.evaluate_model(scored, tokenizer, examples["eval"], records[2], args,
+                                           trainer.args.device, desc=f"evaluate {METHOD}",
+                                           general_examples=examples["general"])
+    validation = training.validation_fields(scored, examples["validation"], tokenizer, args, trainer.args.device,
+                                            METHOD)
+
+    # Save the model, then record.
+    artifact = training.save_artifact(trainer, runtime.output_dir)
+    process_peak, process_peak_kind = results.peak_memory(runtime.device)
     trainable, total = models.count_parameters(model)
-    record = results.build_results(args, runtime, METHOD, **measured, trainable_params=trainable,
+    record = results.build_results(args, runtime, METHOD, **measured, **evaluation, **validation,
+                                   **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
+                                   peak_memory_bytes=process_peak, memory_kind=process_peak_kind,
+                                   **training.artifact_fields(artifact), trainable_params=trainable,
                                    total_params=total, base_params=total, truncation=truncation,
                                    dtype_by_part=stored_as)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)

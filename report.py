@@ -1,10 +1,18 @@
-"""Turns results JSON files into the README's results table, comparisons between groups of runs, and plots.
+"""Turns an experiment's results JSON files into its report: a table, comparisons between groups of runs, and plots.
 
-    python report.py                            # every run under results/ (not history/): README block, plots
-    python report.py results/*.json results/study/**/*.json   # only the given files (or folders)
-    python report.py --check                    # exit 1 if the committed README block is stale (make test, CI)
-    python report.py --allow-intersection       # compare runs on the examples they share, and say so
-    python report.py --study results/study      # a study (study.py): its picked runs, in the README's study block
+    python report.py --config experiments/demo-cpu.yaml   # results/demo-cpu/: report.md, plots, the README block
+    python report.py results/demo-cpu                     # the same, named by its results folder
+    python report.py                                      # every experiment that has a block in the README
+    python report.py --check                              # exit 1 if a committed README block is stale (make test, CI)
+    python report.py results/a.json results/b.json        # an ad hoc table of these files, printed only
+    python report.py --allow-intersection ...             # compare runs on the examples they share, and say so
+
+Each experiment has a results folder (results/<name>/) and a block in the README between
+<!-- experiment:<name>:start --> and <!-- experiment:<name>:end -->; the report writes report.md and the plots
+into the folder and rebuilds the block, headed by the experiment's description and captioned with model, data,
+machine, date and commit. An experiment with no results yet shows "not run yet". A study's folder (with
+summary.json, from study.py) reports the base model and each method's runs at its picked learning rate, with the
+rates tried.
 
 Runs are grouped by method and variant: the settings named by --variant-keys, everything that tells runs of one
 method apart except the training seed. A group of several seeds shows mean ± sd across seeds. A comparison's
@@ -18,6 +26,7 @@ them, unless --allow-intersection compares them on the shared examples and the t
 import argparse
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,11 +36,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-import common
-from lvf import errors, results
+from lvf import errors, experiments
+from lvf.files import write_atomic
 
-START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
-STUDY_START, STUDY_END = "<!-- study-table:start -->", "<!-- study-table:end -->"
+PROJECT_DIR = Path(__file__).resolve().parent
+EXPERIMENTS_DIR = PROJECT_DIR / "experiments"
+BLOCK = re.compile(r"<!-- experiment:([A-Za-z0-9._-]+):start -->")
 METHOD_ORDER = ["base", "lora", "qlora", "full"]
 METHOD_LABELS = {"base": "Zero-shot (base)", "lora": "LoRA", "qlora": "QLoRA", "full": "Full fine-tuning"}
 METHOD_COLORS = {"base": "#888888", "lora": "#1f77b4", "qlora": "#17becf", "full": "#d62728"}
@@ -47,26 +57,22 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("sources", nargs="*", type=Path,
-                        help="results JSON files or folders (searched recursively, history/ left out); "
-                             "default: --results-dir, without its study/ folder")
-    parser.add_argument("--results-dir", type=Path, default=common.PROJECT_DIR / "results",
-                        help="folder read when no sources are given; the plots are written there")
-    parser.add_argument("--readme", type=Path, default=common.PROJECT_DIR / "README.md",
-                        help="Markdown file whose marked block receives the table")
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="PNG path of the bar charts (default: <results-dir>/comparison.png); the other "
-                             "plots go beside it")
+                        help="an experiment's results folder (results/<name>), or results JSON files for an ad hoc "
+                             "table printed only; default: every experiment with a block in the README")
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE.yaml",
+                        help="the experiment file: its results folder (results/<name>) is reported")
+    parser.add_argument("--results-root", type=Path, default=PROJECT_DIR / "results",
+                        help="the folder that holds each experiment's results folder (<name>/)")
+    parser.add_argument("--readme", type=Path, default=PROJECT_DIR / "README.md",
+                        help="Markdown file whose experiment blocks receive the tables")
     parser.add_argument("--check", action="store_true",
-                        help="only check that the README block matches the results; inside a git checkout it "
-                             "checks the committed README and results, so local runs cannot fail it")
+                        help="only check that the README's experiment blocks match the results; inside a git "
+                             "checkout it checks the committed README and results, so local runs cannot fail it")
     parser.add_argument("--variant-keys", default=VARIANT_KEYS,
                         help="comma-separated settings (a results field, else a config field) that tell runs of "
                              "one method apart; runs that differ only in others (the seed) are one group")
     parser.add_argument("--allow-intersection", action="store_true",
                         help="compare runs evaluated on different examples on the examples they share")
-    parser.add_argument("--study", type=Path, default=None, metavar="FOLDER",
-                        help="report a study.py folder instead: the base model and each method's runs at its picked "
-                             "learning rate, with the rates tried, into the README's study block; plots go in FOLDER")
     parser.add_argument("--seed", type=int, default=42, help="seed of the bootstrap")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     return parser.parse_args(argv)
@@ -92,7 +98,7 @@ def result_files(sources, skipped_folders=("history",)):
 
 def display_name(path):
     try:
-        return str(path.resolve().relative_to(common.PROJECT_DIR))
+        return str(path.resolve().relative_to(PROJECT_DIR))
     except ValueError:
         return str(path)
 
@@ -447,28 +453,55 @@ def intersection_notes(groups, found):
                 f"{'; '.join(notes)}._"]
 
 
-def provenance_line(runs):
-    devices = sorted({run.get("device") or "?" for run in runs})
+def fmt_machine(machine, device):
+    """e.g. "NVIDIA H100 80GB HBM3 (79.2 GiB)" or "AMD EPYC, 2 cores, AVX512-BF16"; older results recorded only the
+    device."""
+    if not machine:
+        return f"{device or '?'} (machine not recorded)"
+    if machine.get("gpu"):
+        gpu = machine["gpu"]
+        count = f"{gpu['count']} x " if gpu.get("count", 1) > 1 else ""
+        return f"{count}{gpu['name']} ({fmt_bytes(gpu['memory_bytes'])})"
+    bf16 = ", ".join(flag.upper().replace("_BF16", "-BF16") for flag in machine.get("cpu_bf16") or [])
+    return ", ".join(part for part in (machine.get("cpu") or "CPU", f"{machine.get('cpu_count')} cores", bf16) if part)
+
+
+def caption(runs, config_file=None):
+    """What the block's numbers are: model, data, machine, date and commit, and where they live."""
+    models = sorted({f"`{run['model']}`" for run in runs})
+    data = sorted({f"`{run.get('eval_file') or run.get('dataset') or '?'}`" for run in runs})
+    machines = sorted({fmt_machine(run.get("machine"), run.get("device")) for run in runs})
     dates = sorted(run["created_at"][:10] for run in runs if run.get("created_at"))
     commits = sorted({(run.get("git_commit") or "uncommitted")[:7] for run in runs})
-    return (f"_Device: {', '.join(devices)}; run on {dates[0] if dates else '?'}"
-            f"{' to ' + dates[-1] if dates and dates[-1] != dates[0] else ''}; commit {', '.join(commits)}. "
-            "Perplexity is exp(Σ NLL / Σ response tokens) on the held-out split; the write-up's metric "
-            "scores padding and prompt and is shown only to explain its numbers. A difference is of mean "
-            "perplexities across seeds; its interval resamples seeds, then examples paired by id._")
+    when = f"{dates[0] if dates else '?'}{' to ' + dates[-1] if dates and dates[-1] != dates[0] else ''}"
+    source = f"; `{config_file}`" if config_file else ""
+    return (f"_Model {', '.join(models)} on {', '.join(data)}; machine: {'; '.join(machines)}; run on {when}; "
+            f"commit {', '.join(commits)}{source}._")
+
+
+METHOD_NOTE = ("_Perplexity is exp(Σ NLL / Σ response tokens) on the held-out split; the write-up's metric scores "
+               "padding and prompt and is shown only to explain its numbers. A difference is of mean perplexities "
+               "across seeds; its interval resamples seeds, then examples paired by id._")
 
 
 def render_block(groups, seed, resamples):
-    if not groups:
-        return ["_No results yet: run `make demo` (or the three scripts) and then `python report.py`._"]
+    """The tables of a group of runs, and the note on what the numbers mean."""
     found = comparisons(groups, seed, resamples)
-    runs = [run for group in groups for run in group.runs]
     return (results_table(groups, seed, resamples) + comparison_lines(found) + intersection_notes(groups, found)
-            + ["", provenance_line(runs)])
+            + ["", METHOD_NOTE])
 
 
-def replace_block(text, block_lines, markers=(START, END)):
-    start, end = markers
+def markers(name):
+    return f"<!-- experiment:{name}:start -->", f"<!-- experiment:{name}:end -->"
+
+
+def readme_blocks(text):
+    """The experiment names that have a block in the README, in order."""
+    return BLOCK.findall(text)
+
+
+def replace_block(text, name, block_lines):
+    start, end = markers(name)
     if start not in text or end not in text:
         raise errors.UsageError(f"the README has no {start} ... {end} markers")
     before, rest = text.split(start, 1)
@@ -482,7 +515,7 @@ def replace_block(text, block_lines, markers=(START, END)):
 def study_summary(folder):
     path = Path(folder) / "summary.json"
     if not path.is_file():
-        raise errors.UsageError(f"--study {folder}: no summary.json (run study.py, or name the folder it wrote)")
+        raise errors.UsageError(f"{folder}: no summary.json (run study.py, or name the folder it wrote)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -492,7 +525,7 @@ def study_files(folder, summary):
         files = [summary["base"]["file"]] + [run["file"] for method in summary["methods"].values()
                                              for run in method["runs"]]
     except KeyError as missing:
-        raise errors.UsageError(f"--study {folder}: summary.json has no {missing} entries (an older study.py "
+        raise errors.UsageError(f"{folder}: summary.json has no {missing} entries (an older study.py "
                                 "wrote it): rerun the study command; it rewrites it from the finished runs") from None
     return [Path(folder) / name for name in files]
 
@@ -509,10 +542,8 @@ def study_rate_lines(summary):
     return lines
 
 
-def study_block(folder, args):
-    summary = study_summary(folder)
-    groups = load_groups(study_files(folder, summary), args)
-    return groups, render_block(groups, args.seed, args.resamples) + study_rate_lines(summary)
+def is_study(folder):
+    return (Path(folder) / "summary.json").is_file()
 
 
 # --------------------------------------------------------------------------- plots
@@ -714,7 +745,84 @@ def draw_plots(groups, found, plot_path, seed, resamples):
     return [path for path in drawn if path is not None]
 
 
-# --------------------------------------------------------------------------- main
+def load_groups(sources, args):
+    """The runs in sources, grouped; runs on different examples refused unless --allow-intersection."""
+    groups = group_runs(load_results(sources), [key.strip() for key in args.variant_keys.split(",") if key.strip()])
+    if not args.allow_intersection:
+        refuse_different_examples(groups)
+    return groups
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+@dataclass
+class Experiment:
+    """An experiment to report: its name (the README block's and the results folder's), folder and file."""
+    name: str
+    folder: Path
+    config_file: str | None = None
+    description: str | None = None
+
+
+def experiment_files():
+    """{name: file} of the experiment files that ship in experiments/."""
+    found = {}
+    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        found[experiments.experiment_name(path)] = path
+    return found
+
+
+def shown_path(path):
+    try:
+        return Path(path).resolve().relative_to(PROJECT_DIR).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def experiment_from_file(path, results_root):
+    contents = experiments.load(path)
+    name = experiments.experiment_name(path)
+    return Experiment(name, Path(results_root) / name, shown_path(path), contents.get("description"))
+
+
+def experiment_named(name, results_root):
+    """The experiment of a README block: from its file in experiments/ when one has that name."""
+    path = experiment_files().get(name)
+    if path is not None:
+        return experiment_from_file(path, results_root)
+    return Experiment(name, Path(results_root) / name)
+
+
+def experiment_block(experiment, args):
+    """(groups, the block's lines) for an experiment's results folder: its heading, caption and tables; "not run
+    yet" when the folder holds no finished run."""
+    heading = f"### {experiment.description or experiment.name}"
+    folder = experiment.folder
+    runs_exist = folder.is_dir() and (is_study(folder) or load_results(folder))
+    if not runs_exist:
+        command = (f"`python report.py --config {experiment.config_file}`" if experiment.config_file
+                   else f"`python report.py {shown_path(folder)}`")
+        return [], [heading, "", f"_Not run yet: no results in `{shown_path(folder)}/`. Once its runs have "
+                                 f"written them, {command} puts their table here._"]
+    summary = study_summary(folder) if is_study(folder) else None
+    groups = load_groups(study_files(folder, summary) if summary else [folder], args)
+    runs = [run for group in groups for run in group.runs]
+    config_file = experiment.config_file or next(((run.get("config_file") or {}).get("file") for run in runs
+                                                  if run.get("config_file")), None)
+    lines = [heading, "", caption(runs, config_file), "", *render_block(groups, args.seed, args.resamples)]
+    if summary:
+        lines += study_rate_lines(summary)
+    return groups, lines
+
+
+def write_report(experiment, groups, lines, args):
+    """report.md and the plots, in the experiment's results folder."""
+    found = comparisons(groups, args.seed, args.resamples)
+    plots = draw_plots(groups, found, experiment.folder / "comparison.png", args.seed, args.resamples)
+    report = ["# " + lines[0].removeprefix("### "), *lines[1:], "", *(f"![{path.stem}]({path.name})" for path in plots)]
+    write_atomic(experiment.folder / "report.md", "\n".join(report) + "\n")
+    return [experiment.folder / "report.md", *plots], found
 
 
 # --------------------------------------------------------------------------- --check
@@ -723,24 +831,24 @@ def draw_plots(groups, found, plot_path, seed, resamples):
 def git(*args):
     """git's stdout, or None outside a git checkout (an unpacked archive, or no git installed)."""
     try:
-        out = subprocess.run(["git", "-C", str(common.PROJECT_DIR), *args], capture_output=True, timeout=30)
+        out = subprocess.run(["git", "-C", str(PROJECT_DIR), *args], capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout if out.returncode == 0 else None
 
 
 @contextlib.contextmanager
-def committed_inputs(results_dir, readme):
-    """(results folder, README text) as committed at HEAD, so that `make test` checks the demo the repository
-    ships, not a local run (`make demo`, or a script's default output) that rewrote results/ or the README.
-    Yields the working tree's own files outside a git checkout, or for paths outside the repository."""
+def committed_inputs(results_root, readme):
+    """(results root, README text) as committed at HEAD, so that `make test` checks what the repository ships, not
+    a local run (a script's output, `make demo`) that rewrote results/ or the README. Yields the working tree's
+    own files outside a git checkout, or for a README outside the repository."""
     top = git("rev-parse", "--show-toplevel")
     try:
         root = Path(top.decode().strip()).resolve()
-        results_rel = Path(results_dir).resolve().relative_to(root).as_posix()
         readme_rel = Path(readme).resolve().relative_to(root).as_posix()
+        results_rel = Path(results_root).resolve().relative_to(root).as_posix()
     except (AttributeError, ValueError):
-        yield Path(results_dir), Path(readme).read_text(encoding="utf-8")
+        yield Path(results_root), Path(readme).read_text(encoding="utf-8")
         return
     listing = git("ls-tree", "-r", "--name-only", "HEAD", results_rel + "/") or b""
     with tempfile.TemporaryDirectory() as folder:
@@ -752,52 +860,38 @@ def committed_inputs(results_dir, readme):
         yield Path(folder), (git("show", f"HEAD:{readme_rel}") or b"").decode("utf-8")
 
 
-def load_groups(sources, args):
-    """The runs in sources, grouped; runs on different examples refused unless --allow-intersection. The results
-    folder read by default leaves out study/ as well as history/: a study's runs (another recipe) are reported
-    when named (`python report.py results/study`)."""
-    skipped = ("history",) if args.sources else ("history", "study")
-    groups = group_runs(load_results(sources, skipped),
-                        [key.strip() for key in args.variant_keys.split(",") if key.strip()])
-    if not args.allow_intersection:
-        refuse_different_examples(groups)
-    return groups
-
-
-def rendered(sources, readme_text, args):
-    """The README text with its block rebuilt from the runs in sources."""
-    return replace_block(readme_text, render_block(load_groups(sources, args), args.seed, args.resamples))
-
-
-def study_in(results_dir):
-    """The committed study's folder, if results/ holds one."""
-    folder = Path(results_dir) / "study"
-    return folder if (folder / "summary.json").is_file() else None
+def rebuilt(readme_text, results_root, args):
+    """The README text with every experiment block rebuilt from results_root/<name>/."""
+    for name in readme_blocks(readme_text):
+        _, lines = experiment_block(experiment_named(name, results_root), args)
+        readme_text = replace_block(readme_text, name, lines)
+    return readme_text
 
 
 def check(args):
-    with committed_inputs(args.results_dir, args.readme) as (results_dir, readme_text):
-        stale = rendered([results_dir], readme_text, args) != readme_text
-        study = study_in(results_dir)
-        checked_study = study is not None and STUDY_START in readme_text
-        if checked_study:
-            block = study_block(study, args)[1]
-            stale = stale or replace_block(readme_text, block, (STUDY_START, STUDY_END)) != readme_text
+    with committed_inputs(args.results_root, args.readme) as (results_root, readme_text):
+        names = readme_blocks(readme_text)
+        stale = rebuilt(readme_text, results_root, args) != readme_text
     if stale:
-        print(f"{args.readme}: the committed results table (or study table) does not match the committed "
-              f"{args.results_dir}/*.json; run `python report.py` (`--study {args.results_dir}/study`) and commit both",
-              file=sys.stderr)
+        print(f"{args.readme}: a committed experiment block does not match the committed results/<experiment>/; "
+              "run `python report.py` and commit both", file=sys.stderr)
         return 1
-    print(f"{args.readme}: results table{' and study table' if checked_study else ''} up to date")
+    print(f"{args.readme}: experiment blocks up to date ({', '.join(names) or 'none'})")
     working_text = args.readme.read_text(encoding="utf-8")
     try:
-        local_stale = rendered(args.sources or [args.results_dir], working_text, args) != working_text
+        local_stale = rebuilt(working_text, args.results_root, args) != working_text
     except errors.UsageError:
         local_stale = True
     if local_stale:
-        print(f"note: in the working tree, {args.readme}'s table does not match {args.results_dir}/*.json (a local "
-              "run since the last commit); `git checkout README.md results/` restores the committed demo",
-              file=sys.stderr)
+        print(f"note: in the working tree, {args.readme}'s blocks do not match results/ (a local run since the last "
+              "commit); `python report.py` rebuilds them", file=sys.stderr)
+    return 0
+
+
+def ad_hoc(args):
+    """Files named on the command line: their table, printed."""
+    groups = load_groups(args.sources, args)
+    print("\n".join(render_block(groups, args.seed, args.resamples)))
     return 0
 
 
@@ -805,25 +899,30 @@ def main(argv=None):
     args = parse_args(argv)
     if args.check:
         return check(args)
-    readme_text = args.readme.read_text(encoding="utf-8")
-    if args.study is not None:
-        groups, block = study_block(args.study, args)
-        updated = replace_block(readme_text, block, (STUDY_START, STUDY_END))
-        plot = args.plot or args.study / "comparison.png"
+    if args.sources and not all(source.is_dir() for source in args.sources):
+        return ad_hoc(args)
+    readme_text = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else ""
+    if args.config is not None:
+        targets = [experiment_from_file(args.config, args.results_root)]
+    elif args.sources:
+        targets = [experiment_named(source.resolve().name, source.resolve().parent) for source in args.sources]
     else:
-        groups = load_groups(args.sources or [args.results_dir], args)
-        updated = replace_block(readme_text, render_block(groups, args.seed, args.resamples))
-        plot = args.plot or args.results_dir / "comparison.png"
-    if updated != readme_text:
-        results.write_atomic(args.readme, updated)
-    runs = sum(len(group.runs) for group in groups)
-    print(f"updated the results table in {args.readme} ({runs} runs in {len(groups)} groups)")
-    if groups:
-        found = comparisons(groups, args.seed, args.resamples)
-        for path in draw_plots(groups, found, plot, args.seed, args.resamples):
-            print(f"wrote {path}")
+        targets = [experiment_named(name, args.results_root) for name in readme_blocks(readme_text)]
+    for experiment in targets:
+        groups, lines = experiment_block(experiment, args)
+        if markers(experiment.name)[0] in readme_text:
+            readme_text = replace_block(readme_text, experiment.name, lines)
+            print(f"updated the {experiment.name} block in {args.readme}")
+        if not groups:
+            print(f"{experiment.name}: not run yet (no results in {shown_path(experiment.folder)})")
+            continue
+        written, found = write_report(experiment, groups, lines, args)
+        for path in written:
+            print(f"wrote {shown_path(path)}")
         for line in comparison_lines(found)[3:]:
             print(line)
+    if args.readme.is_file() and readme_text != args.readme.read_text(encoding="utf-8"):
+        write_atomic(args.readme, readme_text)
     return 0
 
 

@@ -1,16 +1,23 @@
 """The study: each method at several learning rates, its rate picked on validation loss, then trained at 3 seeds.
 
-Every run's results JSON is kept, and one summary is written.
+The study file (experiments/study-*.yaml) says everything: the scripts' flags (its shared, training and per-script
+sections) and, in its study section, the seeds, the methods (script, flags, learning-rate grid) and, for a LoRA
+method, other ranks to train at its picked rate. Every run's results JSON is kept in results/<study>/, and one
+summary.json is written there after each stage.
 
-    python study.py                 # Llama 3 8B Instruct on dolly-15k (a GPU): the scripts' defaults
-    python study.py --cpu           # make study: SmolLM2-135M on data/demo.jsonl, sized for 2 CPU cores
-    python study.py --cpu -- --max-eval-samples 20   # after --: flags for all three scripts (they win)
-    python study.py --cpu --train-flags "--max-steps 8"   # flags for the two training scripts only
+    python study.py --config experiments/study-llama3-8b-dolly.yaml   # Llama 3 8B Instruct on dolly-15k (GPU)
+    python study.py --config experiments/study-cpu.yaml               # make study: SmolLM2-135M, 2 CPU cores
+    python study.py --config experiments/study-cpu.yaml --dry-run     # the runs it would make; runs nothing
+    python study.py --config experiments/study-cpu.yaml -- --max-eval-samples 20   # after --: for all 3 scripts
 
-The recipe stays in the three scripts: this file only runs them (as subprocesses) with a learning rate, a
-seed and an output path each, and reads back their JSON. A run whose JSON is complete is skipped, one
+The recipe stays in the three scripts: this file only runs them (as subprocesses, each given the study file with
+--config plus its method's flags, a learning rate, a seed and an output path) and reads back their JSON, so a run
+is the same whether the study runs it or a user types its command. A run whose JSON is complete is skipped, one
 with checkpoints but no JSON is continued with the scripts' --resume: rerun the same command after an
-interruption. The test split is never looked at to choose anything.
+interruption. Stage 1 is the base model and every method's learning-rate sweep at the first seed; each method's
+rate is then picked on validation loss (the test split is never looked at to choose anything); stage 2 trains the
+picked rate at the other seeds and at the other ranks, and checks the picked rate's neighbours at the smallest
+and largest rank.
 """
 
 import argparse
@@ -22,44 +29,18 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
 import evaluate_base_model
 import finetune
 import full_finetune
-from lvf import errors, results, settings, training
+from lvf import errors, experiments, results, settings, training
 
 PROJECT_DIR = Path(__file__).resolve().parent
-
-# The compared methods: which script, and the flags that make it that method.
-METHODS = {
-    "lora-qkvo": (finetune, ["--lora-targets", "q_proj,k_proj,v_proj,o_proj", "--lora-r", "16"]),  # the write-up
-    "lora-all-linear": (finetune, ["--lora-targets", "all-linear", "--lora-r", "16"]),
-    "full": (full_finetune, []),
-}
-
-# Learning rates about 3x apart around each method's usual one. LoRA's best sits near 10x full fine-tuning's
-# ("LoRA Without Regret", 2025), so the LoRA grids start higher.
-GPU_RATES = {"lora-qkvo": [3e-5, 1e-4, 3e-4, 1e-3], "lora-all-linear": [3e-5, 1e-4, 3e-4, 1e-3],
-             "full": [3e-6, 1e-5, 3e-5]}
-# On CPU-sized runs (21 optimizer steps) every method's best rate was the top of a grid one step lower (LoRA 3e-3 of
-# 3e-4..3e-3, full 1.5e-4 of 1.5e-5..1.5e-4; 2026-11-29), so these grids reach a step above that.
-CPU_RATES = {"lora-qkvo": [1e-3, 3e-3, 1e-2, 3e-2], "lora-all-linear": [1e-3, 3e-3, 1e-2, 3e-2],
-             "full": [5e-5, 1.5e-4, 5e-4, 1.5e-3]}
-
-# make study on 2 CPU cores: the demo's model and data, shorter sequences, fewer examples and validations.
-# Flags every script takes, then the training scripts' own.
-CPU_FLAGS = ["--model", "smollm2-135m", "--dataset", "data/demo.jsonl", "--general-file", "python-docs",
-             "--max-general-blocks", "16", "--max-length", "256"]
-CPU_TRAIN_FLAGS = ["--max-train-samples", "96", "--max-val-samples", "24", "--num-epochs", "1", "--batch-size", "4",
-                   "--grad-accum", "1", "--eval-steps", "8"]
-# --smoke (tests): two rates, two seeds, a few steps, on whatever model the flags after -- name.
-SMOKE_RATES = {"lora-qkvo": [1e-2, 3e-2], "lora-all-linear": [1e-2, 3e-2], "full": [1e-3, 3e-3]}
-SMOKE_FLAGS = ["--general-file", "python-docs", "--max-general-blocks", "2", "--max-length", "128",
-               "--max-eval-samples", "6", "--bootstrap-resamples", "100"]
-SMOKE_TRAIN_FLAGS = ["--max-train-samples", "8", "--max-val-samples", "4", "--batch-size", "2", "--max-steps", "2",
-                     "--eval-steps", "1"]
+SCRIPTS = {"evaluate_base_model": evaluate_base_model, "finetune": finetune, "full_finetune": full_finetune}
+TRAINING_SCRIPTS = ("finetune", "full_finetune")
 
 
 def parse_args(argv=None):
@@ -67,31 +48,163 @@ def parse_args(argv=None):
     passed = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=settings.HelpFormatter)
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--cpu", action="store_true", help="the CPU-sized study of make study (SmolLM2-135M)")
-    size.add_argument("--smoke", action="store_true", help="a few steps per run, two rates and two seeds (tests)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds of the picked rate "
-                        "(default: 42 43 44; with --smoke 42 43); the sweep trains at the first")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--study-dir", type=Path, default=PROJECT_DIR / "results" / "study",
-                        help="every run's results JSON, and summary.json")
-    parser.add_argument("--outputs-dir", type=Path, default=PROJECT_DIR / "outputs" / "study",
-                        help="each run's checkpoints and final artifact")
+    parser.add_argument("--config", required=True, metavar="FILE.yaml",
+                        help="the study file: the scripts' flags and its study section (seeds, methods, rates, ranks)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="run only these methods of the study file (default: all of them)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training seeds of the picked rate (default: the study file's); the sweep trains at "
+                             "the first")
+    parser.add_argument("--study-dir", type=Path, default=None,
+                        help="every run's results JSON, and summary.json (default: results/<study name>)")
+    parser.add_argument("--outputs-dir", type=Path, default=None,
+                        help="each run's checkpoints and final artifact (default: outputs/<study name>)")
     parser.add_argument("--train-flags", default="",
                         help="more flags for the two training scripts only, in one quoted string")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each finished run's checkpoint-N folders (default: only its final artifact)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the runs the study would make, each command checked by its script's parser; "
+                             "runs nothing, writes nothing")
     args = parser.parse_args(own)
-    args.seeds = args.seeds or ([42, 43] if args.smoke else [42, 43, 44])
-    args.flags = (CPU_FLAGS if args.cpu else SMOKE_FLAGS if args.smoke else []) + passed
-    args.train_flags = ((CPU_TRAIN_FLAGS if args.cpu else SMOKE_TRAIN_FLAGS if args.smoke else [])
-                        + shlex.split(args.train_flags))
-    args.rates = CPU_RATES if args.cpu else SMOKE_RATES if args.smoke else GPU_RATES
-    return args
+    return StudySettings.from_file(args, passed)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared method: a script, the flags that make it that method, its learning-rate grid, and (LoRA) the
+    other ranks to train at its picked rate."""
+    name: str
+    script: str
+    flags: tuple
+    learning_rates: tuple
+    ranks: tuple = ()
+    rank: int | None = None  # its own LoRA rank (the lora_r flag, else the script's default)
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    config: str
+    name: str
+    seeds: tuple
+    methods: tuple
+    study_dir: Path
+    outputs_dir: Path
+    flags: tuple  # for all three scripts (after --)
+    train_flags: tuple  # for the training scripts only
+    keep_checkpoints: bool
+    dry_run: bool
+    contents: dict = field(repr=False, default=None)
+
+    @classmethod
+    def from_file(cls, args, passed):
+        contents = experiments.load(args.config)
+        study = contents.get("study") or {}
+        where = f"--config {args.config}"
+        if not study.get("methods"):
+            raise errors.UsageError(f"{where}: no study section with methods (see experiments/study-cpu.yaml)")
+        methods = tuple(method_from_file(name, entry, f"{where}: study.methods.{name}")
+                        for name, entry in study["methods"].items())
+        if args.methods:
+            unknown = sorted(set(args.methods) - {method.name for method in methods})
+            if unknown:
+                raise errors.UsageError(f"--methods {unknown[0]}: not a method of {args.config} "
+                                        f"({', '.join(method.name for method in methods)})")
+            methods = tuple(method for method in methods if method.name in args.methods)
+        seeds = tuple(args.seeds or study.get("seeds") or (42, 43, 44))
+        name = experiments.experiment_name(args.config)
+        return cls(config=path_for_the_scripts(args.config), name=name, seeds=seeds, methods=methods,
+                   study_dir=args.study_dir or PROJECT_DIR / "results" / name,
+                   outputs_dir=args.outputs_dir or PROJECT_DIR / "outputs" / name,
+                   flags=tuple(passed), train_flags=tuple(shlex.split(args.train_flags)),
+                   keep_checkpoints=args.keep_checkpoints, dry_run=args.dry_run, contents=contents)
+
+
+def path_for_the_scripts(path):
+    """The study file as the scripts (run from the project folder) will find it: relative to the project when
+    inside it, so results record experiments/<file>.yaml wherever the study was started from."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(PROJECT_DIR).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
+def method_from_file(name, entry, where):
+    if not isinstance(entry, dict) or entry.get("script") not in TRAINING_SCRIPTS:
+        raise errors.UsageError(f"{where}: needs script: finetune or full_finetune")
+    unknown = sorted(set(entry) - {"script", "flags", "learning_rates", "ranks"})
+    if unknown:
+        raise errors.UsageError(f"{where}: unknown key {unknown[0]!r} (script, flags, learning_rates, ranks)")
+    rates = entry.get("learning_rates") or []
+    try:
+        rates = tuple(sorted(float(rate) for rate in rates))
+    except (TypeError, ValueError):
+        raise errors.UsageError(f"{where}.learning_rates: numbers expected, got {rates!r}") from None
+    if not rates:
+        raise errors.UsageError(f"{where}: learning_rates is empty")
+    flags = entry.get("flags") or {}
+    ranks = tuple(int(rank) for rank in entry.get("ranks") or ())
+    if ranks and entry["script"] != "finetune":
+        raise errors.UsageError(f"{where}: ranks apply to LoRA (script: finetune) only")
+    own_rank = int(flags.get("lora_r", finetune.DEFAULTS["lora_r"])) if entry["script"] == "finetune" else None
+    return Method(name=name, script=entry["script"], flags=tuple(command_line(flags)), learning_rates=rates,
+                  ranks=tuple(sorted(set(ranks) - {own_rank})), rank=own_rank)
+
+
+def command_line(flags):
+    """A mapping of flag names to values as command-line words: {lora_r: 16} -> --lora-r 16; true -> the switch."""
+    words = []
+    for key, value in flags.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value is not False and value is not None:
+            words += [flag, *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return words
 
 
 def rate_name(rate):
     return f"{rate:g}"
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class Run:
+    """One subprocess of a script: its command-line words, its results JSON and (training) its output folder."""
+    name: str  # a method name, or "base"
+    script: str
+    argv: tuple
+    results: Path
+    output_dir: Path | None = None
+
+
+def base_run(study):
+    path = study.study_dir / "base.json"
+    return Run("base", "evaluate_base_model", ("--config", study.config, *study.flags, "--output", str(path)), path)
+
+
+def train_run(study, method_name, script, method_flags, rate, seed):
+    name = f"lr-{rate_name(rate)}-seed-{seed}"
+    path = study.study_dir / method_name / f"{name}.json"
+    output_dir = study.outputs_dir / method_name / name
+    argv = ("--config", study.config, *method_flags, *study.flags, *study.train_flags,
+            "--learning-rate", str(rate), "--seed", str(seed), "--output", str(path), "--output-dir", str(output_dir))
+    return Run(method_name, script, argv, path, output_dir)
+
+
+def rank_method_name(method, rank):
+    return f"{method.name}-r{rank}"
+
+
+def rank_flags(method, rank):
+    """The method's flags with another --lora-r (alpha stays, so the scale alpha/r follows 1/r)."""
+    words = list(method.flags)
+    if "--lora-r" in words:
+        del words[words.index("--lora-r"):words.index("--lora-r") + 2]
+    return (*words, "--lora-r", str(rank))
 
 
 def run_script(module, argv):
@@ -104,9 +217,10 @@ def run_script(module, argv):
                                 "to continue where it stopped")
 
 
-def complete_results(path, module, argv):
+def complete_results(run):
     """The run's results when its JSON exists, holds a test perplexity, and was made with these flags;
     None when it does not exist yet. A JSON from other flags stops the study rather than be mixed in."""
+    path = run.results
     if not path.is_file():
         return None
     try:
@@ -115,7 +229,7 @@ def complete_results(path, module, argv):
         return None
     if found.get("perplexity") is None:
         return None
-    expected = json.loads(json.dumps(settings.as_dict(module.parse_args(argv)), default=str))
+    expected = json.loads(json.dumps(settings.as_dict(SCRIPTS[run.script].parse_args(list(run.argv))), default=str))
     recorded = found.get("config") or {}
     differ = sorted(key for key in expected if key != "resume" and key in recorded and recorded[key] != expected[key])
     if differ:
@@ -124,34 +238,66 @@ def complete_results(path, module, argv):
     return found
 
 
-def run_once(args, module, argv, path, output_dir=None):
+def run_once(study, run):
     """The results of one run: read back if complete, else (re)run, resuming from its checkpoints."""
-    found = complete_results(path, module, argv)
+    found = complete_results(run)
     if found is not None:
-        print(f"[study] done already: {settings.display_path(path)}", file=sys.stderr)
+        print(f"[study] done already: {settings.display_path(run.results)}", file=sys.stderr)
         return found
-    if output_dir is not None and training.latest_checkpoint(output_dir) is not None:
-        argv = [*argv, "--resume"]
-    run_script(module, argv)
-    if output_dir is not None and not args.keep_checkpoints:
-        for checkpoint in Path(output_dir).glob("checkpoint-*"):  # the JSON holds what they were kept for
+    argv = list(run.argv)
+    if run.output_dir is not None and training.latest_checkpoint(run.output_dir) is not None:
+        argv.append("--resume")
+    run_script(SCRIPTS[run.script], argv)
+    if run.output_dir is not None and not study.keep_checkpoints:
+        for checkpoint in Path(run.output_dir).glob("checkpoint-*"):  # the JSON holds what they were kept for
             shutil.rmtree(checkpoint, ignore_errors=True)
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(run.results.read_text(encoding="utf-8"))
 
 
-def train_run(args, method, rate, seed):
-    module, method_flags = METHODS[method]
-    name = f"lr-{rate_name(rate)}-seed-{seed}"
-    path = args.study_dir / method / f"{name}.json"
-    output_dir = args.outputs_dir / method / name
-    argv = [*method_flags, *args.flags, *args.train_flags, "--learning-rate", str(rate), "--seed", str(seed),
-            "--output", str(path), "--output-dir", str(output_dir)]
-    return path, run_once(args, module, argv, path, output_dir)
+def run_stage(study, runs):
+    """Every run of a stage, finished before the stage returns: {results path: results}."""
+    return {run.results: run_once(study, run) for run in runs}
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def sweep_runs(study):
+    """Stage 1: the base model, and every method's learning rates at the first seed."""
+    return [base_run(study)] + [train_run(study, method.name, method.script, method.flags, rate, study.seeds[0])
+                                for method in study.methods for rate in method.learning_rates]
+
+
+def neighbours(rates, picked):
+    """The grid's rates next to the picked one (one or two)."""
+    index = rates.index(picked)
+    return [rates[i] for i in (index - 1, index + 1) if 0 <= i < len(rates)]
+
+
+def second_stage_runs(study, picked):
+    """Stage 2, once each method's rate is picked: the picked rate at the other seeds; each other rank at the picked
+    rate and every seed; and at the smallest and largest rank, the picked rate's neighbours at the first seed."""
+    runs = []
+    for method in study.methods:
+        rate = picked[method.name]
+        runs += [train_run(study, method.name, method.script, method.flags, rate, seed) for seed in study.seeds[1:]]
+        for rank in method.ranks:
+            name, flags = rank_method_name(method, rank), rank_flags(method, rank)
+            runs += [train_run(study, name, method.script, flags, rate, seed) for seed in study.seeds]
+        extremes = {min((*method.ranks, method.rank)), max((*method.ranks, method.rank))} - {method.rank}
+        for rank in sorted(extremes):
+            name, flags = rank_method_name(method, rank), rank_flags(method, rank)
+            runs += [train_run(study, name, method.script, flags, neighbour, study.seeds[0])
+                     for neighbour in neighbours(list(method.learning_rates), rate)]
+    return runs
 
 
 def pick_rate(sweep):
     """The rate whose kept checkpoint has the lowest token-weighted validation loss (never the test set)."""
     return min(sweep, key=lambda rate: sweep[rate]["validation_loss"])
+
+
+# --------------------------------------------------------------------------- the summary
 
 
 def compared_to_base(base, run):
@@ -169,19 +315,24 @@ def mean_and_sd(values):
             "runs": len(values)}
 
 
-def method_summary(args, base, sweep, picked, seeded):
-    """results: the run's JSON as a path from the working directory; file: the same inside --study-dir (what
-    `report.py --study` reads, wherever the folder is)."""
-    def where(path):
-        return {"results": settings.display_path(path), "file": Path(path).relative_to(args.study_dir).as_posix()}
+def where(study, path):
+    """results: the run's JSON as a path from the working directory; file: the same inside the study folder (what
+    `report.py` reads, wherever the folder is)."""
+    return {"results": settings.display_path(path), "file": Path(path).relative_to(study.study_dir).as_posix()}
 
+
+def method_summary(study, base, tried, picked, seeded, **described):
+    """tried: {rate: (path, results)} at the first seed; seeded: [(path, results)] at the picked rate."""
     return {
-        "learning_rates": {rate_name(rate): {"validation_loss": run["validation_loss"], **where(path)}
-                           for rate, (path, run) in sweep.items()},
+        **described,
+        "learning_rates": {rate_name(rate): {"validation_loss": run["validation_loss"], **where(study, path)}
+                           for rate, (path, run) in sorted(tried.items())},
         "picked_learning_rate": picked,
-        "runs": [{"seed": run["seed"], **where(path), "perplexity": run["perplexity"],
+        "runs": [{"seed": run["seed"], **where(study, path), "perplexity": run["perplexity"],
                   "general_perplexity": run.get("general_perplexity"), "train_seconds": run["train_seconds"],
-                  "peak_memory_bytes": run["peak_memory_bytes"], "artifact_bytes": run["artifact_bytes"],
+                  "peak_memory_bytes": run["peak_memory_bytes"],
+                  "train_peak_memory_bytes": run.get("train_peak_memory_bytes"),
+                  "trainable_params": run.get("trainable_params"), "artifact_bytes": run["artifact_bytes"],
                   **compared_to_base(base, run)} for path, run in seeded],
         "perplexity": mean_and_sd([run["perplexity"] for _, run in seeded]),
         "general_perplexity": (mean_and_sd([run["general_perplexity"] for _, run in seeded])
@@ -189,26 +340,85 @@ def method_summary(args, base, sweep, picked, seeded):
     }
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    start = time.perf_counter()
-    base_path = args.study_dir / "base.json"
-    base = run_once(args, evaluate_base_model, [*args.flags, "--output", str(base_path)], base_path)
-    summary = {"settings": {"cpu": args.cpu, "smoke": args.smoke, "seeds": args.seeds, "flags": args.flags,
-                            "train_flags": args.train_flags,
-                            "learning_rates": {m: args.rates[m] for m in args.methods}},
-               "base": {"results": settings.display_path(base_path), "file": base_path.name,
-                        "perplexity": base["perplexity"],
+def summarize(study, finished, picked):
+    """summary.json from every finished run (finished: {results path: results}); picked: {method: rate}."""
+    def done(run):
+        return (run.results, finished[run.results]) if run.results in finished else None
+
+    base = finished[base_run(study).results]
+    summary = {"experiment": study.name, "config_file": study.config,
+               "settings": {"seeds": list(study.seeds), "flags": list(study.flags),
+                            "train_flags": list(study.train_flags), "study": study.contents.get("study")},
+               "base": {**where(study, base_run(study).results), "perplexity": base["perplexity"],
                         "general_perplexity": base.get("general_perplexity")},
                "methods": {}}
-    for method in args.methods:
-        sweep = {rate: train_run(args, method, rate, args.seeds[0]) for rate in args.rates[method]}
-        picked = pick_rate({rate: run for rate, (_, run) in sweep.items()})
-        seeded = [sweep[picked]] + [train_run(args, method, picked, seed) for seed in args.seeds[1:]]
-        summary["methods"][method] = method_summary(args, base, sweep, picked, seeded)
-        summary["wall_seconds_this_invocation"] = time.perf_counter() - start  # runs done earlier not counted
-        results.write_atomic(args.study_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(f"[study] wrote {settings.display_path(args.study_dir / 'summary.json')} in "
+    for method in study.methods:
+        tried = {rate: found for rate in method.learning_rates
+                 if (found := done(train_run(study, method.name, method.script, method.flags, rate, study.seeds[0])))}
+        rate = picked[method.name]
+        described = {"script": method.script, "family": method.name, "rank": method.rank}
+        seeded = [found for seed in study.seeds
+                  if (found := done(train_run(study, method.name, method.script, method.flags, rate, seed)))]
+        summary["methods"][method.name] = method_summary(study, base, tried, rate, seeded, **described,
+                                                         picked_from="sweep")
+        for rank in method.ranks:
+            name, flags = rank_method_name(method, rank), rank_flags(method, rank)
+            rank_tried = {r: found for r in method.learning_rates
+                          if (found := done(train_run(study, name, method.script, flags, r, study.seeds[0])))}
+            rank_seeded = [found for seed in study.seeds
+                           if (found := done(train_run(study, name, method.script, flags, rate, seed)))]
+            if not rank_seeded:
+                continue
+            entry = method_summary(study, base, rank_tried, rate, rank_seeded, script=method.script,
+                                   family=method.name, rank=rank, picked_from=f"{method.name} (rank axis)")
+            if len(rank_tried) > 1:  # neighbours checked at this rank: is the family's rate still the best here?
+                best = pick_rate({r: run for r, (_, run) in rank_tried.items()})
+                entry["rate_check"] = {"best_learning_rate": best, "picked_is_best": best == rate}
+            summary["methods"][name] = entry
+    return summary
+
+
+def write_summary(study, summary, start):
+    summary["wall_seconds_this_invocation"] = time.perf_counter() - start  # runs done earlier not counted
+    results.write_atomic(study.study_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def print_plan(study):
+    """What --dry-run prints: every run of stage 1 with its command (checked by its script's parser), and what
+    stage 2 will add once the rates are picked."""
+    first = sweep_runs(study)
+    for run in first:
+        SCRIPTS[run.script].parse_args(list(run.argv))  # a bad flag in the study file stops here, with its line
+    # How many stage 2 makes depends on the picks only through the neighbour checks (one or two rates each).
+    later = len(second_stage_runs(study, {method.name: method.learning_rates[len(method.learning_rates) // 2]
+                                          for method in study.methods}))
+    print(f"[study] {study.name}: results in {settings.display_path(study.study_dir)}, checkpoints and final "
+          f"artifacts in {settings.display_path(study.outputs_dir)}")
+    print(f"[study] stage 1: {len(first)} runs (the base model, then each method's learning rates at seed "
+          f"{study.seeds[0]}):")
+    for run in first:
+        shown = [settings.display_path(word) if word.startswith(str(PROJECT_DIR)) else word for word in run.argv]
+        print(f"  python {run.script}.py {shlex.join(shown)}")
+    print(f"[study] stage 2, at each method's picked rate: about {later} runs (seeds "
+          f"{', '.join(map(str, study.seeds[1:]))}; other ranks at every seed; the picked rate's neighbours at the "
+          "smallest and largest rank)")
+
+
+def main(argv=None):
+    study = parse_args(argv)
+    if study.dry_run:
+        return print_plan(study)
+    start = time.perf_counter()
+    finished = run_stage(study, sweep_runs(study))
+    picked = {}
+    for method in study.methods:
+        sweep = {rate: finished[train_run(study, method.name, method.script, method.flags, rate,
+                                          study.seeds[0]).results] for rate in method.learning_rates}
+        picked[method.name] = pick_rate(sweep)
+    write_summary(study, summarize(study, finished, picked), start)
+    finished.update(run_stage(study, second_stage_runs(study, picked)))
+    write_summary(study, summarize(study, finished, picked), start)
+    print(f"[study] wrote {settings.display_path(study.study_dir / 'summary.json')} in "
           f"{math.ceil((time.perf_counter() - start) / 60)} min")
 
 

@@ -8,16 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvf.errors import UsageError
-from lvf.results import write_atomic
+from lvf.files import write_atomic
 
 ORIGIN_FILE = "origin.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def write_origin(output_dir, method, base_model):
+def write_origin(output_dir, method, base_model, experiment):
     """Called by a training script before it trains, so that checkpoints (in output_dir) and the final
-    artifact (which gets a copy) both say what they are."""
-    origin = {"method": method, "base_model": base_model}
+    artifact (which gets a copy) both say what they are, and which experiment's results folder they belong to."""
+    origin = {"method": method, "base_model": base_model, "experiment": experiment}
     return write_atomic(Path(output_dir) / ORIGIN_FILE, json.dumps(origin, indent=2) + "\n")
 
 
@@ -35,6 +35,7 @@ class SavedArtifact:
     method: str  # the method that trained it: lora, qlora, full
     base_model: str | None  # the model it was trained from, as the user named it
     is_adapter: bool
+    experiment: str | None = None  # the experiment that trained it (origin.json), whose results folder it joins
 
 
 def inspect_folder(name):
@@ -48,18 +49,20 @@ def inspect_folder(name):
     if not is_adapter:
         if origin is None:
             return None
-        return SavedArtifact(folder, origin["method"], origin.get("base_model"), is_adapter=False)
+        return SavedArtifact(folder, origin["method"], origin.get("base_model"), is_adapter=False,
+                             experiment=origin.get("experiment"))
     # An adapter saved by another tool has no origin.json: peft's config still names its base.
     adapter_base = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
     base_model = (origin or {}).get("base_model") or adapter_base
     if not base_model:
         raise UsageError(f"adapter {folder} does not name its base model ({ADAPTER_CONFIG} has no "
                          "base_model_name_or_path and there is no origin.json)")
-    return SavedArtifact(folder, (origin or {}).get("method", "lora"), base_model, is_adapter=True)
+    return SavedArtifact(folder, (origin or {}).get("method", "lora"), base_model, is_adapter=True,
+                         experiment=(origin or {}).get("experiment"))
 
 
 def results_name(folder):
-    """results/eval-<name>.json: the folder's last two path parts (outputs/lora/final -> eval-lora-final),
+    """eval-<name>: the folder's last two path parts (outputs/demo-cpu/lora/final -> eval-lora-final),
     so the LoRA and the full model's `final` folders do not overwrite each other's results."""
     parts = Path(folder).resolve().parts[-2:]
     return "eval-" + re.sub(r"[^\w.-]+", "-", "-".join(parts)).strip("-")

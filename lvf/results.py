@@ -7,15 +7,16 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 from huggingface_hub import get_token
 
-from lvf import memory
+from lvf import experiments, memory
 from lvf.errors import ResultsWrittenElsewhere, UsageError
+from lvf.files import write_atomic
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,26 @@ def git_commit():
         return None
 
 
+def machine():
+    """What the run ran on, for every figure's caption: the CPU's model name, its logical cores and bf16 support,
+    and the GPU (name, memory) when CUDA is used."""
+    cpu = None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+        cpu = names[0].strip() if names else None
+        bf16 = sorted({flag for flag in ("amx_bf16", "avx512_bf16") if re.search(rf"\b{flag}\b", cpuinfo)})
+    except OSError:
+        bf16 = []
+    gpu = None
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpu = {"name": properties.name, "memory_bytes": properties.total_memory, "count": torch.cuda.device_count()}
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_bf16": bf16, "gpu": gpu}
+
+
 RESULT_FIELDS = [
+    "experiment", "config_file", "machine",
     "method", "model", "base_model", "dataset", "eval_file", "perplexity", "perplexity_ci95", "eval_loss",
     "eval_tokens", "eval_examples", "seed_style_perplexity", "trainable_params", "total_params", "base_params",
     "trainable_percent", "train_examples", "train_tokens", "train_seconds", "train_step_seconds",
@@ -78,6 +98,9 @@ def build_results(settings, runtime, method, **fields):
     config = {key: value for key, value in dataclasses.asdict(settings).items() if not SECRET_NAME.search(key)}
     eval_file = getattr(settings, "eval_file", None)
     results.update(
+        experiment=runtime.experiment,
+        config_file=json.loads(json.dumps(experiments.record(settings.config), default=str)),
+        machine=machine(),
         method=method,
         model=settings.model,
         base_model=settings.model,  # an evaluated artifact overrides it with the base it was trained from
@@ -125,41 +148,9 @@ def redact_secrets(results):
     return json.loads(text)
 
 
-def write_atomic(path, text, keep_history=False):
-    """The kit's one way to write a file: to a temporary file, then a rename, so a reader never sees half
-    a file. With keep_history, an existing file is first kept in history/ beside it, with a timestamp."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if keep_history and path.exists():
-            keep_in_history(path)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
 def write_json_atomic(path, payload):
     """Results JSON, written atomically; earlier results are kept in history/, never overwritten."""
     return write_atomic(path, json.dumps(payload, indent=2) + "\n", keep_history=True)
-
-
-def keep_in_history(path):
-    """Copies path to history/<stem>-<UTC time><suffix> beside it; the original stays until replaced."""
-    history = path.parent / "history"
-    history.mkdir(exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    kept = history / f"{path.stem}-{stamp}{path.suffix}"
-    try:
-        os.link(path, kept)  # a second name for the same file: instant, and the path is never missing
-    except OSError:
-        shutil.copy2(path, kept)
-    return kept
 
 
 def check_writable(path, flag, is_folder=False):

@@ -9,12 +9,13 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lvf import models
+from lvf import experiments, models
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = "databricks/databricks-dolly-15k"
@@ -133,8 +134,12 @@ def add_evaluation_flags(parser):
 def add_output_flags(parser, method):
     group = parser.add_argument_group("output")
     add = group.add_argument
+    add("--config", default=None, metavar="FILE.yaml",
+        help="experiment file (experiments/*.yaml): sets the defaults of these flags, names the results folder; "
+             "flags given here override it")
     add("--output", default=None,
-        help=f"results JSON path (default: results/{method}.json; with --dry-run, none: the counts are printed)")
+        help=f"results JSON path (default: results/<experiment>/{method}.json, <experiment> being the --config "
+             "file's name or else made from --model and --dataset; with --dry-run, none: the counts are printed)")
     add("--dry-run", action="store_true",
         help="build the model on the meta device and count parameters; loads no weights or data")
     add("--debug", action="store_true", help="show full tracebacks (or set LVF_DEBUG=1)")
@@ -144,7 +149,8 @@ def add_training_flags(parser, method, learning_rate, batch_size, grad_accum):
     """Training flags; the defaults that differ between methods are the script's to give."""
     group = parser.add_argument_group("training")
     add = group.add_argument
-    add("--output-dir", default=None, help=f"where checkpoints and the saved model go (default: outputs/{method})")
+    add("--output-dir", default=None,
+        help=f"where checkpoints and the saved model go (default: outputs/<experiment>/{method})")
     add("--val-fraction", type=fraction, default=0.05,
         help="validation share of the training part; it alone selects the checkpoint")
     add("--max-train-samples", type=positive_int, default=None, help="deterministic subset of the training split")
@@ -175,9 +181,21 @@ def add_training_flags(parser, method, learning_rate, batch_size, grad_accum):
 # --------------------------------------------------------------------------- frozen settings
 
 
-def parse(parser, argv=None):
-    """Parses once into a frozen object: what was asked stays as it was asked."""
+def parse(parser, argv=None, sections=()):
+    """Parses once into a frozen object: what was asked stays as it was asked. With --config, the file's sections
+    (lvf.experiments) set the defaults first, so the command line overrides the file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = config_argument(argv)
+    if config is not None:
+        experiments.apply_defaults(parser, config, sections)
     return freeze(parser.parse_args(argv))
+
+
+def config_argument(argv):
+    """The value of --config in argv, read before the real parse (it decides the other flags' defaults)."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config", default=None)
+    return finder.parse_known_args(argv)[0].config
 
 
 def freeze(namespace):
@@ -199,6 +217,7 @@ class Runtime:
 
     device: str
     dtype: torch.dtype  # the weights' dtype (while training, for a training script)
+    experiment: str  # the results folder's name: results/<experiment>/ (lvf.experiments.experiment_name)
     output: Path | None  # results JSON (None: a dry run that only prints)
     output_dir: Path | None = None  # checkpoints and the saved model (training only)
     bf16_autocast: bool = False
@@ -265,30 +284,43 @@ def use_gradient_checkpointing(setting, device):
     return setting == "on"
 
 
-def default_output(method):
-    return PROJECT_DIR / "results" / f"{method}.json"
+def experiment_of(settings):
+    """The results folder's name for these settings (the --config file's name, else model and data)."""
+    return experiments.experiment_name(settings.config, settings.model, settings.dataset)
 
 
-def results_path(settings, method):
-    """--output, else results/<method>.json; a dry run writes only where --output says."""
+def results_dir(experiment):
+    return PROJECT_DIR / "results" / experiment
+
+
+def default_output(experiment, method):
+    return results_dir(experiment) / f"{method}.json"
+
+
+def results_path(settings, experiment, method):
+    """--output, else results/<experiment>/<method>.json; a dry run writes only where --output says."""
     if settings.output:
         return Path(settings.output)
-    return None if settings.dry_run else default_output(method)
+    return None if settings.dry_run else default_output(experiment, method)
 
 
-def evaluation_runtime(settings, method):
+def evaluation_runtime(settings, method, experiment=None):
+    """experiment: the results folder's name when not the settings' own (a saved artifact's, from origin.json)."""
     device = resolve_device()
-    return Runtime(device=device, dtype=resolve_dtype(settings.dtype, device),
-                   output=results_path(settings, method))
+    experiment = experiment or experiment_of(settings)
+    return Runtime(device=device, dtype=resolve_dtype(settings.dtype, device), experiment=experiment,
+                   output=results_path(settings, experiment, method))
 
 
 def training_runtime(settings, method, optimizer):
     device = resolve_device()
+    experiment = experiment_of(settings)
     return Runtime(
         device=device,
         dtype=resolve_dtype(settings.dtype, device),
-        output=results_path(settings, method),
-        output_dir=Path(settings.output_dir or PROJECT_DIR / "outputs" / method),
+        experiment=experiment,
+        output=results_path(settings, experiment, method),
+        output_dir=Path(settings.output_dir or PROJECT_DIR / "outputs" / experiment / method),
         bf16_autocast=use_bf16_autocast(settings.bf16_autocast, device),
         gradient_checkpointing=use_gradient_checkpointing(settings.gradient_checkpointing, device),
         optimizer=optimizer(device) if callable(optimizer) else optimizer,

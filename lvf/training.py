@@ -29,11 +29,10 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import common
 from common import IGNORE_INDEX
-from lvf.artifacts import ORIGIN_FILE, write_origin
+from lvf.artifacts import ORIGIN_FILE
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
-from lvf.memory import PhasePeak, TrainingBreakdown, phase_fields
-from lvf.models import load_tokenizer
-from lvf.results import is_main_process, peak_memory, weights_bytes
+from lvf.memory import PhasePeak, TrainingBreakdown
+from lvf.results import is_main_process, weights_bytes
 from lvf.settings import display_path
 
 
@@ -213,6 +212,10 @@ def checkpointing_arguments(enabled):
 
 
 def training_arguments(settings, runtime, train_examples):
+    """The Trainer's arguments. Build them before the model loads: building them starts the process group and,
+    under `accelerate launch`, registers DeepSpeed's config, and only then does from_pretrained see FSDP
+    (is_fsdp_enabled, for cpu-ram-efficient loading) or ZeRO-3 (partitioned as it is built). Hold them until
+    training: DeepSpeed's config is kept through a weak reference."""
     total_steps = optimizer_steps(settings, runtime, train_examples)
     eval_steps = settings.eval_steps or max(1, math.ceil(total_steps / 5))
     return TrainingArguments(
@@ -247,25 +250,6 @@ def training_arguments(settings, runtime, train_examples):
         save_only_model=False,
         ddp_find_unused_parameters=False if runtime.world_size > 1 else None,
     )
-
-
-def load_training_data(settings, runtime, source, method):
-    """What a training script needs before its model loads: the records (read before the tokenizer, so a data
-    error shows in milliseconds), the tokenizer and the tokenized examples, the Trainer's arguments and the
-    run's origin.json. Returns (tokenizer, examples, truncation, eval records, training arguments).
-
-    The Trainer's arguments are built here, before the model loads: building them starts the process group
-    and, under `accelerate launch`, registers DeepSpeed's config, and only then does from_pretrained see FSDP
-    (is_fsdp_enabled, for cpu-ram-efficient loading) or ZeRO-3 (partitioned as it is built). Hold them until
-    training: DeepSpeed's config is kept through a weak reference."""
-    records = common.load_splits(settings)
-    tokenizer = load_tokenizer(source, settings.chat_template, settings.trust_remote_code)
-    examples, truncation = common.load_examples(settings, tokenizer, records)
-    training_args = training_arguments(settings, runtime, len(examples["train"]))
-    if is_main_process():
-        write_origin(runtime.output_dir, method, settings.model)
-    _, _, eval_records = records
-    return tokenizer, examples, truncation, eval_records, training_args
 
 
 def to_dataset(examples):
@@ -453,35 +437,15 @@ def without_mixed_precision_wrapper(trainer):
     return trainer.model_wrapped
 
 
-def train_evaluate_save(settings, runtime, model, tokenizer, examples, eval_records, label, training_args,
-                        load_peak, evaluation_model=None):
-    """What a training script does once its model is built: train (best checkpoint by validation loss),
-    score the held-out set, save the artifact. Returns the measured results fields; load_peak is the
-    script's PhasePeak of loading the model. evaluation_model, when given, is called with the trained model
-    (unwrapped) and returns the model to score, or None to score the trained model itself (default)."""
-    trainer, measured, train_peak = train(settings, runtime, model, tokenizer, examples["train"],
-                                          examples["validation"], training_args)
-    scored = without_mixed_precision_wrapper(trainer)
-    if evaluation_model is not None:
-        rebuilt = evaluation_model(trainer.accelerator.unwrap_model(scored))
-        scored = scored if rebuilt is None else rebuilt
-    # Every rank evaluates the whole set: the same forwards everywhere; the main process writes the results.
-    with PhasePeak(runtime.device) as eval_peak:
-        evaluation = common.evaluate_model(scored, tokenizer, examples["eval"], eval_records, settings,
-                                           trainer.args.device, desc=f"evaluate {label}",
-                                           general_examples=examples["general"])
-    # The kept checkpoint's validation loss, token-weighted like the test figure: what a learning-rate sweep
-    # compares (the Trainer's eval_loss weights each batch's mean by its size, not by its tokens).
-    validation = common.evaluate_perplexity(scored, examples["validation"], tokenizer.pad_token_id,
-                                            settings.eval_batch_size, trainer.args.device, settings.seed,
-                                            settings.bootstrap_resamples, desc=f"validate {label}")
-    evaluation.update(validation_loss=validation["eval_loss"], validation_tokens=validation["eval_tokens"])
-    artifact = save_artifact(trainer, runtime.output_dir)
-    memory, memory_kind = peak_memory(runtime.device)
-    return {
-        **measured, **evaluation,
-        **phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
-        "peak_memory_bytes": memory, "memory_kind": memory_kind,
-        "artifact_path": display_path(artifact),
-        "artifact_bytes": weights_bytes(artifact) if artifact.exists() else None,
-    }
+def validation_fields(model, val_examples, tokenizer, settings, device, label):
+    """The kept checkpoint's validation loss, token-weighted like the test figure: what a learning-rate sweep
+    compares (the Trainer's eval_loss weights each batch's mean by its size, not by its tokens)."""
+    validation = common.evaluate_perplexity(model, val_examples, tokenizer.pad_token_id, settings.eval_batch_size,
+                                            device, settings.seed, settings.bootstrap_resamples,
+                                            desc=f"validate {label}")
+    return {"validation_loss": validation["eval_loss"], "validation_tokens": validation["eval_tokens"]}
+
+
+def artifact_fields(artifact):
+    return {"artifact_path": display_path(artifact),
+            "artifact_bytes": weights_bytes(artifact) if Path(artifact).exists() else None}

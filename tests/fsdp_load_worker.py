@@ -32,5 +32,5 @@ def stop_before_training(*args, **kwargs):
 
 
 models.load_model = load_and_record
-training.train_evaluate_save = stop_before_training
+training.train = stop_before_training
 full_finetune.main(sys.argv[2:])

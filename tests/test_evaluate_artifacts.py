@@ -1,5 +1,5 @@
 """A saved adapter or model, evaluated again, is recorded under the method that trained it and the base it
-was trained from: never as the base model's result, and never over results/base.json."""
+was trained from: never as the base model's result, and never over its experiment's base.json."""
 
 import json
 
@@ -25,11 +25,14 @@ def trained(tmp_path_factory, tiny_llama_dir, records_path):
     return out
 
 
-def test_adapter_records_the_name_the_user_gave_as_its_base(trained, tiny_llama_dir):
+def test_adapter_records_the_name_the_user_gave_as_its_base(trained, tiny_llama_dir, records_path):
+    from lvf import experiments
+
     config = json.loads((trained / "lora" / "final" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_llama_dir)
     origin = json.loads((trained / "lora" / "final" / "origin.json").read_text())
-    assert origin == {"method": "lora", "base_model": str(tiny_llama_dir)}
+    assert origin == {"method": "lora", "base_model": str(tiny_llama_dir),
+                      "experiment": experiments.experiment_name(None, str(tiny_llama_dir), str(records_path))}
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -41,8 +44,10 @@ def test_saved_artifact_is_scored_under_its_own_method(trained, method, tiny_lla
     monkeypatch.setattr(settings, "PROJECT_DIR", tmp_path)  # the default results/ folder, in a scratch place
     folder = trained / method / "final"
     evaluate_base_model.main(["--model", str(folder), "--dataset", str(records_path), *SMALL])
-    assert not (tmp_path / "results" / "base.json").exists()
-    evaluated = json.loads((tmp_path / "results" / f"eval-{method}-final.json").read_text())
+    # Beside the results of the experiment that trained it (origin.json), never over its base.json.
+    experiment = json.loads((folder / "origin.json").read_text())["experiment"]
+    assert not (tmp_path / "results" / experiment / "base.json").exists()
+    evaluated = json.loads((tmp_path / "results" / experiment / f"eval-{method}-final.json").read_text())
     assert evaluated["method"] == method
     assert evaluated["model"] == str(folder) and evaluated["base_model"] == str(tiny_llama_dir)
     assert evaluated["trainable_params"] is None
@@ -66,7 +71,8 @@ def test_lora_trained_on_a_bf16_base_is_scored_on_the_base_as_the_base_model_is(
     monkeypatch.setattr(settings, "PROJECT_DIR", tmp_path)
     evaluate_base_model.main(["--model", str(trained / "lora-bf16" / "final"), "--dataset", str(records_path),
                               *SMALL])
-    evaluated = json.loads((tmp_path / "results" / "eval-lora-bf16-final.json").read_text())
+    experiment = json.loads((trained / "lora-bf16" / "final" / "origin.json").read_text())["experiment"]
+    evaluated = json.loads((tmp_path / "results" / experiment / "eval-lora-bf16-final.json").read_text())
     assert evaluated["eval_precision"]["weights"] == ["float32"]
     assert ([item["nll_sum"] for item in evaluated["per_example"]]
             == pytest.approx([item["nll_sum"] for item in result["per_example"]], rel=1e-6))

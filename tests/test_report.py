@@ -11,7 +11,7 @@ import pytest
 import report
 from lvf import errors
 
-README = "# Title\n\n<!-- results-table:start -->\nold\n<!-- results-table:end -->\n\nafter\n"
+README = "# Title\n\n<!-- experiment:results:start -->\nold\n<!-- experiment:results:end -->\n\nafter\n"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,13 +66,22 @@ def results_dir(tmp_path):
     })
 
 
+def at(results_dir):
+    """report.py's flags for an experiment whose results folder is results_dir (the README block named after it)."""
+    return ["--results-root", str(results_dir.parent)]
+
+
+def readme_beside(results_dir):
+    readme = results_dir.parent / "README.md"
+    readme.write_text(README)
+    return readme
+
+
 def render(tmp_path, *argv):
-    """Runs report.py on a fresh README and returns the block's table rows. Plots go to tmp_path (by default they
-    go to --results-dir, the project's results/ folder, when sources are named)."""
+    """Runs report.py on a fresh README and returns the block's table rows (ad hoc files: the printed table)."""
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    plot = [] if "--results-dir" in argv else ["--plot", str(tmp_path / "plots" / "comparison.png")]
-    assert report.main([*argv, "--readme", str(readme), "--resamples", "300", *plot]) == 0
+    assert report.main([*argv, "--readme", str(readme), "--resamples", "300"]) == 0
     return [line for line in readme.read_text().splitlines() if line.startswith("| ")], readme.read_text()
 
 
@@ -83,7 +92,7 @@ def row(rows, start):
 def test_table_check_and_plot(tmp_path, results_dir):
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    argv = ["--results-dir", str(results_dir), "--readme", str(readme)]
+    argv = [*at(results_dir), "--readme", str(readme)]
     assert report.main([*argv, "--check"]) == 1  # "old" is stale
     assert report.main(argv) == 0
     text = readme.read_text()
@@ -104,7 +113,7 @@ def test_table_check_and_plot(tmp_path, results_dir):
 def test_check_fails_when_a_result_changes(tmp_path, results_dir):
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    argv = ["--results-dir", str(results_dir), "--readme", str(readme)]
+    argv = [*at(results_dir), "--readme", str(readme)]
     report.main(argv)
     changed = json.loads((results_dir / "full.json").read_text())
     changed["peak_memory_bytes"] *= 2
@@ -113,7 +122,7 @@ def test_check_fails_when_a_result_changes(tmp_path, results_dir):
 
 
 def test_one_run_each_says_seed_variance_is_not_measured_and_never_significant(tmp_path, results_dir):
-    rows, text = render(tmp_path, "--results-dir", str(results_dir))
+    rows, text = render(tmp_path, *at(results_dir))
     # The tuned runs scale NLL by 0.7: their intervals are far from 0, and still no verdict is drawn.
     lora_vs_base = row(rows, "| LoRA − Zero-shot")
     assert lora_vs_base.endswith("| 80 | one run each: seed variance not measured |")
@@ -127,7 +136,7 @@ def test_runs_of_one_method_with_different_variants_are_kept_apart(tmp_path):
         "lora-all": fake_run("lora", 0.6, config={"lora_targets": "all-linear"}, **LORA),
         "lora-lr": fake_run("lora", 0.8, config={"lora_targets": "all-linear", "learning_rate": 3e-4}, **LORA),
     })
-    rows, _ = render(tmp_path, "--results-dir", str(folder))
+    rows, _ = render(tmp_path, *at(folder))
     labels = [line.split(" | ")[0] for line in rows[2:6]]
     assert labels[0] == "| Zero-shot (base)" and set(labels[1:]) == {
         "| LoRA (lr 0.0003, targets all-linear)", "| LoRA (lr 0.001, targets all-linear)",
@@ -140,7 +149,7 @@ def test_seeds_of_one_variant_form_one_group_with_mean_and_sd(tmp_path):
     runs |= {f"lora-{seed}": fake_run("lora", scale, seed=seed, **LORA)
              for seed, scale in ((43, 0.68), (42, 0.7), (44, 0.72))}
     runs |= {f"full-{seed}": fake_run("full", 0.8, seed=seed, **FULL) for seed in (42, 43)}
-    rows, text = render(tmp_path, "--results-dir", str(write_runs(tmp_path / "results", runs)))
+    rows, text = render(tmp_path, *at(write_runs(tmp_path / "results", runs)))
     lora = row(rows, "| LoRA |")
     assert "| 42, 43, 44 |" in lora and " ± " in lora
     assert row(rows, "| LoRA − Zero-shot").endswith("LoRA is lower (significant) |")
@@ -151,18 +160,21 @@ def test_seeds_of_one_variant_form_one_group_with_mean_and_sd(tmp_path):
 def test_one_trained_run_on_one_side_is_named(tmp_path):
     runs = {f"lora-{seed}": fake_run("lora", 0.7 + seed / 1000, seed=seed, **LORA) for seed in (42, 43, 44)}
     runs["full"] = fake_run("full", 0.8, **FULL)
-    rows, text = render(tmp_path, "--results-dir", str(write_runs(tmp_path / "results", runs)))
+    rows, text = render(tmp_path, *at(write_runs(tmp_path / "results", runs)))
     assert row(rows, "| LoRA − Full").endswith("| one run of Full fine-tuning: seed variance not measured |")
     assert "significant" not in text
 
 
-def test_history_is_left_out_and_given_files_are_read(tmp_path, results_dir):
+def test_history_is_left_out_and_given_files_are_read(tmp_path, results_dir, capsys):
     write_runs(results_dir / "history", {"lora-20261127": fake_run("lora", 0.9, seed=7, **LORA)})
-    rows, _ = render(tmp_path, "--results-dir", str(results_dir))
+    rows, _ = render(tmp_path, *at(results_dir))
     assert "| 42 |" in row(rows, "| LoRA |")  # the kept earlier version is not a second seed
-    rows, _ = render(tmp_path, str(results_dir / "base.json"), str(results_dir / "lora.json"))
-    assert [line.split(" | ")[0] for line in rows] == ["| method", "| ---", "| Zero-shot (base)", "| LoRA",
-                                                      "| comparison", "| ---", "| LoRA − Zero-shot (base)"]
+    capsys.readouterr()
+    rows, text = render(tmp_path, str(results_dir / "base.json"), str(results_dir / "lora.json"))
+    assert text == README  # files named: an ad hoc table, printed, no README block touched
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in printed] == ["| method", "| ---", "| Zero-shot (base)", "| LoRA",
+                                                         "| comparison", "| ---", "| LoRA − Zero-shot (base)"]
 
 
 def base_on_another_file():
@@ -177,7 +189,7 @@ def test_runs_on_different_examples_are_refused_naming_them(tmp_path, results_di
     readme = tmp_path / "README.md"
     readme.write_text(README)
     with pytest.raises(SystemExit) as stopped:
-        errors.main_guard(lambda: report.main(["--results-dir", str(results_dir), "--readme", str(readme)]))
+        errors.main_guard(lambda: report.main([*at(results_dir), "--readme", str(readme)]))
     assert stopped.value.code == 2
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and message.startswith("error: runs evaluated on different examples")
@@ -190,7 +202,7 @@ def test_different_token_counts_are_refused(results_dir):
     full["per_example"][3]["tokens"] += 1
     (results_dir / "full.json").write_text(json.dumps(full))
     with pytest.raises(errors.UsageError, match="full.json .same 80 examples, token counts differ on 1"):
-        report.main(["--results-dir", str(results_dir), "--check"])
+        report.main([*at(results_dir), "--readme", str(readme_beside(results_dir))])
 
 
 def test_intersection_flag_compares_shared_examples_and_says_so(tmp_path, results_dir):
@@ -198,8 +210,8 @@ def test_intersection_flag_compares_shared_examples_and_says_so(tmp_path, result
     full["per_example"] = full["per_example"][:50]
     (results_dir / "full.json").write_text(json.dumps(full))
     with pytest.raises(errors.UsageError, match="full.json"):
-        report.main(["--results-dir", str(results_dir), "--check"])
-    rows, text = render(tmp_path, "--results-dir", str(results_dir), "--allow-intersection")
+        report.main([*at(results_dir), "--readme", str(readme_beside(results_dir))])
+    rows, text = render(tmp_path, *at(results_dir), "--allow-intersection")
     assert "| 50 of 80 (shared only) |" in row(rows, "| LoRA − Full fine-tuning")
     assert "| 80 |" in row(rows, "| LoRA − Zero-shot")
     assert "compared on the shared ones only (--allow-intersection): LoRA and Full fine-tuning on 50" in text
@@ -207,7 +219,7 @@ def test_intersection_flag_compares_shared_examples_and_says_so(tmp_path, result
 
 def test_runs_sharing_no_example_are_named_not_dropped(tmp_path, results_dir):
     (results_dir / "base.json").write_text(json.dumps(base_on_another_file()))
-    rows, _ = render(tmp_path, "--results-dir", str(results_dir), "--allow-intersection")
+    rows, _ = render(tmp_path, *at(results_dir), "--allow-intersection")
     assert row(rows, "| LoRA − Zero-shot").endswith(
         "| – | 0 of 80 (shared only) | not compared: evaluated on different examples (none shared) |")
 
@@ -244,7 +256,7 @@ def test_tradeoff_and_validation_curves_are_drawn(tmp_path, results_dir):
         if name != "base":
             run |= {"log_history": history, "train_tokens": 4000, "optimizer_steps": 16}
         (results_dir / f"{name}.json").write_text(json.dumps(run))
-    rows, text = render(tmp_path, "--results-dir", str(results_dir))
+    rows, text = render(tmp_path, *at(results_dir))
     assert "forgetting: general-text perplexity difference (95% CI)" in rows[5]
     assert row(rows, "| Full fine-tuning − Zero-shot").split(" | ")[-1].startswith("+")  # full forgot more
     for name in ("learning_vs_forgetting.png", "validation_curves.png"):
@@ -258,7 +270,7 @@ def test_general_text_on_different_examples_is_refused(results_dir):
         run["general_per_example"] = [{"id": f"{prefix}{i}", "nll_sum": 40.0, "tokens": 20} for i in range(5)]
         (results_dir / f"{name}.json").write_text(json.dumps(run))
     with pytest.raises(errors.UsageError, match="full.json .general text: 5 vs 5 examples, 0 shared"):
-        report.main(["--results-dir", str(results_dir), "--check"])
+        report.main([*at(results_dir), "--readme", str(readme_beside(results_dir))])
 
 
 def git(repo, *args):
@@ -271,32 +283,39 @@ def test_check_reads_the_committed_results_not_a_local_run(tmp_path, results_dir
     repo = tmp_path / "repo"
     shutil.copytree(results_dir, repo / "results")
     (repo / "README.md").write_text(README)
-    argv = ["--results-dir", str(repo / "results"), "--readme", str(repo / "README.md")]
+    argv = [*at(repo / "results"), "--readme", str(repo / "README.md")]
     report.main(argv)
     git(repo, "init", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "demo")
-    monkeypatch.setattr(report.common, "PROJECT_DIR", repo)
+    monkeypatch.setattr(report, "PROJECT_DIR", repo)
 
     local = json.loads((repo / "results" / "full.json").read_text())
     local["peak_memory_bytes"] *= 2  # a local run, not committed
     (repo / "results" / "full.json").write_text(json.dumps(local))
     assert report.main([*argv, "--check"]) == 0
-    assert "git checkout README.md results/" in capsys.readouterr().err
+    assert "a local run since the last commit" in capsys.readouterr().err
 
     git(repo, "commit", "-qam", "results changed, table not regenerated")
     assert report.main([*argv, "--check"]) == 1
 
 
-def test_the_default_folder_leaves_a_study_out(tmp_path, results_dir):
-    # make study writes results/study/...: runs of another recipe (other length, other examples) that a plain
-    # `python report.py` (make demo) must neither pool with the demo's runs nor refuse over.
-    study_run = base_on_another_file()
-    write_runs(results_dir / "study" / "lora-qkvo", {"lr-0.001-seed-42": {**study_run, "method": "lora", **LORA}})
-    rows, _ = render(tmp_path, "--results-dir", str(results_dir))
-    assert "| 42 |" in row(rows, "| LoRA |")
-    rows, _ = render(tmp_path, str(results_dir / "study"))  # named, it is read
-    assert row(rows, "| LoRA |")
+def test_each_experiment_is_its_own_block_and_folder(tmp_path, results_dir):
+    # An experiment's block is built from its own folder only: another experiment's runs (another recipe, other
+    # examples) are neither pooled with them nor refused over.
+    other = tmp_path / "other"
+    write_runs(other, {"lora": {**base_on_another_file(), "method": "lora", **LORA}})
+    readme = tmp_path / "README.md"
+    readme.write_text(README + "<!-- experiment:other:start -->\n<!-- experiment:other:end -->\n"
+                      "<!-- experiment:gpu:start -->\n<!-- experiment:gpu:end -->\n")
+    assert report.main([*at(results_dir), "--readme", str(readme), "--resamples", "100"]) == 0
+    text = readme.read_text()
+    mine, rest = text.split("<!-- experiment:other:start -->")
+    assert "| 42 |" in row(mine.splitlines(), "| LoRA |") and "held_out.jsonl" not in mine
+    assert "`held_out.jsonl`" in rest.split("<!-- experiment:gpu:start -->")[0]
+    assert "_Not run yet: no results in" in rest.split("<!-- experiment:gpu:start -->")[1]
+    assert (results_dir / "report.md").read_text().startswith("# results\n")
+    assert (other / "comparison.png").is_file() and not (tmp_path / "gpu").exists()
 
 
 def test_a_group_whose_runs_share_no_example_is_shown_not_crashed(tmp_path, results_dir):
@@ -304,13 +323,13 @@ def test_a_group_whose_runs_share_no_example_is_shown_not_crashed(tmp_path, resu
     write_runs(results_dir, {"lora-seed-43": {**other_seed, "method": "lora", "seed": 43,
                                               "config": {"learning_rate": 1e-3, "seed": 43, "split_seed": 42},
                                               "eval_file": None, "dataset": "data/demo.jsonl", **LORA}})
-    rows, _ = render(tmp_path, "--results-dir", str(results_dir), "--allow-intersection")
+    rows, _ = render(tmp_path, *at(results_dir), "--allow-intersection")
     assert "| – (its runs share no example) |" in row(rows, "| LoRA |")
 
 
 def fake_study(results_dir):
     """A study.py folder: base, and one method with two rates tried, the lower picked, at two seeds."""
-    folder = results_dir / "study"
+    folder = results_dir.parent / "study"
     runs = {"base": fake_run("base", 1.0)}
     for rate, seeds, scale in ((1e-3, (42, 43), 0.7), (3e-3, (42,), 0.8)):
         for seed in seeds:
@@ -330,15 +349,14 @@ def fake_study(results_dir):
 def test_a_study_is_reported_in_its_own_block_and_checked(tmp_path, results_dir):
     study = fake_study(results_dir)
     readme = tmp_path / "README.md"
-    readme.write_text(README + f"{report.STUDY_START}\n{report.STUDY_END}\n")
-    argv = ["--results-dir", str(results_dir), "--readme", str(readme), "--resamples", "100"]
+    readme.write_text(README + "<!-- experiment:study:start -->\n<!-- experiment:study:end -->\n")
+    argv = [*at(results_dir), "--readme", str(readme), "--resamples", "100"]
     report.main(argv)
-    report.main([*argv, "--study", str(study)])
     text = readme.read_text()
-    block = text.split(report.STUDY_START)[1]
+    block = text.split("<!-- experiment:study:start -->")[1]
     assert "| Full fine-tuning | `smollm2-135m` | `data/demo.jsonl` | 42, 43 |" in block  # the picked rate only
     assert "| full | **0.001: 2.1000**, 0.003: 2.3000 | 0.001 |" in block
-    assert text.split(report.STUDY_START)[0].count("| Full fine-tuning |") == 1  # the demo's block is its own
+    assert text.split("<!-- experiment:study:start -->")[0].count("| Full fine-tuning |") == 1  # its own block
     assert report.main([*argv, "--check"]) == 0
     changed = json.loads((study / "full" / "lr-0.001-seed-43.json").read_text())
     changed["train_seconds"] *= 2

@@ -40,14 +40,14 @@ def test_only_the_main_process_writes_results(tmp_path, monkeypatch):
 def test_results_that_cannot_be_written_at_the_end_are_kept_beside_the_model(tmp_path, monkeypatch, capsys,
                                                                              tiny_llama_dir, records_path):
     asked = tmp_path / "results" / "lora.json"
-    train_evaluate_save = training.train_evaluate_save
+    save_artifact = training.save_artifact
 
     def then_the_results_folder_becomes_a_file(*args, **kwargs):
-        measured = train_evaluate_save(*args, **kwargs)
+        saved = save_artifact(*args, **kwargs)
         (tmp_path / "results").write_text("took the results folder's place during the run")  # a real failure
-        return measured
+        return saved
 
-    monkeypatch.setattr(training, "train_evaluate_save", then_the_results_folder_becomes_a_file)
+    monkeypatch.setattr(training, "save_artifact", then_the_results_folder_becomes_a_file)
     argv = ["--model", str(tiny_llama_dir), "--dataset", str(records_path), "--general-file", "",
             "--max-train-samples", "8",
             "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128", "--max-steps", "1",

@@ -6,7 +6,10 @@ import pytest
 
 import finetune
 import study
-from lvf import errors
+from lvf import errors, experiments
+
+SMOKE = "tests/study-smoke.yaml"
+METHODS = list(experiments.load(SMOKE)["study"]["methods"])
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
@@ -23,7 +26,7 @@ def test_all_linear_targets_every_linear_layer_but_the_output(tmp_path, tiny_lla
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, tiny_llama_dir, records_path):
     folder = tmp_path_factory.mktemp("study")
-    argv = ["--smoke", "--study-dir", str(folder / "results"), "--outputs-dir", str(folder / "outputs"),
+    argv = ["--config", SMOKE, "--study-dir", str(folder / "results"), "--outputs-dir", str(folder / "outputs"),
             "--", "--model", str(tiny_llama_dir), "--dataset", str(records_path)]
     study.main(argv)
     return folder, argv
@@ -33,7 +36,7 @@ def test_smoke_study_picks_each_rate_on_validation_and_trains_it_at_every_seed(s
     folder, _ = smoke
     summary = json.loads((folder / "results" / "summary.json").read_text())
     base = json.loads((folder / "results" / "base.json").read_text())
-    assert set(summary["methods"]) == set(study.METHODS)
+    assert set(summary["methods"]) == set(METHODS)
     for method, found in summary["methods"].items():
         sweep = found["learning_rates"]
         assert len(sweep) == 2
@@ -74,14 +77,15 @@ def test_report_shows_the_study_at_each_methods_picked_rate_in_its_own_block(smo
     folder, _ = smoke
     summary = json.loads((folder / "results" / "summary.json").read_text())
     readme = tmp_path / "README.md"
-    demo_block = f"{report.START}\nthe demo's table\n{report.END}"
-    readme.write_text(f"# x\n{demo_block}\n\n{report.STUDY_START}\n{report.STUDY_END}\n")
-    report.main(["--study", str(folder / "results"), "--readme", str(readme), "--resamples", "50"])
+    demo_block = "<!-- experiment:demo:start -->\nthe demo's table\n<!-- experiment:demo:end -->"
+    start, end = report.markers("results")
+    readme.write_text(f"# x\n{demo_block}\n\n{start}\n{end}\n")
+    report.main([str(folder / "results"), "--readme", str(readme), "--resamples", "50"])
     text = readme.read_text()
     assert demo_block in text  # the demo's block is left alone
-    block = text.split(report.STUDY_START)[1].split(report.STUDY_END)[0]
+    block = text.split(start)[1].split(end)[0]
     rows = [line for line in block.splitlines() if line.startswith("| ") and "`" in line]
-    assert len(rows) == 1 + len(study.METHODS)  # the base model, and one group per method: its picked rate
+    assert len(rows) == 1 + len(METHODS)  # the base model, and one group per method: its picked rate
     assert all("| 42, 43 |" in row for row in rows[1:])
     for method, found in summary["methods"].items():
         line = next(line for line in block.splitlines() if line.startswith(f"| {method} |"))
