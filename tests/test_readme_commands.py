@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import common
+from lvf.errors import UsageError
 
 PROJECT_DIR = common.PROJECT_DIR
 SCRIPTS = ["evaluate_base_model.py", "finetune.py", "full_finetune.py", "report.py", "study.py", "bench/throughput.py",
@@ -67,7 +68,14 @@ def load_script(path):
 def problems_in(text, modules):
     """One line per command that names an unknown script or that its script's parser refuses."""
     found, checked = [], 0
+    variables = {}  # NAME=value lines of a block, as a shell would expand $NAME in the lines after them
     for line_number, command in code_lines(text):
+        assignment = re.fullmatch(r"\s*([A-Za-z_]\w*)=(\S+)(\s+#.*)?", command)
+        if assignment:
+            variables[assignment.group(1)] = assignment.group(2)
+            continue
+        for name, value in variables.items():
+            command = re.sub(rf"\${name}\b|\${{{name}}}", value, command)
         for script, arguments in script_invocations(command):
             if script not in modules:
                 found.append(f"line {line_number}: {script} is not one of the kit's scripts: {command}")
@@ -79,6 +87,8 @@ def problems_in(text, modules):
                 modules[script].parse_args(arguments)
             except SystemExit as error:
                 found.append(f"line {line_number}: {script} refuses {arguments} (exit {error.code}): {command}")
+            except UsageError as error:  # e.g. a --config file that does not exist or does not parse
+                found.append(f"line {line_number}: {script} refuses {arguments} ({error}): {command}")
     return found, checked
 
 
