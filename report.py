@@ -29,6 +29,14 @@ from matplotlib.figure import Figure
 
 import common
 from lvf import errors, results
+from lvf.bootstrap import (  # noqa: F401 (tests and callers use them as report.*)
+    example_tokens,
+    interval,
+    mean_perplexity,
+    run_matrices,
+    shared_ids,
+    two_level_draws,
+)
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 STUDY_START, STUDY_END = "<!-- study-table:start -->", "<!-- study-table:end -->"
@@ -38,8 +46,13 @@ METHOD_COLORS = {"base": "#888888", "lora": "#1f77b4", "qlora": "#17becf", "full
 VARIANT_COLORS = ["#2ca02c", "#ff7f0e", "#8c564b", "#e377c2"]
 PAIRS = [("lora", "full"), ("qlora", "full"), ("lora", "base"), ("qlora", "base"), ("full", "base")]
 UNTRAINED = {"base"}  # no training seed: one run measures it fully
-VARIANT_KEYS = "model,dataset,eval_file,learning_rate,lora_targets,lora_r,quantize"
-SHORT_KEYS = {"learning_rate": "lr", "lora_targets": "targets", "lora_r": "r", "eval_file": "eval"}
+VARIANT_KEYS = ("model,dataset,eval_file,learning_rate,lora_targets,lora_r,quantize,"
+                "use_dora,use_rslora,init_lora_weights")
+SHORT_KEYS = {"learning_rate": "lr", "lora_targets": "targets", "lora_r": "r", "eval_file": "eval",
+              "use_dora": "DoRA", "use_rslora": "rsLoRA", "init_lora_weights": "init"}
+# finetune.py's LoRA variants, as a run made before their flags existed was trained: peft's defaults. So such a
+# run groups with one made with the defaults named.
+SETTING_DEFAULTS = {"use_dora": False, "use_rslora": False, "init_lora_weights": "true"}
 ONE_RUN_EACH = "one run each: seed variance not measured"
 
 
@@ -110,7 +123,7 @@ def load_results(sources, skipped_folders=("history",)):
 
 def setting(run, key):
     """A results field, else the config field of that name, as a hashable value."""
-    value = run[key] if key in run else (run.get("config") or {}).get(key)
+    value = run[key] if key in run else (run.get("config") or {}).get(key, SETTING_DEFAULTS.get(key))
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
@@ -180,10 +193,6 @@ def compared_pairs(groups):
 # --------------------------------------------------------------------------- same examples or refuse
 
 
-def example_tokens(run, field="per_example"):
-    return {item["id"]: item["tokens"] for item in run.get(field) or []}
-
-
 def mismatch(run_a, run_b, field="per_example"):
     """None when both runs scored the same examples with the same token counts, else how they differ."""
     a, b = example_tokens(run_a, field), example_tokens(run_b, field)
@@ -215,46 +224,6 @@ def refuse_different_examples(groups):
 
 
 # --------------------------------------------------------------------------- two-level bootstrap
-
-
-def shared_ids(runs, field="per_example"):
-    """Ids every run scored, with the same token count in each."""
-    first, *others = [example_tokens(run, field) for run in runs]
-    return sorted(i for i, tokens in first.items() if all(other.get(i) == tokens for other in others))
-
-
-def run_matrices(runs, ids, field="per_example"):
-    """NLL sums and token counts, one row per run, one column per example id."""
-    rows = [{item["id"]: item for item in run[field]} for run in runs]
-    nll = np.array([[row[i]["nll_sum"] for i in ids] for row in rows], dtype=np.float64)
-    tokens = np.array([[row[i]["tokens"] for i in ids] for row in rows], dtype=np.float64)
-    return nll, tokens
-
-
-def mean_perplexity(runs, ids, field="per_example"):
-    nll, tokens = run_matrices(runs, ids, field)
-    return float(np.mean(np.exp(nll.sum(1) / tokens.sum(1))))
-
-
-def two_level_draws(sides, ids, seed, resamples, field="per_example"):
-    """Resampled mean perplexity of each side (a list of runs): per resample, one draw of examples shared by
-    every side (paired by id), then each side's seeds drawn with replacement."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(ids), size=(resamples, len(ids)))
-    weights = np.zeros((resamples, len(ids)))
-    np.add.at(weights, (np.arange(resamples)[:, None], picks), 1.0)
-    draws = []
-    for runs in sides:
-        nll, tokens = run_matrices(runs, ids, field)
-        per_seed = np.exp((weights @ nll.T) / np.maximum(weights @ tokens.T, 1))  # resamples x runs
-        seeds = rng.integers(0, len(runs), size=(resamples, len(runs)))
-        draws.append(np.take_along_axis(per_seed, seeds, axis=1).mean(1))
-    return draws
-
-
-def interval(draws, level=0.95):
-    tail = (1 - level) / 2 * 100
-    return [float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))]
 
 
 def compare(group_a, group_b, seed, resamples, field="per_example"):
