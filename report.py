@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 
 import common
 from lvf import errors, results
-from lvf.bootstrap import (  # noqa: F401 (tests and callers use them as report.*)
+from lvf.bootstrap import (
     example_tokens,
     interval,
     mean_perplexity,
