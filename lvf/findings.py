@@ -141,6 +141,9 @@ def rank_reaching_full(summary, runs, seed=42, resamples=1000):
         if len(ranked) < 2:
             continue
         ids = shared_ids(full_runs + [run for _, _, seeded in ranked for run in seeded])
+        if not ids:
+            lines.append(f"- {family_name}: its runs and {full_name}'s share no held-out example: not compared.")
+            continue
         full_mean = mean_perplexity(full_runs, ids)
         compared = []
         for rank, name, seeded in sorted(ranked, key=lambda item: item[0]):

@@ -226,3 +226,12 @@ def test_findings_lines_change_when_one_run_changes(study):
     run = runs["full/lr-0.00015-seed-43.json"]
     run["per_example"][0]["nll_sum"] *= 1.5
     assert findings.findings_lines(summary, runs, resamples=300) != before
+
+
+def test_ranks_scored_on_other_examples_are_not_compared(study):
+    _, summary, runs = study
+    for seed in SEEDS:
+        for item in runs[f"full/lr-0.00015-seed-{seed}.json"]["per_example"]:
+            item["id"] = "other-" + item["id"]
+    assert findings.rank_reaching_full(summary, runs, resamples=100) == [
+        "- lora-all-linear: its runs and full's share no held-out example: not compared."]
