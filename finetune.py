@@ -14,7 +14,8 @@ from lvf import adapters, artifacts, errors, memory, models, results, settings, 
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
 # flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that).
 DEFAULTS = {"learning_rate": 2e-4, "batch_size": 4, "grad_accum": 1,
-            "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_targets": "q_proj,k_proj,v_proj,o_proj"}
+            "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_targets": "q_proj,k_proj,v_proj,o_proj",
+            "use_dora": False, "use_rslora": False, "init_lora_weights": "true"}
 OPTIMIZER = "adamw_torch"  # the adapters are small: plain AdamW, on every device
 
 
@@ -33,17 +34,34 @@ def parse_args(argv=None):
                             "layer but the output layer)")
     group.add_argument("--quantize", choices=["none", "4bit"], default="none",
                        help="4bit: QLoRA (NF4, double quantisation, bf16 compute; needs bitsandbytes)")
-    return settings.parse(parser, argv, sections=("shared", "training", "finetune"))
+    group.add_argument("--use-dora", action="store_true",
+                       help="DoRA (peft): also trains a magnitude per output feature of each adapted module")
+    group.add_argument("--use-rslora", action="store_true",
+                       help="rank-stabilised LoRA (peft): scale alpha/sqrt(r) instead of alpha/r")
+    group.add_argument("--init-lora-weights", choices=adapters.INIT_CHOICES, default=DEFAULTS["init_lora_weights"],
+                       help="peft's adapter init: true (A random, B zero), gaussian (A normal with sd 1/r), pissa "
+                            "(A, B from the weight's top-r singular vectors, subtracted from the weight), olora "
+                            "(from a QR decomposition, likewise); pissa and olora not with --quantize 4bit")
+    args = settings.parse(parser, argv, sections=("shared", "training", "finetune"))
+    if args.quantize == "4bit" and args.init_lora_weights in adapters.INITS_FROM_THE_WEIGHTS:
+        # peft's PiSSA refuses 4-bit weights; OLoRA would factor the dequantised weights, and a QLoRA adapter is
+        # scored again on its base loaded unquantised, where the init would find other factors.
+        parser.error(f"--init-lora-weights {args.init_lora_weights} changes the base weights it starts from; it "
+                     "cannot be combined with --quantize 4bit")
+    return args
 
 
 def lora_config(args):
-    return adapters.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    return adapters.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                                use_dora=args.use_dora, use_rslora=args.use_rslora,
+                                init_lora_weights=args.init_lora_weights)
 
 
 def default_lora_config():
     """The adapters this script adds when no LoRA flag is given."""
     return adapters.lora_config(DEFAULTS["lora_r"], DEFAULTS["lora_alpha"], DEFAULTS["lora_dropout"],
-                                DEFAULTS["lora_targets"])
+                                DEFAULTS["lora_targets"], use_dora=DEFAULTS["use_dora"],
+                                use_rslora=DEFAULTS["use_rslora"], init_lora_weights=DEFAULTS["init_lora_weights"])
 
 
 def resolve_runtime(args):

@@ -36,7 +36,15 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from lvf import errors, experiments
+from lvf import errors, experiments, findings, plots
+from lvf.bootstrap import (
+    example_tokens,
+    interval,
+    mean_perplexity,
+    run_matrices,
+    shared_ids,
+    two_level_draws,
+)
 from lvf.files import write_atomic
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -48,8 +56,13 @@ METHOD_COLORS = {"base": "#888888", "lora": "#1f77b4", "qlora": "#17becf", "full
 VARIANT_COLORS = ["#2ca02c", "#ff7f0e", "#8c564b", "#e377c2"]
 PAIRS = [("lora", "full"), ("qlora", "full"), ("lora", "base"), ("qlora", "base"), ("full", "base")]
 UNTRAINED = {"base"}  # no training seed: one run measures it fully
-VARIANT_KEYS = "model,dataset,eval_file,learning_rate,lora_targets,lora_r,quantize"
-SHORT_KEYS = {"learning_rate": "lr", "lora_targets": "targets", "lora_r": "r", "eval_file": "eval"}
+VARIANT_KEYS = ("model,dataset,eval_file,learning_rate,lora_targets,lora_r,quantize,"
+                "use_dora,use_rslora,init_lora_weights")
+SHORT_KEYS = {"learning_rate": "lr", "lora_targets": "targets", "lora_r": "r", "eval_file": "eval",
+              "use_dora": "DoRA", "use_rslora": "rsLoRA", "init_lora_weights": "init"}
+# finetune.py's LoRA variants, as a run made before their flags existed was trained: peft's defaults. So such a
+# run groups with one made with the defaults named.
+SETTING_DEFAULTS = {"use_dora": False, "use_rslora": False, "init_lora_weights": "true"}
 ONE_RUN_EACH = "one run each: seed variance not measured"
 
 
@@ -116,7 +129,7 @@ def load_results(sources, skipped_folders=("history",)):
 
 def setting(run, key):
     """A results field, else the config field of that name, as a hashable value."""
-    value = run[key] if key in run else (run.get("config") or {}).get(key)
+    value = run[key] if key in run else (run.get("config") or {}).get(key, SETTING_DEFAULTS.get(key))
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
@@ -186,10 +199,6 @@ def compared_pairs(groups):
 # --------------------------------------------------------------------------- same examples or refuse
 
 
-def example_tokens(run, field="per_example"):
-    return {item["id"]: item["tokens"] for item in run.get(field) or []}
-
-
 def mismatch(run_a, run_b, field="per_example"):
     """None when both runs scored the same examples with the same token counts, else how they differ."""
     a, b = example_tokens(run_a, field), example_tokens(run_b, field)
@@ -221,46 +230,6 @@ def refuse_different_examples(groups):
 
 
 # --------------------------------------------------------------------------- two-level bootstrap
-
-
-def shared_ids(runs, field="per_example"):
-    """Ids every run scored, with the same token count in each."""
-    first, *others = [example_tokens(run, field) for run in runs]
-    return sorted(i for i, tokens in first.items() if all(other.get(i) == tokens for other in others))
-
-
-def run_matrices(runs, ids, field="per_example"):
-    """NLL sums and token counts, one row per run, one column per example id."""
-    rows = [{item["id"]: item for item in run[field]} for run in runs]
-    nll = np.array([[row[i]["nll_sum"] for i in ids] for row in rows], dtype=np.float64)
-    tokens = np.array([[row[i]["tokens"] for i in ids] for row in rows], dtype=np.float64)
-    return nll, tokens
-
-
-def mean_perplexity(runs, ids, field="per_example"):
-    nll, tokens = run_matrices(runs, ids, field)
-    return float(np.mean(np.exp(nll.sum(1) / tokens.sum(1))))
-
-
-def two_level_draws(sides, ids, seed, resamples, field="per_example"):
-    """Resampled mean perplexity of each side (a list of runs): per resample, one draw of examples shared by
-    every side (paired by id), then each side's seeds drawn with replacement."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(ids), size=(resamples, len(ids)))
-    weights = np.zeros((resamples, len(ids)))
-    np.add.at(weights, (np.arange(resamples)[:, None], picks), 1.0)
-    draws = []
-    for runs in sides:
-        nll, tokens = run_matrices(runs, ids, field)
-        per_seed = np.exp((weights @ nll.T) / np.maximum(weights @ tokens.T, 1))  # resamples x runs
-        seeds = rng.integers(0, len(runs), size=(resamples, len(runs)))
-        draws.append(np.take_along_axis(per_seed, seeds, axis=1).mean(1))
-    return draws
-
-
-def interval(draws, level=0.95):
-    tail = (1 - level) / 2 * 100
-    return [float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))]
 
 
 def compare(group_a, group_b, seed, resamples, field="per_example"):
@@ -795,8 +764,9 @@ def experiment_named(name, results_root):
 
 
 def experiment_block(experiment, args):
-    """(groups, the block's lines) for an experiment's results folder: its heading, caption and tables; "not run
-    yet" when the folder holds no finished run."""
+    """(groups, the block's lines, the study's (summary, runs) or None) for an experiment's results folder: its
+    heading, caption and tables, and for a study the rates tried and the findings generated from its JSON; "not
+    run yet" when the folder holds no finished run."""
     heading = f"### {experiment.description or experiment.name}"
     folder = experiment.folder
     runs_exist = folder.is_dir() and (is_study(folder) or load_results(folder))
@@ -804,25 +774,29 @@ def experiment_block(experiment, args):
         command = (f"`python report.py --config {experiment.config_file}`" if experiment.config_file
                    else f"`python report.py {shown_path(folder)}`")
         return [], [heading, "", f"_Not run yet: no results in `{shown_path(folder)}/`. Once its runs have "
-                                 f"written them, {command} puts their table here._"]
+                                 f"written them, {command} puts their table here._"], None
     summary = study_summary(folder) if is_study(folder) else None
     groups = load_groups(study_files(folder, summary) if summary else [folder], args)
     runs = [run for group in groups for run in group.runs]
     config_file = experiment.config_file or next(((run.get("config_file") or {}).get("file") for run in runs
                                                   if run.get("config_file")), None)
     lines = [heading, "", caption(runs, config_file), "", *render_block(groups, args.seed, args.resamples)]
+    study = None
     if summary:
-        lines += study_rate_lines(summary)
-    return groups, lines
+        study = summary, plots.load_study_runs(folder, summary)
+        lines += study_rate_lines(summary) + findings.findings_lines(*study, args.seed, args.resamples)
+    return groups, lines, study
 
 
-def write_report(experiment, groups, lines, args):
-    """report.md and the plots, in the experiment's results folder."""
+def write_report(experiment, groups, lines, study, args):
+    """report.md and the plots, in the experiment's results folder (a study's own plots too)."""
     found = comparisons(groups, args.seed, args.resamples)
-    plots = draw_plots(groups, found, experiment.folder / "comparison.png", args.seed, args.resamples)
-    report = ["# " + lines[0].removeprefix("### "), *lines[1:], "", *(f"![{path.stem}]({path.name})" for path in plots)]
+    drawn = draw_plots(groups, found, experiment.folder / "comparison.png", args.seed, args.resamples)
+    if study is not None:
+        drawn += plots.draw_study_plots(experiment.folder, *study, args.seed, args.resamples)
+    report = ["# " + lines[0].removeprefix("### "), *lines[1:], "", *(f"![{path.stem}]({path.name})" for path in drawn)]
     write_atomic(experiment.folder / "report.md", "\n".join(report) + "\n")
-    return [experiment.folder / "report.md", *plots], found
+    return [experiment.folder / "report.md", *drawn], found
 
 
 # --------------------------------------------------------------------------- --check
@@ -863,7 +837,7 @@ def committed_inputs(results_root, readme):
 def rebuilt(readme_text, results_root, args):
     """The README text with every experiment block rebuilt from results_root/<name>/."""
     for name in readme_blocks(readme_text):
-        _, lines = experiment_block(experiment_named(name, results_root), args)
+        _, lines, _ = experiment_block(experiment_named(name, results_root), args)
         readme_text = replace_block(readme_text, name, lines)
     return readme_text
 
@@ -909,14 +883,14 @@ def main(argv=None):
     else:
         targets = [experiment_named(name, args.results_root) for name in readme_blocks(readme_text)]
     for experiment in targets:
-        groups, lines = experiment_block(experiment, args)
+        groups, lines, study = experiment_block(experiment, args)
         if markers(experiment.name)[0] in readme_text:
             readme_text = replace_block(readme_text, experiment.name, lines)
             print(f"updated the {experiment.name} block in {args.readme}")
         if not groups:
             print(f"{experiment.name}: not run yet (no results in {shown_path(experiment.folder)})")
             continue
-        written, found = write_report(experiment, groups, lines, args)
+        written, found = write_report(experiment, groups, lines, study, args)
         for path in written:
             print(f"wrote {shown_path(path)}")
         for line in comparison_lines(found)[3:]:

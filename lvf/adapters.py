@@ -22,15 +22,50 @@ warnings.filterwarnings("ignore", message="Could not find a config file in .* - 
                         "was not modified", category=UserWarning)
 
 
-def lora_config(rank, alpha, dropout, targets):
-    """targets: comma-separated module names, or peft's "all-linear" (every linear layer but the output one)."""
+# --init-lora-weights: peft's LoraConfig(init_lora_weights=...) values the kit offers. Left out: False (peft's
+# debugging init), "eva", "corda", "lora_ga" and "loftq" (they need data or a config of their own),
+# "pissa_niter_N" (a randomised SVD: evaluating the saved adapter again redoes the init on the base and would not
+# find the same residual weights), "orthogonal" (creates the adapters in the base weights' dtype, bf16 while LoRA
+# trains on a bf16 base) and "mica" (freezes lora_B: another count of trainable parameters).
+INIT_CHOICES = ("true", "gaussian", "pissa", "olora")
+# These subtract their initial adapter from the base weights (W - scale * B0 A0) from an SVD (PiSSA) or QR
+# (OLoRA) of each weight. peft saves the adapter without the changed base and, on loading, redoes the init on the
+# base it is given, which reproduces the residual as both factorisations are deterministic.
+INITS_FROM_THE_WEIGHTS = ("pissa", "olora")
+
+
+def init_lora_weights_value(name):
+    """The flag's value as peft's LoraConfig takes it: True for "true", else the name."""
+    if name not in INIT_CHOICES:
+        raise UsageError(f"--init-lora-weights {name}: choose one of {', '.join(INIT_CHOICES)}")
+    return True if name == "true" else name
+
+
+def lora_config(rank, alpha, dropout, targets, use_dora=False, use_rslora=False, init_lora_weights="true"):
+    """targets: comma-separated module names, or peft's "all-linear" (every linear layer but the output one).
+    use_dora: DoRA (a trained magnitude per output feature of each adapted module, besides A and B); use_rslora:
+    scale alpha/sqrt(r) instead of alpha/r; init_lora_weights: one of INIT_CHOICES. peft implements all three."""
     names = [name.strip() for name in targets.split(",") if name.strip()]
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules="all-linear" if names == ["all-linear"] else names,
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type="CAUSAL_LM", use_dora=use_dora, use_rslora=use_rslora,
+                      init_lora_weights=init_lora_weights_value(init_lora_weights))
+
+
+def for_counting(model, config):
+    """The config to build adapters with on `model`: itself, except on the meta device (a dry run), where PiSSA's
+    SVD and OLoRA's QR cannot run (the weights have no values; peft fails assigning the factors). There the
+    adapters are built with peft's default init: an init sets values, never shapes or which parameters train,
+    so the counts are the same."""
+    on_meta = any(parameter.is_meta for parameter in model.parameters())
+    if on_meta and config.init_lora_weights in INITS_FROM_THE_WEIGHTS:
+        config = copy.deepcopy(config)
+        config.init_lora_weights = True
+    return config
 
 
 def add_adapters(model, config, targets_flag):
+    config = for_counting(model, config)
     try:
         with warnings.catch_warnings():
             # peft (0.21, peft_model.py PeftModel.__init__) reads model.is_gradient_checkpointing, which transformers
