@@ -158,7 +158,7 @@ def test_a_variant_trains_saves_its_option_and_is_scored_again(flag, key, tiny_l
 
 
 def test_report_groups_variants_apart_and_old_runs_with_the_defaults(tmp_path):
-    from test_report import LORA, fake_run, render, write_runs
+    from test_report import LORA, at, fake_run, render, write_runs
 
     import report
 
@@ -168,7 +168,7 @@ def test_report_groups_variants_apart_and_old_runs_with_the_defaults(tmp_path):
                                                                 "init_lora_weights": "true"}, **LORA),
             "dora": fake_run("lora", 0.65, config={"use_dora": True}, **LORA),
             "pissa": fake_run("lora", 0.66, config={"init_lora_weights": "pissa", "use_rslora": True}, **LORA)}
-    rows, _ = render(tmp_path, "--results-dir", str(write_runs(tmp_path / "results", runs)))
+    rows, _ = render(tmp_path, *at(write_runs(tmp_path / "results", runs)))
     labels = {line.split(" | ")[0][2:] for line in rows if " − " not in line.split(" | ")[0]} - {"method", "---"}
     assert labels >= {"LoRA (DoRA False, rsLoRA False, init true)", "LoRA (DoRA True, rsLoRA False, init true)",
                       "LoRA (DoRA False, rsLoRA True, init pissa)"}
