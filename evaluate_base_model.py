@@ -67,12 +67,11 @@ def main(argv=None):
     with memory.PhasePeak(runtime.device) as eval_peak:
         evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
                                            desc=f"evaluate {method}", general_examples=examples["general"])
-    process_peak, process_peak_kind = results.peak_memory(runtime.device)
+    peak = results.process_peak_fields(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **evaluation, **recorded, total_params=total,
-                                   base_params=base_params, peak_memory_bytes=process_peak,
-                                   memory_kind=process_peak_kind, **memory.phase_fields(load=load_peak, eval=eval_peak),
-                                   truncation=truncation)
+                                   base_params=base_params, **peak, truncation=truncation,
+                                   **memory.phase_fields(load=load_peak, eval=eval_peak))
     results.finish(record, runtime.output)
 
 

@@ -108,8 +108,7 @@ def main(argv=None):
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation = common.load_examples(args, tokenizer, records)
     training_args = training.training_arguments(args, runtime, len(examples["train"]))  # before the model loads
-    if results.is_main_process():
-        artifacts.write_origin(runtime.output_dir, method, args.model, runtime.experiment)
+    artifacts.write_origin(runtime.output_dir, method, args.model, runtime.experiment)  # what the checkpoints are
 
     # The model: the base (4-bit for QLoRA), then the adapters.
     with memory.PhasePeak(runtime.device) as load_peak:
@@ -140,22 +139,16 @@ def main(argv=None):
                                  args.attn_implementation)
         models.pad_with_the_tokenizers_token(base, tokenizer)
         scored = adapters.on_another_base(trained, base)
-    with memory.PhasePeak(runtime.device) as eval_peak:
-        evaluation = common.evaluate_model(scored, tokenizer, examples["eval"], records[2], args,
-                                           trainer.args.device, desc=f"evaluate {method}",
-                                           general_examples=examples["general"])
-    validation = training.validation_fields(scored, examples["validation"], tokenizer, args, trainer.args.device,
-                                            method)
+    evaluation, eval_peak = training.evaluate_trained(scored, trainer, tokenizer, examples, records[2], args, runtime,
+                                                      method)
 
     # Save the adapter, then record.
     artifact = training.save_artifact(trainer, runtime.output_dir)
-    process_peak, process_peak_kind = results.peak_memory(runtime.device)
-    record = results.build_results(args, runtime, method, **measured, **evaluation, **validation,
+    record = results.build_results(args, runtime, method, **measured, **evaluation,
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
-                                   peak_memory_bytes=process_peak, memory_kind=process_peak_kind,
-                                   **training.artifact_fields(artifact), trainable_params=trainable,
-                                   total_params=total, base_params=total - trainable, truncation=truncation,
-                                   dtype_by_part=stored_as)
+                                   **results.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
+                                   trainable_params=trainable, total_params=total, base_params=total - trainable,
+                                   truncation=truncation, dtype_by_part=stored_as)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 

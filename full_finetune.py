@@ -73,8 +73,7 @@ def main(argv=None):
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation = common.load_examples(args, tokenizer, records)
     training_args = training.training_arguments(args, runtime, len(examples["train"]))  # before the model loads
-    if results.is_main_process():
-        artifacts.write_origin(runtime.output_dir, METHOD, args.model, runtime.experiment)
+    artifacts.write_origin(runtime.output_dir, METHOD, args.model, runtime.experiment)  # what the checkpoints are
 
     # The model, every weight trainable.
     with memory.PhasePeak(runtime.device) as load_peak:
@@ -90,23 +89,17 @@ def main(argv=None):
     # Score in the weights' own precision (autocast taken off). Every rank evaluates the whole set: under FSDP and
     # DeepSpeed the forwards gather the weights collectively; the main process writes the results.
     scored = training.without_mixed_precision_wrapper(trainer)
-    with memory.PhasePeak(runtime.device) as eval_peak:
-        evaluation = common.evaluate_model(scored, tokenizer, examples["eval"], records[2], args,
-                                           trainer.args.device, desc=f"evaluate {METHOD}",
-                                           general_examples=examples["general"])
-    validation = training.validation_fields(scored, examples["validation"], tokenizer, args, trainer.args.device,
-                                            METHOD)
+    evaluation, eval_peak = training.evaluate_trained(scored, trainer, tokenizer, examples, records[2], args, runtime,
+                                                      METHOD)
 
     # Save the model, then record.
     artifact = training.save_artifact(trainer, runtime.output_dir)
-    process_peak, process_peak_kind = results.peak_memory(runtime.device)
     trainable, total = models.count_parameters(model)
-    record = results.build_results(args, runtime, METHOD, **measured, **evaluation, **validation,
+    record = results.build_results(args, runtime, METHOD, **measured, **evaluation,
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
-                                   peak_memory_bytes=process_peak, memory_kind=process_peak_kind,
-                                   **training.artifact_fields(artifact), trainable_params=trainable,
-                                   total_params=total, base_params=total, truncation=truncation,
-                                   dtype_by_part=stored_as)
+                                   **results.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
+                                   trainable_params=trainable, total_params=total, base_params=total,
+                                   truncation=truncation, dtype_by_part=stored_as)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 

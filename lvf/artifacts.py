@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lvf.errors import UsageError
 from lvf.files import write_atomic
+from lvf.results import is_main_process
 
 ORIGIN_FILE = "origin.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -16,7 +17,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def write_origin(output_dir, method, base_model, experiment):
     """Called by a training script before it trains, so that checkpoints (in output_dir) and the final
-    artifact (which gets a copy) both say what they are, and which experiment's results folder they belong to."""
+    artifact (which gets a copy) both say what they are, and which experiment's results folder they belong to.
+    The main process writes it; the other ranks of a launch do nothing."""
+    if not is_main_process():
+        return None
     origin = {"method": method, "base_model": base_model, "experiment": experiment}
     return write_atomic(Path(output_dir) / ORIGIN_FILE, json.dumps(origin, indent=2) + "\n")
 

@@ -95,6 +95,12 @@ def method_order(summary):
                                              methods[name].get("rank") or 0, name))
 
 
+def study_figure(summary):
+    """(each method's colour, a new figure, its one axis)."""
+    figure = Figure(figsize=(7.5, 5))
+    return method_colors(summary), figure, figure.subplots()
+
+
 def save(figure, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,9 +135,7 @@ def validation_curves(summary, runs):
 
 
 def validation_figure(summary, curves):
-    colors = method_colors(summary)
-    figure = Figure(figsize=(7.5, 5))
-    axis = figure.subplots()
+    colors, figure, axis = study_figure(summary)
     for name, curve in curves.items():
         seeds = f"{curve['seeds']} seed{'s' if curve['seeds'] > 1 else ''}"
         axis.plot(curve["steps"], curve["mean"], marker="o", markersize=3, color=colors[name],
@@ -184,9 +188,7 @@ LOSS_LABELS = {"validation": "validation loss (token-weighted, the kept checkpoi
 
 
 def learning_rate_figure(summary, curves, loss):
-    colors = method_colors(summary)
-    figure = Figure(figsize=(7.5, 5))
-    axis = figure.subplots()
+    colors, figure, axis = study_figure(summary)
     for name, curve in curves.items():
         axis.plot(curve["rates"], curve["losses"], marker="o", color=colors[name],
                   label=method_label(name, summary["methods"][name]))
@@ -254,9 +256,7 @@ def perplexity_by_memory(summary, runs, seed=42, resamples=1000):
 
 
 def memory_figure(summary, points):
-    colors = method_colors(summary)
-    figure = Figure(figsize=(7.5, 5))
-    axis = figure.subplots()
+    colors, figure, axis = study_figure(summary)
     for name, point in points.items():
         low, high = point["ci95"]
         axis.errorbar([point["memory_bytes"] / 2**30], [point["mean"]],

@@ -27,6 +27,12 @@ def peak_memory(device):
     return memory.process_peak(device)
 
 
+def process_peak_fields(device):
+    """peak_memory_bytes and memory_kind: the whole run's peak so far (lvf.memory measures the phases)."""
+    peak, kind = peak_memory(device)
+    return {"peak_memory_bytes": peak, "memory_kind": kind}
+
+
 def weights_bytes(path):
     """Bytes on disk of the saved weights (safetensors files): the adapter alone for LoRA."""
     return sum(item.stat().st_size for item in Path(path).rglob("*.safetensors"))

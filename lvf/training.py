@@ -437,13 +437,21 @@ def without_mixed_precision_wrapper(trainer):
     return trainer.model_wrapped
 
 
-def validation_fields(model, val_examples, tokenizer, settings, device, label):
-    """The kept checkpoint's validation loss, token-weighted like the test figure: what a learning-rate sweep
-    compares (the Trainer's eval_loss weights each batch's mean by its size, not by its tokens)."""
-    validation = common.evaluate_perplexity(model, val_examples, tokenizer.pad_token_id, settings.eval_batch_size,
-                                            device, settings.seed, settings.bootstrap_resamples,
-                                            desc=f"validate {label}")
-    return {"validation_loss": validation["eval_loss"], "validation_tokens": validation["eval_tokens"]}
+def evaluate_trained(model, trainer, tokenizer, examples, eval_records, settings, runtime, label):
+    """The trained model scored: the held-out set (and the general text) as common.evaluate_model scores every
+    method, under its own phase peak; then the kept checkpoint's validation loss, token-weighted like the test
+    figure, which is what a learning-rate sweep compares (the Trainer's eval_loss weights each batch's mean by its
+    size, not by its tokens). Every rank evaluates the whole set (under FSDP and DeepSpeed the forwards gather the
+    weights collectively); the main process writes. Returns (fields, the evaluation's PhasePeak)."""
+    device = trainer.args.device  # this rank's
+    with PhasePeak(runtime.device) as eval_peak:
+        fields = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, settings, device,
+                                       desc=f"evaluate {label}", general_examples=examples["general"])
+    validation = common.evaluate_perplexity(model, examples["validation"], tokenizer.pad_token_id,
+                                            settings.eval_batch_size, device, settings.seed,
+                                            settings.bootstrap_resamples, desc=f"validate {label}")
+    fields.update(validation_loss=validation["eval_loss"], validation_tokens=validation["eval_tokens"])
+    return fields, eval_peak
 
 
 def artifact_fields(artifact):

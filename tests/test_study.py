@@ -36,8 +36,10 @@ def test_smoke_study_picks_each_rate_on_validation_and_trains_it_at_every_seed(s
     folder, _ = smoke
     summary = json.loads((folder / "results" / "summary.json").read_text())
     base = json.loads((folder / "results" / "base.json").read_text())
-    assert set(summary["methods"]) == set(METHODS)
+    assert set(summary["methods"]) == {*METHODS, "lora-all-linear-r4"}
     for method, found in summary["methods"].items():
+        if method == "lora-all-linear-r4":
+            continue
         sweep = found["learning_rates"]
         assert len(sweep) == 2
         best = min(sweep, key=lambda rate: sweep[rate]["validation_loss"])
@@ -55,6 +57,24 @@ def test_smoke_study_picks_each_rate_on_validation_and_trains_it_at_every_seed(s
     lora = json.loads(next((folder / "results" / "lora-all-linear").glob("*.json")).read_text())
     qkvo = json.loads(next((folder / "results" / "lora-qkvo").glob("*.json")).read_text())
     assert lora["config"]["lora_targets"] == "all-linear" and lora["trainable_params"] > qkvo["trainable_params"]
+
+
+def test_the_rank_axis_trains_the_picked_rate_at_every_seed_and_checks_its_neighbour(smoke):
+    folder, _ = smoke
+    summary = json.loads((folder / "results" / "summary.json").read_text())
+    family, ranked = summary["methods"]["lora-all-linear"], summary["methods"]["lora-all-linear-r4"]
+    picked = family["picked_learning_rate"]
+    assert (ranked["rank"], ranked["family"], ranked["picked_from"]) == (4, "lora-all-linear",
+                                                                         "lora-all-linear (rank axis)")
+    assert ranked["picked_learning_rate"] == picked and [run["seed"] for run in ranked["runs"]] == [42, 43]
+    # r=4 is the axis's smallest rank: the grid's other rate is tried there too, at the first seed.
+    assert set(ranked["learning_rates"]) == set(family["learning_rates"])
+    best = min(ranked["learning_rates"], key=lambda rate: ranked["learning_rates"][rate]["validation_loss"])
+    assert ranked["rate_check"] == {"best_learning_rate": float(best), "picked_is_best": float(best) == picked}
+    trained = json.loads((folder / "results" / ranked["runs"][1]["file"]).read_text())
+    assert trained["config"]["lora_r"] == 4 and trained["config"]["lora_targets"] == "all-linear"
+    assert trained["trainable_params"] * 4 == json.loads(
+        (folder / "results" / family["runs"][0]["file"]).read_text())["trainable_params"]
 
 
 def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(smoke, monkeypatch):
@@ -85,7 +105,7 @@ def test_report_shows_the_study_at_each_methods_picked_rate_in_its_own_block(smo
     assert demo_block in text  # the demo's block is left alone
     block = text.split(start)[1].split(end)[0]
     rows = [line for line in block.splitlines() if line.startswith("| ") and "`" in line]
-    assert len(rows) == 1 + len(METHODS)  # the base model, and one group per method: its picked rate
+    assert len(rows) == 2 + len(METHODS)  # the base model, one group per method at its picked rate, and rank 4
     assert all("| 42, 43 |" in row for row in rows[1:])
     for method, found in summary["methods"].items():
         line = next(line for line in block.splitlines() if line.startswith(f"| {method} |"))
