@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lvf import models
+from lvf.errors import UsageError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = "databricks/databricks-dolly-15k"
@@ -61,6 +62,16 @@ def fraction(text):
 # --------------------------------------------------------------------------- flag groups
 
 
+DTYPE_HELP = ("weight dtype: auto is bfloat16 on CUDA, float32 on CPU (where LoRA under bf16 autocast trains on a "
+              "bfloat16 copy of the frozen base and is scored on the float32 one)")
+
+
+def description(docstring):
+    """A script's --help description: its docstring's first paragraph, whole (not its first line, which may
+    stop mid-sentence)."""
+    return " ".join(docstring.strip().split("\n\n")[0].split())
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default once, and only when there is one (not for None or an unset switch)."""
 
@@ -70,26 +81,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def evaluation_parser(description, method):
+def evaluation_parser(description, method, dtype_help=DTYPE_HELP):
     """The flags every script shares: what to evaluate, on which data, and where the results go."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add_model_flags(parser)
+    add_model_flags(parser, dtype_help)
     add_data_flags(parser)
     add_evaluation_flags(parser)
     add_output_flags(parser, method)
     return parser
 
 
-def add_model_flags(parser):
+def add_model_flags(parser, dtype_help=DTYPE_HELP):
+    """The model group; a script whose --dtype means something else passes its own dtype_help."""
     group = parser.add_argument_group("model")
     add = group.add_argument
     add("--model", default=models.DEFAULT_MODEL,
         help="Hub id, local model folder, or preset name (" + ", ".join(models.MODEL_PRESETS) + ")")
     add("--chat-template", default=None,
         help="'llama3' installs the official Llama 3 Instruct template; or a path to a Jinja template file")
-    add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-        help="weight dtype: auto is bfloat16 on CUDA, float32 on CPU (where LoRA under bf16 autocast "
-             "trains on a bfloat16 copy of the frozen base and is scored on the float32 one)")
+    add("--device", choices=["auto", "cuda", "cpu"], default="auto",
+        help="where to run: auto is CUDA when a GPU is visible, else the CPU; cpu runs there knowingly (the "
+             "--dry-run pre-flight then accepts a CPU plan); cuda stops at once when no GPU is visible")
+    add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=dtype_help)
     add("--attn-implementation", choices=models.ATTENTION_IMPLEMENTATIONS, default="sdpa",
         help="attention kernels: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn "
              "package), or eager")
@@ -136,7 +149,9 @@ def add_output_flags(parser, method):
     add("--output", default=None,
         help=f"results JSON path (default: results/{method}.json; with --dry-run, none: the counts are printed)")
     add("--dry-run", action="store_true",
-        help="build the model on the meta device and count parameters; loads no weights or data")
+        help="pre-flight: checks the GPU, the packages, the Hub login, disk and memory, prints the dtype, "
+             "optimizer and precision the run would use and the parameter counts (model on the meta device); "
+             "loads no weights or data; exit status 0 only when nothing blocks the run")
     add("--debug", action="store_true", help="show full tracebacks (or set LVF_DEBUG=1)")
 
 
@@ -204,6 +219,7 @@ class Runtime:
     bf16_autocast: bool = False
     gradient_checkpointing: bool = False
     optimizer: str | None = None
+    optimizer_reason: str | None = None  # why this optimizer: the flag that chose it, or what auto found
     world_size: int = 1
     # The weights' dtype when scoring, where it is not dtype: the base model's own evaluation dtype, so that
     # every method is scored on the same weights (finetune.py trains LoRA on a bf16 copy of the base on CPUs).
@@ -235,6 +251,21 @@ def display_path(path):
 
 def resolve_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def requested_device(settings):
+    """--device: auto is resolve_device()'s choice; cuda without a visible GPU is a one-line error."""
+    requested = getattr(settings, "device", "auto")
+    if requested == "auto":
+        return resolve_device()
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False; "
+                         f"torch {torch.__version__} was built for {cuda_build()}); use --device cpu to run on the CPU")
+    return requested
+
+
+def cuda_build():
+    return f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only"
 
 
 def resolve_dtype(name, device):
@@ -277,13 +308,13 @@ def results_path(settings, method):
 
 
 def evaluation_runtime(settings, method):
-    device = resolve_device()
+    device = requested_device(settings)
     return Runtime(device=device, dtype=resolve_dtype(settings.dtype, device),
                    output=results_path(settings, method))
 
 
-def training_runtime(settings, method, optimizer):
-    device = resolve_device()
+def training_runtime(settings, method, optimizer, optimizer_reason=None):
+    device = requested_device(settings)
     return Runtime(
         device=device,
         dtype=resolve_dtype(settings.dtype, device),
@@ -292,5 +323,6 @@ def training_runtime(settings, method, optimizer):
         bf16_autocast=use_bf16_autocast(settings.bf16_autocast, device),
         gradient_checkpointing=use_gradient_checkpointing(settings.gradient_checkpointing, device),
         optimizer=optimizer(device) if callable(optimizer) else optimizer,
+        optimizer_reason=optimizer_reason,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
