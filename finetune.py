@@ -52,7 +52,8 @@ def resolve_runtime(args):
     difference). The adapters stay fp32 (peft); QLoRA keeps its own dtypes. Evaluation then scores the adapters
     on the base in its own evaluation dtype (eval_dtype), as evaluate_base_model.py scores the base."""
     method = "qlora" if args.quantize == "4bit" else "lora"
-    runtime = settings.training_runtime(args, method, optimizer=OPTIMIZER)
+    runtime = settings.training_runtime(args, method, optimizer=OPTIMIZER,
+                                        optimizer_reason="the adapters are small: plain AdamW on every device")
     if args.dtype == "auto" and runtime.bf16_autocast and args.quantize == "none" and runtime.dtype != torch.bfloat16:
         runtime = dataclasses.replace(runtime, dtype=torch.bfloat16, eval_dtype=runtime.dtype)
     return method, runtime

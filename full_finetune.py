@@ -37,16 +37,37 @@ def warn_if_updates_round_away(runtime):
 
 
 def default_optimizer(device):
-    """Paged 8-bit AdamW on CUDA when bitsandbytes is there; plain AdamW on CPU, and under FSDP or
-    DeepSpeed, whose sharded optimizer states bitsandbytes' optimizers do not handle."""
+    return default_optimizer_choice(device)[0]
+
+
+def default_optimizer_choice(device):
+    """--optim auto: (optimizer, why). Paged 8-bit AdamW on CUDA when bitsandbytes is there; plain AdamW on
+    CPU, and under FSDP or DeepSpeed, whose sharded optimizer states bitsandbytes' optimizers do not handle.
+    Without bitsandbytes on CUDA it is plain AdamW too, and the reason says so: never a silent change."""
     sharded = "true" in (os.environ.get("ACCELERATE_USE_FSDP"), os.environ.get("ACCELERATE_USE_DEEPSPEED"))
-    has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
-    return "paged_adamw_8bit" if device == "cuda" and has_bitsandbytes and not sharded else "adamw_torch"
+    if device != "cuda":
+        return "adamw_torch", "--optim auto on the CPU: plain AdamW (paged 8-bit AdamW is for CUDA)"
+    if sharded:
+        return "adamw_torch", ("--optim auto under FSDP or DeepSpeed: plain AdamW (bitsandbytes' optimizers do "
+                               "not handle sharded states)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "adamw_torch", ("--optim auto without bitsandbytes: plain AdamW, 8 bytes of optimizer state per "
+                               "parameter instead of paged 8-bit AdamW's 2 (pip install bitsandbytes, or pass "
+                               "--optim adamw_torch to choose plain AdamW)")
+    return "paged_adamw_8bit", "--optim auto on CUDA with bitsandbytes: paged 8-bit AdamW"
 
 
 def resolve_runtime(args):
-    optimizer = default_optimizer if args.optim == "auto" else args.optim
-    return METHOD, settings.training_runtime(args, METHOD, optimizer)
+    """The runtime, with the optimizer and why; a real run says both on stderr as it starts (a dry run's
+    pre-flight prints them)."""
+    if args.optim == "auto":
+        optimizer, reason = default_optimizer_choice(settings.requested_device(args))
+    else:
+        optimizer, reason = args.optim, "--optim"
+    runtime = settings.training_runtime(args, METHOD, optimizer, optimizer_reason=reason)
+    if not args.dry_run and results.is_main_process():
+        print(f"optimizer: {runtime.optimizer}. Why: {runtime.optimizer_reason}", file=sys.stderr)
+    return METHOD, runtime
 
 
 def main(argv=None):
