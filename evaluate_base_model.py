@@ -15,7 +15,7 @@ METHOD = "base"
 
 
 def parse_args(argv=None):
-    parser = settings.evaluation_parser(__doc__.splitlines()[0], METHOD)
+    parser = settings.evaluation_parser(settings.description(__doc__), METHOD)
     return settings.parse(parser, argv)
 
 

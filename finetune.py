@@ -17,7 +17,7 @@ OPTIMIZER = "adamw_torch"  # the adapters are small: plain AdamW, on every devic
 
 
 def parse_args(argv=None):
-    parser = settings.evaluation_parser(__doc__.splitlines()[0], "lora")
+    parser = settings.evaluation_parser(settings.description(__doc__), "lora")
     settings.add_training_flags(parser, "lora", learning_rate=DEFAULTS["learning_rate"],
                                 batch_size=DEFAULTS["batch_size"], grad_accum=DEFAULTS["grad_accum"])
     group = parser.add_argument_group("LoRA")

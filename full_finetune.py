@@ -15,14 +15,17 @@ from lvf import errors, memory, models, results, settings, training
 METHOD = "full"
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too).
 DEFAULTS = {"learning_rate": 1e-5, "batch_size": 2, "grad_accum": 2}
+DTYPE_HELP = ("the dtype every weight is trained and scored in: float32 keeps fp32 master weights, with bf16 compute "
+              "under --bf16-autocast; bfloat16 halves weights and gradients, but at full fine-tuning's learning rates "
+              "most AdamW updates then round away (the script warns); auto is bfloat16 on CUDA, float32 on CPU")
 
 
 def parse_args(argv=None):
-    parser = settings.evaluation_parser(__doc__.splitlines()[0], METHOD)
+    parser = settings.evaluation_parser(settings.description(__doc__), METHOD, dtype_help=DTYPE_HELP)
     group = settings.add_training_flags(parser, METHOD, **DEFAULTS)
     group.add_argument("--optim", default="auto",
                        help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch "
-                            "under FSDP or DeepSpeed), else adamw_torch")
+                            "under FSDP or DeepSpeed), else adamw_torch; the run says which it uses and why")
     # fp32 master weights, bf16 compute (autocast, on by default on CUDA): in bf16 weights most AdamW updates at
     # lr 1e-5 are smaller than half a bf16 step of the weight and round away (README: memory per option).
     parser.set_defaults(dtype="float32")

@@ -28,7 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import common
-from lvf import errors, results
+from lvf import errors, results, settings
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 STUDY_START, STUDY_END = "<!-- study-table:start -->", "<!-- study-table:end -->"
@@ -45,7 +45,7 @@ ONE_RUN_EACH = "one run each: seed variance not measured"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=settings.HelpFormatter)
     parser.add_argument("sources", nargs="*", type=Path,
                         help="results JSON files or folders (searched recursively, history/ left out); "
                              "default: --results-dir, without its study/ folder")

@@ -63,8 +63,8 @@ TINY_CONFIG = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_h
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=settings.description(__doc__),
+                                     formatter_class=settings.HelpFormatter)
     add = parser.add_argument
     add("--tiny", action="store_true", help="a tiny Llama on the CPU, for tests: sequence 64, 3 steps")
     add("--methods", default="lora,full", help="comma-separated: lora, full")

@@ -74,8 +74,8 @@ DEFINITIONS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=settings.description(__doc__),
+                                     formatter_class=settings.HelpFormatter)
     add = parser.add_argument
     add("--quick", action="store_true",
         help="development smoke run: --steps 2 --batch-size 2 --grad-accum 1 --max-length 512 unless given")
