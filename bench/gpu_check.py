@@ -11,7 +11,7 @@ Each row is 2,048 random token ids with no padding, the shape packing produces. 
 losses say only that training runs and changes the model, nothing about quality.
 
 Imports torch, transformers, tokenizers, peft and accelerate only (no datasets, no bitsandbytes required), runs
-under transformers 5.17 (the GPU image's) as well as the pinned version, and never uses the network.
+under transformers 5.17 as well as the pinned version, and never uses the network.
 """
 
 import argparse
