@@ -5,7 +5,7 @@
 # random ~480M-parameter Llama saved locally, bf16 and gradient checkpointing, each writing its results JSON under
 # $OUT; then bench/gpu_check.py (the 8B-architecture throughput and memory table).
 #
-#   python bench/gpu_smoke.py prepare .gpu-smoke   # first, where the registries are: wheels + tokenizer (~40 MiB)
+#   python bench/gpu_smoke.py prepare .gpu-smoke   # first, where the registries are: wheels + tokenizer (~53 MiB)
 #   bash bench/gpu_smoke.sh                        # on the GPU machine, with .gpu-smoke carried beside the code
 #   bash bench/gpu_smoke.sh --cpu-dry              # the same steps on the CPU: tiny model, few steps, no wheels
 #
