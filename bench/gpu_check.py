@@ -1,4 +1,4 @@
-"""GPU check: LoRA and full fine-tuning of the Llama-3-8B architecture, random bf16 weights, sequence 2048.
+"""GPU check: LoRA and full fine-tuning of the Llama-3-8B architecture with random weights, sequence 2048.
 
     bash bench/gpu_check.sh                              # one GPU, offline, under 8 minutes
     python bench/gpu_check.py --tiny --output check.json # the same code on the CPU with a tiny config (tests)
