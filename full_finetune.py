@@ -61,16 +61,13 @@ def default_optimizer_choice(device):
 
 
 def resolve_runtime(args):
-    """The runtime, with the optimizer and why; a real run says both on stderr as it starts (a dry run's
-    pre-flight prints them)."""
+    """The runtime, with the optimizer and why (runtime.optimizer_reason: recorded, and said by the pre-flight
+    and as training starts, preflight.optimizer_line)."""
     if args.optim == "auto":
         optimizer, reason = default_optimizer_choice(settings.requested_device(args))
     else:
         optimizer, reason = args.optim, "--optim"
-    runtime = settings.training_runtime(args, METHOD, optimizer, optimizer_reason=reason)
-    if not args.dry_run and results.is_main_process():
-        print(f"optimizer: {runtime.optimizer}. Why: {runtime.optimizer_reason}", file=sys.stderr)
-    return METHOD, runtime
+    return METHOD, settings.training_runtime(args, METHOD, optimizer, optimizer_reason=reason)
 
 
 def main(argv=None):

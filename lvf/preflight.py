@@ -110,13 +110,19 @@ def plan_findings(settings, runtime, method):
         dtype += f" while training, scored in {kit_settings.dtype_name(runtime.eval_dtype)}"
     lines = [info(f"dtype: {dtype} (--dtype {settings.dtype})")]
     if is_training(method):
-        lines.append(info(f"optimizer: {runtime.optimizer}. Why: {runtime.optimizer_reason or '--optim'}"))
+        lines.append(info(optimizer_line(runtime)))
         quantized = "NF4 4-bit base weights (QLoRA), " if method == "qlora" else ""
         lines.append(info(f"precision: {quantized}bf16 autocast {on_off(runtime.bf16_autocast)}, gradient "
                           f"checkpointing {on_off(runtime.gradient_checkpointing)}"))
     else:
         lines.append(info("precision: scored in the weights' own dtype without autocast, log-softmax in float32"))
     return lines
+
+
+def optimizer_line(runtime):
+    """Which optimizer a training run uses, and why: the pre-flight shows it, and a run prints it as training
+    starts, so that a missing package never changes the optimizer silently."""
+    return f"optimizer: {runtime.optimizer}. Why: {runtime.optimizer_reason or '--optim'}"
 
 
 def on_off(flag):

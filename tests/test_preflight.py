@@ -105,7 +105,7 @@ def hide(monkeypatch, *packages):
                         lambda name, *rest: None if name in packages else real(name, *rest))
 
 
-def test_without_bitsandbytes_full_fine_tuning_says_which_optimizer_and_why(monkeypatch, capsys):
+def test_without_bitsandbytes_full_fine_tuning_says_which_optimizer_and_why(monkeypatch):
     monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
     _, with_it = full_finetune.resolve_runtime(full_finetune.parse_args(["--dry-run"]))
     assert with_it.optimizer == "paged_adamw_8bit" and "bitsandbytes" in with_it.optimizer_reason
@@ -114,7 +114,7 @@ def test_without_bitsandbytes_full_fine_tuning_says_which_optimizer_and_why(monk
     assert runtime.optimizer == "adamw_torch"
     assert "without bitsandbytes" in runtime.optimizer_reason and "pip install bitsandbytes" in runtime.optimizer_reason
     assert runtime.record()["optimizer_reason"] == runtime.optimizer_reason  # recorded in the results
-    assert f"optimizer: adamw_torch. Why: {runtime.optimizer_reason}" in capsys.readouterr().err  # said at start
+    assert preflight.optimizer_line(runtime) == f"optimizer: adamw_torch. Why: {runtime.optimizer_reason}"
     args = full_finetune.parse_args(["--dry-run"])
     params = 8_030_261_248
     found = problems(preflight.package_findings(args, runtime, "full", params=params))
