@@ -382,7 +382,7 @@ def print_findings(findings, file=None):
         print(f"  {LABELS[finding.level]}  {finding.text}", file=file)
     problems = sum(finding.level == "problem" for finding in findings)
     if problems:
-        print(f"pre-flight: {problems} problem{'s' if problems > 1 else ''} block this run "
+        print(f"pre-flight: {problems} problem{'s block' if problems > 1 else ' blocks'} this run "
               f"(exit status {BLOCKED_EXIT_STATUS})", file=file, flush=True)
     else:
         print("pre-flight: nothing blocks this run", file=file, flush=True)

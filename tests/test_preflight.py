@@ -45,7 +45,8 @@ def dry_run_findings(script, arguments):
         if module is finetune:
             model = finetune.add_adapters(model, args)
     trainable, total = models.count_parameters(model)
-    return preflight.preflight(args, runtime, method, params=total, trainable=trainable)
+    return preflight.preflight(args, runtime, method, params=total - trainable if module is finetune else total,
+                               trainable=trainable)
 
 
 def problems(findings):
@@ -81,7 +82,7 @@ def test_a_gpu_command_without_cuda_is_blocked_by_one_line_and_runs_with_device_
     assert preflight.exit_status(findings) == preflight.BLOCKED_EXIT_STATUS != 0
     preflight.print_findings(findings)
     printed = capsys.readouterr().out
-    assert f"PROBLEM  {NO_CUDA}" in printed and "1 problem block" in printed
+    assert f"PROBLEM  {NO_CUDA}" in printed and "pre-flight: 1 problem blocks this run" in printed
     # What the run would use is printed from its runtime, whatever the problems.
     assert any(finding.text.startswith("dtype: weights in ") for finding in findings)
     if script != "evaluate_base_model.py":
