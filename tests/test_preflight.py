@@ -215,3 +215,20 @@ def test_report_and_exit_code_prints_and_returns_the_status(downloaded, tmp_path
     printed = capsys.readouterr().out
     assert "PROBLEM  --dataset missing.jsonl: file not found" in printed
     assert "disk: not estimated" in printed
+
+
+def test_on_cuda_the_gpu_is_named_and_the_memory_plan_compared_with_it(monkeypatch):
+    """torch.cuda's answers stood in for (this machine has no GPU): the lines a CUDA machine gets."""
+    cuda = preflight.torch.cuda
+    Properties = namedtuple("Properties", "total_memory")
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(cuda, "get_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(cuda, "get_device_properties", lambda index: Properties(80 * 2**30))
+    monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
+    args = full_finetune.parse_args(["--dry-run"])
+    _, runtime = full_finetune.resolve_runtime(args)
+    [gpu] = preflight.device_findings(args, runtime, "full")
+    assert gpu.level == "ok" and gpu.text.startswith("CUDA GPU: NVIDIA H100 80GB HBM3, 80.0 GiB (2 visible")
+    [over] = preflight.memory_findings(runtime, "full", {"total": 90 * 10**9})  # the GPU's size read from torch
+    assert over.level == "problem" and f"the GPU has {80 * 2**30 / 1e9:.1f} GB" in over.text
