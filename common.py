@@ -285,8 +285,20 @@ WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
 
 def _wikitext_text():
     name, config, split = WIKITEXT
-    ensure_hub_reachable(name, kind="dataset")
-    return "".join(row["text"] for row in _load_table(name, None, name, config=config, split=split))
+    try:
+        ensure_hub_reachable(name, kind="dataset")
+        rows = _load_table(name, None, name, config=config, split=split)
+    except (UsageError, ImportError) as error:
+        raise UsageError(general_text_unavailable("wikitext-2", error)) from error
+    return "".join(row["text"] for row in rows)
+
+
+def general_text_unavailable(source, cause):
+    """One line: the general text cannot be had, what it is for, and the two ways on."""
+    cause = str(cause) if not isinstance(cause, ImportError) else f"{cause.name or cause} is not installed"
+    return (f"--general-file {source}, the general text that measures forgetting, cannot be had: {cause}; "
+            "pass --general-file FILE (a .txt or .jsonl file, or python-docs, which ships with Python) or "
+            "--general-file '' to skip the forgetting measure")
 
 
 def _python_docs_text():

@@ -9,13 +9,13 @@ adapter or model folder, recorded under the method that trained it.
 from pathlib import Path
 
 import common
-from lvf import adapters, artifacts, errors, memory, models, results, settings
+from lvf import adapters, artifacts, errors, memory, models, preflight, results, settings
 
 METHOD = "base"
 
 
 def parse_args(argv=None):
-    parser = settings.evaluation_parser(__doc__.splitlines()[0], METHOD)
+    parser = settings.evaluation_parser(settings.description(__doc__), METHOD)
     return settings.parse(parser, argv, sections=("shared", "evaluate_base_model"))
 
 
@@ -48,7 +48,8 @@ def main(argv=None):
         _, total = models.count_parameters(models.meta_model(models.model_config(weights_from,
                                                                                  args.trust_remote_code)))
         record = results.build_results(args, runtime, method, **recorded, total_params=total, base_params=total)
-        return results.finish(record, runtime.output)
+        results.finish(record, runtime.output)
+        return preflight.report_and_exit_code(args, runtime, method, params=total, trainable=0, model=weights_from)
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     source = models.check_model_source(weights_from)

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 import common
-from lvf import adapters, artifacts, errors, memory, models, results, settings, training
+from lvf import adapters, artifacts, errors, memory, models, preflight, results, settings, training
 
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
 # flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that).
@@ -20,7 +20,7 @@ OPTIMIZER = "adamw_torch"  # the adapters are small: plain AdamW, on every devic
 
 
 def parse_args(argv=None):
-    parser = settings.evaluation_parser(__doc__.splitlines()[0], "lora")
+    parser = settings.evaluation_parser(settings.description(__doc__), "lora")
     settings.add_training_flags(parser, "lora", learning_rate=DEFAULTS["learning_rate"],
                                 batch_size=DEFAULTS["batch_size"], grad_accum=DEFAULTS["grad_accum"])
     group = parser.add_argument_group("LoRA")
@@ -72,7 +72,8 @@ def resolve_runtime(args):
     difference). The adapters stay fp32 (peft); QLoRA keeps its own dtypes. Evaluation then scores the adapters
     on the base in its own evaluation dtype (eval_dtype), as evaluate_base_model.py scores the base."""
     method = "qlora" if args.quantize == "4bit" else "lora"
-    runtime = settings.training_runtime(args, method, optimizer=OPTIMIZER)
+    runtime = settings.training_runtime(args, method, optimizer=OPTIMIZER,
+                                        optimizer_reason="the adapters are small: plain AdamW on every device")
     if args.dtype == "auto" and runtime.bf16_autocast and args.quantize == "none" and runtime.dtype != torch.bfloat16:
         runtime = dataclasses.replace(runtime, dtype=torch.bfloat16, eval_dtype=runtime.dtype)
     return method, runtime
@@ -97,7 +98,8 @@ def main(argv=None):
         trainable, total = models.count_parameters(model)
         record = results.build_results(args, runtime, method, trainable_params=trainable, total_params=total,
                                        base_params=total - trainable)
-        return results.finish(record, runtime.output)
+        results.finish(record, runtime.output)
+        return preflight.report_and_exit_code(args, runtime, method, params=total - trainable, trainable=trainable)
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
     # read before the tokenizer, so a data error shows in milliseconds.

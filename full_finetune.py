@@ -11,20 +11,23 @@ import sys
 import torch
 
 import common
-from lvf import artifacts, errors, memory, models, results, settings, training
+from lvf import artifacts, errors, memory, models, preflight, results, settings, training
 
 METHOD = "full"
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
 # flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that).
 DEFAULTS = {"learning_rate": 1e-5, "batch_size": 2, "grad_accum": 2}
+DTYPE_HELP = ("the dtype every weight is trained and scored in: float32 keeps fp32 master weights, with bf16 compute "
+              "under --bf16-autocast; bfloat16 halves weights and gradients, but at full fine-tuning's learning rates "
+              "most AdamW updates then round away (the script warns); auto is bfloat16 on CUDA, float32 on CPU")
 
 
 def parse_args(argv=None):
-    parser = settings.evaluation_parser(__doc__.splitlines()[0], METHOD)
+    parser = settings.evaluation_parser(settings.description(__doc__), METHOD, dtype_help=DTYPE_HELP)
     group = settings.add_training_flags(parser, METHOD, **DEFAULTS)
     group.add_argument("--optim", default="auto",
                        help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch "
-                            "under FSDP or DeepSpeed), else adamw_torch")
+                            "under FSDP or DeepSpeed), else adamw_torch; the run says which it uses and why")
     # fp32 master weights, bf16 compute (autocast, on by default on CUDA): in bf16 weights most AdamW updates at
     # lr 1e-5 are smaller than half a bf16 step of the weight and round away (README: memory per option).
     parser.set_defaults(dtype="float32")
@@ -39,16 +42,34 @@ def warn_if_updates_round_away(runtime):
 
 
 def default_optimizer(device):
-    """Paged 8-bit AdamW on CUDA when bitsandbytes is there; plain AdamW on CPU, and under FSDP or
-    DeepSpeed, whose sharded optimizer states bitsandbytes' optimizers do not handle."""
+    return default_optimizer_choice(device)[0]
+
+
+def default_optimizer_choice(device):
+    """--optim auto: (optimizer, why). Paged 8-bit AdamW on CUDA when bitsandbytes is there; plain AdamW on
+    CPU, and under FSDP or DeepSpeed, whose sharded optimizer states bitsandbytes' optimizers do not handle.
+    Without bitsandbytes on CUDA it is plain AdamW too, and the reason says so: never a silent change."""
     sharded = "true" in (os.environ.get("ACCELERATE_USE_FSDP"), os.environ.get("ACCELERATE_USE_DEEPSPEED"))
-    has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
-    return "paged_adamw_8bit" if device == "cuda" and has_bitsandbytes and not sharded else "adamw_torch"
+    if device != "cuda":
+        return "adamw_torch", "--optim auto on the CPU: plain AdamW (paged 8-bit AdamW is for CUDA)"
+    if sharded:
+        return "adamw_torch", ("--optim auto under FSDP or DeepSpeed: plain AdamW (bitsandbytes' optimizers do "
+                               "not handle sharded states)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "adamw_torch", ("--optim auto without bitsandbytes: plain AdamW, 8 bytes of optimizer state per "
+                               "parameter instead of paged 8-bit AdamW's 2 (pip install bitsandbytes, or pass "
+                               "--optim adamw_torch to choose plain AdamW)")
+    return "paged_adamw_8bit", "--optim auto on CUDA with bitsandbytes: paged 8-bit AdamW"
 
 
 def resolve_runtime(args):
-    optimizer = default_optimizer if args.optim == "auto" else args.optim
-    return METHOD, settings.training_runtime(args, METHOD, optimizer)
+    """The runtime, with the optimizer and why (runtime.optimizer_reason: recorded, and said by the pre-flight
+    and as training starts, preflight.optimizer_line)."""
+    if args.optim == "auto":
+        optimizer, reason = default_optimizer_choice(settings.requested_device(args))
+    else:
+        optimizer, reason = args.optim, "--optim"
+    return METHOD, settings.training_runtime(args, METHOD, optimizer, optimizer_reason=reason)
 
 
 def main(argv=None):
@@ -63,7 +84,8 @@ def main(argv=None):
         trainable, total = models.count_parameters(model)
         record = results.build_results(args, runtime, METHOD, trainable_params=trainable, total_params=total,
                                        base_params=total)
-        return results.finish(record, runtime.output)
+        results.finish(record, runtime.output)
+        return preflight.report_and_exit_code(args, runtime, METHOD, params=total, trainable=trainable)
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
     # read before the tokenizer, so a data error shows in milliseconds.

@@ -45,6 +45,7 @@ from lvf.bootstrap import (
     shared_ids,
     two_level_draws,
 )
+from lvf.cli import HelpFormatter, description
 from lvf.files import write_atomic
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -67,8 +68,8 @@ ONE_RUN_EACH = "one run each: seed variance not measured"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description(__doc__),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("sources", nargs="*", type=Path,
                         help="an experiment's results folder (results/<name>), or results JSON files for an ad hoc "
                              "table printed only; default: every experiment with a block in the README")

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     passed = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=settings.HelpFormatter)
+    parser = argparse.ArgumentParser(description=settings.description(__doc__), formatter_class=settings.HelpFormatter)
     parser.add_argument("--config", required=True, metavar="FILE.yaml",
                         help="the study file: the scripts' flags and its study section (seeds, methods, rates, ranks)")
     parser.add_argument("--methods", nargs="+", default=None,

@@ -1,4 +1,4 @@
-"""GPU check: LoRA and full fine-tuning of the Llama-3-8B architecture, random bf16 weights, sequence 2048.
+"""GPU check: LoRA and full fine-tuning of the Llama-3-8B architecture with random weights, sequence 2048.
 
     bash bench/gpu_check.sh                              # one GPU, offline, under 8 minutes
     python bench/gpu_check.py --tiny --output check.json # the same code on the CPU with a tiny config (tests)
@@ -11,7 +11,7 @@ Each row is 2,048 random token ids with no padding, the shape packing produces. 
 losses say only that training runs and changes the model, nothing about quality.
 
 Imports torch, transformers, tokenizers, peft and accelerate only (no datasets, no bitsandbytes required), runs
-under transformers 5.17 (the GPU image's) as well as the pinned version, and never uses the network.
+under transformers 5.17 as well as the pinned version, and never uses the network.
 """
 
 import argparse
@@ -63,8 +63,8 @@ TINY_CONFIG = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_h
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=settings.description(__doc__),
+                                     formatter_class=settings.HelpFormatter)
     add = parser.add_argument
     add("--tiny", action="store_true", help="a tiny Llama on the CPU, for tests: sequence 64, 3 steps")
     add("--methods", default="lora,full", help="comma-separated: lora, full")

@@ -51,7 +51,7 @@ def parse_args(argv=None):
 
 def llama3_tokenizer(folder, build_into):
     """The saved tokenizer in folder, or else the real Llama 3 tokenizer built (and saved) into build_into from
-    Meta's llama-models package, which `make test`'s setup installs and the GPU image lacks."""
+    Meta's llama-models package, which `make test`'s setup installs (a GPU machine without network may lack it)."""
     if folder is not None:
         return AutoTokenizer.from_pretrained(folder)
     from llama3_tokenizer import build_llama3_tokenizer  # deferred: tests' helper, needed only without a folder

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# GPU smoke run of the real scripts on one GPU with no network (sized for the H200 image: torch 2.11,
-# transformers 5.17, peft, accelerate; no datasets, no bitsandbytes), within 15 minutes:
+# GPU smoke run of the real scripts on one GPU with no network (for a machine that has torch with CUDA,
+# transformers 5.17 or later, peft and accelerate, but perhaps no datasets or bitsandbytes), within 15 minutes:
 # evaluate_base_model.py, finetune.py, finetune.py --quantize 4bit and full_finetune.py (paged 8-bit AdamW) on a
 # random ~480M-parameter Llama saved locally, bf16 and gradient checkpointing, each writing its results JSON under
 # $OUT; then bench/gpu_check.py (the 8B-architecture throughput and memory table).
 #
-#   python bench/gpu_smoke.py prepare .gpu-smoke   # first, where the registries are: wheels + tokenizer (~40 MiB)
+#   python bench/gpu_smoke.py prepare .gpu-smoke   # first, where the registries are: wheels + tokenizer (~53 MiB)
 #   bash bench/gpu_smoke.sh                        # on the GPU machine, with .gpu-smoke carried beside the code
 #   bash bench/gpu_smoke.sh --cpu-dry              # the same steps on the CPU: tiny model, few steps, no wheels
 #
 # The carried wheels (bench/requirements-gpu-smoke.txt) are installed with --no-index from .gpu-smoke/wheels only,
-# into a folder put first on PYTHONPATH: they shadow the image's transformers; its CUDA torch stays.
+# into a folder put first on PYTHONPATH: they shadow the machine's transformers; its CUDA torch stays.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PREPARED=${PREPARED:-.gpu-smoke}

@@ -74,8 +74,8 @@ DEFINITIONS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=settings.description(__doc__),
+                                     formatter_class=settings.HelpFormatter)
     add = parser.add_argument
     add("--quick", action="store_true",
         help="development smoke run: --steps 2 --batch-size 2 --grad-accum 1 --max-length 512 unless given")
@@ -92,7 +92,8 @@ def parse_args(argv=None):
              "on this machine, to separate those two defaults from the rest of TRL")
     add("--model", default="smollm2-135m", help="model preset, Hub id or folder")
     add("--dataset", default=None,
-        help="records (default: ../shared/dolly/dolly-subset.jsonl when present, else data/demo.jsonl)")
+        help="records (default: shared/dolly/dolly-subset.jsonl in the folder that holds the project when it is "
+             "there, else data/demo.jsonl)")
     add("--seed", type=int, default=42)
     add("--output", default=None,
         help="results JSON (default: bench/results/throughput.json, or throughput-quick.json with --quick)")

@@ -30,8 +30,8 @@ SCRIPTS = {"lora": finetune, "full": full_finetune}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=settings.description(__doc__),
+                                     formatter_class=settings.HelpFormatter)
     add = parser.add_argument
     add("--contender", choices=CONTENDERS, required=True)
     add("--method", choices=tuple(SCRIPTS), required=True)

@@ -30,7 +30,7 @@ def main_guard(main):
     # Outside training, SIGTERM stops like Ctrl-C does: no results, status 130, no traceback.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        main()
+        status = main()
     except UsageError as error:
         if debug:
             raise
@@ -46,3 +46,5 @@ def main_guard(main):
         sys.exit(SIGNAL_EXIT_STATUS)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if status:  # a dry run's pre-flight that found a problem
+        sys.exit(status)

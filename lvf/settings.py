@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from lvf import experiments, models
+from lvf.cli import HelpFormatter, description  # noqa: F401 (the scripts' help, from here as before)
+from lvf.errors import UsageError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = "databricks/databricks-dolly-15k"
@@ -62,35 +64,35 @@ def fraction(text):
 # --------------------------------------------------------------------------- flag groups
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default once, and only when there is one (not for None or an unset switch)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+DTYPE_HELP = ("weight dtype: auto is bfloat16 on CUDA, float32 on CPU (where LoRA under bf16 autocast trains on a "
+              "bfloat16 copy of the frozen base and is scored on the float32 one)")
 
 
-def evaluation_parser(description, method):
-    """The flags every script shares: what to evaluate, on which data, and where the results go."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add_model_flags(parser)
+
+
+def evaluation_parser(about, method, dtype_help=DTYPE_HELP):
+    """The flags every script shares: what to evaluate, on which data, and where the results go; about: the
+    script's --help description."""
+    parser = argparse.ArgumentParser(description=about, formatter_class=HelpFormatter)
+    add_model_flags(parser, dtype_help)
     add_data_flags(parser)
     add_evaluation_flags(parser)
     add_output_flags(parser, method)
     return parser
 
 
-def add_model_flags(parser):
+def add_model_flags(parser, dtype_help=DTYPE_HELP):
+    """The model group; a script whose --dtype means something else passes its own dtype_help."""
     group = parser.add_argument_group("model")
     add = group.add_argument
     add("--model", default=models.DEFAULT_MODEL,
         help="Hub id, local model folder, or preset name (" + ", ".join(models.MODEL_PRESETS) + ")")
     add("--chat-template", default=None,
         help="'llama3' installs the official Llama 3 Instruct template; or a path to a Jinja template file")
-    add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-        help="weight dtype: auto is bfloat16 on CUDA, float32 on CPU (where LoRA under bf16 autocast "
-             "trains on a bfloat16 copy of the frozen base and is scored on the float32 one)")
+    add("--device", choices=["auto", "cuda", "cpu"], default="auto",
+        help="where to run: auto is CUDA when a GPU is visible, else the CPU; cpu runs there knowingly (the "
+             "--dry-run pre-flight then accepts a CPU plan); cuda stops at once when no GPU is visible")
+    add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=dtype_help)
     add("--attn-implementation", choices=models.ATTENTION_IMPLEMENTATIONS, default="sdpa",
         help="attention kernels: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn "
              "package), or eager")
@@ -141,7 +143,9 @@ def add_output_flags(parser, method):
         help=f"results JSON path (default: results/<experiment>/{method}.json, <experiment> being the --config "
              "file's name or else made from --model and --dataset; with --dry-run, none: the counts are printed)")
     add("--dry-run", action="store_true",
-        help="build the model on the meta device and count parameters; loads no weights or data")
+        help="pre-flight: checks the GPU, the packages, the Hub login, disk and memory, prints the dtype, "
+             "optimizer and precision the run would use and the parameter counts (model on the meta device); "
+             "loads no weights or data; exit status 0 only when nothing blocks the run")
     add("--debug", action="store_true", help="show full tracebacks (or set LVF_DEBUG=1)")
 
 
@@ -223,6 +227,7 @@ class Runtime:
     bf16_autocast: bool = False
     gradient_checkpointing: bool = False
     optimizer: str | None = None
+    optimizer_reason: str | None = None  # why this optimizer: the flag that chose it, or what auto found
     world_size: int = 1
     # The weights' dtype when scoring, where it is not dtype: the base model's own evaluation dtype, so that
     # every method is scored on the same weights (finetune.py trains LoRA on a bf16 copy of the base on CPUs).
@@ -254,6 +259,21 @@ def display_path(path):
 
 def resolve_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def requested_device(settings):
+    """--device: auto is resolve_device()'s choice; cuda without a visible GPU is a one-line error."""
+    requested = getattr(settings, "device", "auto")
+    if requested == "auto":
+        return resolve_device()
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False; "
+                         f"torch {torch.__version__} was built for {cuda_build()}); use --device cpu to run on the CPU")
+    return requested
+
+
+def cuda_build():
+    return f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only"
 
 
 def resolve_dtype(name, device):
@@ -306,14 +326,14 @@ def results_path(settings, experiment, method):
 
 def evaluation_runtime(settings, method, experiment=None):
     """experiment: the results folder's name when not the settings' own (a saved artifact's, from origin.json)."""
-    device = resolve_device()
+    device = requested_device(settings)
     experiment = experiment or experiment_of(settings)
     return Runtime(device=device, dtype=resolve_dtype(settings.dtype, device), experiment=experiment,
                    output=results_path(settings, experiment, method))
 
 
-def training_runtime(settings, method, optimizer):
-    device = resolve_device()
+def training_runtime(settings, method, optimizer, optimizer_reason=None):
+    device = requested_device(settings)
     experiment = experiment_of(settings)
     return Runtime(
         device=device,
@@ -324,5 +344,6 @@ def training_runtime(settings, method, optimizer):
         bf16_autocast=use_bf16_autocast(settings.bf16_autocast, device),
         gradient_checkpointing=use_gradient_checkpointing(settings.gradient_checkpointing, device),
         optimizer=optimizer(device) if callable(optimizer) else optimizer,
+        optimizer_reason=optimizer_reason,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )

@@ -29,6 +29,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import common
 from common import IGNORE_INDEX
+from lvf import preflight
 from lvf.artifacts import ORIGIN_FILE
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
 from lvf.memory import PhasePeak, TrainingBreakdown
@@ -350,8 +351,10 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples, tra
     start = time.perf_counter()
     with stopper, PhasePeak(runtime.device) as train_peak:
         if is_main_process():
-            print(f"training: checkpoints in {output_dir}; SIGINT or SIGTERM saves one and stops "
-                  f"(exit status {SIGNAL_EXIT_STATUS}), --resume continues", file=sys.stderr, flush=True)
+            # The optimizer and why, so that a missing package never changes it silently.
+            print(f"training: {preflight.optimizer_line(runtime)}; checkpoints in {output_dir}; SIGINT or SIGTERM "
+                  f"saves one and stops (exit status {SIGNAL_EXIT_STATUS}), --resume continues", file=sys.stderr,
+                  flush=True)
         trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
     if stopper.stopped:

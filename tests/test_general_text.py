@@ -108,3 +108,19 @@ def test_wikitext_offline_is_one_clear_line(monkeypatch):
 def test_text_too_short_for_one_block_is_a_usage_error(llama3_tokenizer):
     with pytest.raises(errors.UsageError, match="too few"):
         common.general_blocks(llama3_tokenizer, "short", block_length=64)
+
+
+def test_general_text_that_cannot_be_had_says_it_is_the_forgetting_text_and_how_to_replace_it(tmp_path, monkeypatch):
+    """Offline and not in the cache, WikiText-2 stops the run: the message says what that text is for and names both
+    ways on (another file, or none)."""
+    from lvf import hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: True)
+    with pytest.raises(errors.UsageError) as raised:
+        common.load_general_text("wikitext-2")
+    message = str(raised.value)
+    assert "forgetting" in message
+    assert "--general-file FILE" in message and "--general-file ''" in message
+    assert "HF_HUB_OFFLINE=1" in message  # the cause stays in the line
+    assert "\n" not in message

@@ -60,9 +60,9 @@ def test_results_record_what_was_asked_apart_from_what_was_resolved(tmp_path, mo
     record = json.loads(output.read_text())
     config, runtime = record["config"], record["runtime"]
     # As asked: the choices, not what they resolved to; nothing derived mixed in.
-    assert config["dtype"] == "auto" and config["bf16_autocast"] == "auto"
+    assert config["dtype"] == "auto" and config["bf16_autocast"] == "auto" and config["device"] == "auto"
     assert config["output_dir"] == str(tmp_path / "out" / "lora")
-    assert not {"device", "torch_dtype", "bf16", "optim"} & set(config)
+    assert not {"torch_dtype", "bf16", "optim"} & set(config)
     # As resolved, with paths relative to the working directory they sit in.
     assert runtime["device"] == "cpu" and runtime["optimizer"] == "adamw_torch"
     assert isinstance(runtime["bf16_autocast"], bool)

@@ -1,0 +1,234 @@
+"""The --dry-run pre-flight: each README GPU command's plan checked on this machine (no CUDA), and each check's
+problem line naming its fix."""
+
+import importlib.util
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from test_readme_commands import code_lines, script_invocations
+
+import evaluate_base_model
+import finetune
+import full_finetune
+from lvf import errors, hub, models, preflight, settings
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+SCRIPTS = {"finetune.py": finetune, "full_finetune.py": full_finetune, "evaluate_base_model.py": evaluate_base_model}
+EXPECTED_GPU_COMMANDS = {("finetune.py", ()), ("finetune.py", ("--quantize", "4bit")), ("full_finetune.py", ()),
+                         ("evaluate_base_model.py", ())}
+NO_CUDA = "no CUDA GPU: this run would"
+DiskUsage = namedtuple("DiskUsage", "total used free")
+
+
+def readme_gpu_commands():
+    """The README's runs of the default experiment (Llama 3 8B on Dolly): the three scripts without --model,
+    --dataset or --eval-file, --dry-run dropped (the pre-flight adds it)."""
+    found = set()
+    for _, command in code_lines((PROJECT_DIR / "README.md").read_text(encoding="utf-8")):
+        for script, arguments in script_invocations(command):
+            if script in SCRIPTS and not {"--model", "--dataset", "--eval-file"} & set(arguments):
+                found.add((script, tuple(argument for argument in arguments if argument != "--dry-run")))
+    return sorted(found)
+
+
+def dry_run_findings(script, arguments):
+    """What the script's --dry-run checks: its own parser and runtime, the parameters counted on the meta device."""
+    module = SCRIPTS[script]
+    args = module.parse_args([*arguments, "--dry-run"])
+    if module is evaluate_base_model:
+        method, runtime = "base", settings.evaluation_runtime(args, "base")
+        model = models.meta_model(models.model_config(args.model))
+    else:
+        method, runtime = module.resolve_runtime(args)
+        model = models.meta_model(models.model_config(args.model))
+        if module is finetune:
+            model = finetune.add_adapters(model, args)
+    trainable, total = models.count_parameters(model)
+    return preflight.preflight(args, runtime, method, params=total - trainable if module is finetune else total,
+                               trainable=trainable)
+
+
+def problems(findings):
+    return [finding.text for finding in findings if finding.level == "problem"]
+
+
+@pytest.fixture
+def downloaded(tmp_path, monkeypatch):
+    """A user's machine that has everything but a GPU: online, the model and data in the Hub cache, a Hub login,
+    disk to spare. (The check itself reads nothing from the network.)"""
+    cache = tmp_path / "hub"
+    for folder in ("models--meta-llama--Meta-Llama-3-8B-Instruct", "datasets--databricks--databricks-dolly-15k",
+                   "datasets--Salesforce--wikitext"):
+        (cache / folder).mkdir(parents=True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(preflight, "get_token", lambda: "hf_" + "x" * 30)
+    monkeypatch.setattr(preflight, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**13, 0, 10**13))
+    return cache
+
+
+def test_the_readme_shows_the_four_gpu_commands():
+    assert EXPECTED_GPU_COMMANDS <= set(readme_gpu_commands())
+
+
+@pytest.mark.skipif(preflight.torch.cuda.is_available(), reason="checks the pre-flight of a machine without CUDA")
+@pytest.mark.parametrize("script, arguments", readme_gpu_commands(), ids=lambda item: " ".join(item) or "-")
+def test_a_gpu_command_without_cuda_is_blocked_by_one_line_and_runs_with_device_cpu(script, arguments, downloaded,
+                                                                                      capsys):
+    findings = dry_run_findings(script, arguments)
+    blocking = problems(findings)
+    assert len(blocking) == 1 and blocking[0].startswith(NO_CUDA) and "--device cpu" in blocking[0]
+    assert preflight.exit_status(findings) == preflight.BLOCKED_EXIT_STATUS != 0
+    preflight.print_findings(findings)
+    printed = capsys.readouterr().out
+    assert f"PROBLEM  {NO_CUDA}" in printed and "pre-flight: 1 problem blocks this run" in printed
+    # What the run would use is printed from its runtime, whatever the problems.
+    assert any(finding.text.startswith("dtype: weights in ") for finding in findings)
+    if script != "evaluate_base_model.py":
+        optimizer = next(finding.text for finding in findings if finding.text.startswith("optimizer: "))
+        assert "Why: " in optimizer
+
+    on_cpu = dry_run_findings(script, [*arguments, "--device", "cpu"])
+    assert problems(on_cpu) == [] and preflight.exit_status(on_cpu) == 0
+    assert preflight.info("device: the CPU (--device cpu)") in on_cpu
+
+
+def test_device_cuda_without_a_gpu_is_one_line(monkeypatch):
+    monkeypatch.setattr(settings.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(errors.UsageError, match="--device cuda: no CUDA GPU is visible.*use --device cpu"):
+        settings.evaluation_runtime(evaluate_base_model.parse_args(["--device", "cuda"]), "base")
+
+
+def hide(monkeypatch, *packages):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name in packages else real(name, *rest))
+
+
+def test_without_bitsandbytes_full_fine_tuning_says_which_optimizer_and_why(monkeypatch):
+    monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
+    _, with_it = full_finetune.resolve_runtime(full_finetune.parse_args(["--dry-run"]))
+    assert with_it.optimizer == "paged_adamw_8bit" and "bitsandbytes" in with_it.optimizer_reason
+    hide(monkeypatch, "bitsandbytes")
+    _, runtime = full_finetune.resolve_runtime(full_finetune.parse_args([]))
+    assert runtime.optimizer == "adamw_torch"
+    assert "without bitsandbytes" in runtime.optimizer_reason and "pip install bitsandbytes" in runtime.optimizer_reason
+    assert runtime.record()["optimizer_reason"] == runtime.optimizer_reason  # recorded in the results
+    assert preflight.optimizer_line(runtime) == f"optimizer: adamw_torch. Why: {runtime.optimizer_reason}"
+    args = full_finetune.parse_args(["--dry-run"])
+    params = 8_030_261_248
+    found = problems(preflight.package_findings(args, runtime, "full", params=params))
+    assert len(found) == 1
+    assert found[0] == ("bitsandbytes missing: paged 8-bit AdamW needs it: pip install bitsandbytes, or pass "
+                        f"--optim adamw_torch to train with plain AdamW ({16 * params / 1e9:.1f} GB for this model)")
+    # Chosen knowingly, plain AdamW is no problem.
+    _, chosen = full_finetune.resolve_runtime(full_finetune.parse_args(["--optim", "adamw_torch", "--dry-run"]))
+    assert chosen.optimizer_reason == "--optim" and problems(preflight.package_findings(args, chosen, "full")) == []
+
+
+def test_packages_the_plan_names_are_problems_when_missing(monkeypatch):
+    hide(monkeypatch, "bitsandbytes", "flash_attn", "datasets")
+    qlora = finetune.parse_args(["--quantize", "4bit", "--attn-implementation", "flash_attention_2", "--dry-run"])
+    method, runtime = finetune.resolve_runtime(qlora)
+    found = problems(preflight.package_findings(qlora, runtime, method))
+    assert found[0].startswith("bitsandbytes missing: --quantize 4bit") and "pip install bitsandbytes" in found[0]
+    assert found[1].startswith("flash-attn missing") and "--attn-implementation sdpa" in found[1]
+    assert found[2].startswith("datasets missing: --dataset databricks/databricks-dolly-15k and --general-file "
+                               "wikitext-2") and "pip install datasets" in found[2]
+    full = full_finetune.parse_args(["--optim", "paged_adamw_8bit", "--dry-run"])
+    _, runtime = full_finetune.resolve_runtime(full)
+    assert problems(preflight.package_findings(full, runtime, "full"))[0].startswith(
+        "bitsandbytes missing: --optim paged_adamw_8bit needs it")
+
+
+def test_a_gated_model_needs_a_hub_token(downloaded, monkeypatch):
+    args = evaluate_base_model.parse_args(["--dry-run"])
+    assert problems(preflight.hub_findings(args, args.model)) == []
+    monkeypatch.setattr(preflight, "get_token", lambda: None)
+    found = problems(preflight.hub_findings(args, args.model))
+    assert len(found) == 1 and found[0].startswith("no Hub token: meta-llama/Meta-Llama-3-8B-Instruct is gated")
+    assert "hf auth login" in found[0]
+    local = evaluate_base_model.parse_args(["--model", "smollm2-135m", "--dry-run"])
+    if preflight.hub_model_id("smollm2-135m") is None:  # the preset ships its weights: no Hub, no token
+        assert preflight.hub_findings(local, local.model) == []
+
+
+def test_offline_data_and_general_text_name_their_flags(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # nothing cached; the tests run with HF_HUB_OFFLINE=1
+    args = evaluate_base_model.parse_args(["--dry-run"])
+    found = problems(preflight.data_findings(args, "base"))
+    assert found[0].startswith("--dataset databricks/databricks-dolly-15k is not in the Hub cache")
+    assert "the general text that measures forgetting" in found[1]
+    assert "--general-file FILE" in found[1] and "--general-file ''" in found[1]
+    demo = evaluate_base_model.parse_args(["--dataset", "data/demo.jsonl", "--general-file", "python-docs"])
+    assert problems(preflight.data_findings(demo, "base")) == []
+
+
+def test_planned_writes_follow_the_documented_rule(downloaded, tmp_path):
+    params, trainable = 8_030_261_248, 13_631_488
+    lora = finetune.parse_args(["--output-dir", str(tmp_path / "lora"), "--dry-run"])
+    _, runtime = finetune.resolve_runtime(lora)
+    [checkpoints] = preflight.planned_writes("lora", params + trainable, trainable, lora, runtime)  # model cached
+    per_checkpoint = 4 * trainable + 2 * 4 * trainable  # fp32 adapters and AdamW's two fp32 moments
+    assert checkpoints.bytes == preflight.CHECKPOINTS_AT_ONCE * per_checkpoint + 4 * trainable
+    full = full_finetune.parse_args(["--model", "not-cached/model", "--output-dir", str(tmp_path / "full"),
+                                     "--optim", "paged_adamw_8bit"])
+    _, runtime = full_finetune.resolve_runtime(full)
+    download, checkpoints = preflight.planned_writes("full", params, params, full, runtime)
+    assert download.bytes == 2 * params and download.folder == Path(downloaded)
+    assert checkpoints.bytes == preflight.CHECKPOINTS_AT_ONCE * (4 + 2) * params + 4 * params
+
+
+def test_too_little_disk_names_the_folder_and_the_flag(tmp_path, monkeypatch):
+    output_dir = tmp_path / "not" / "yet" / "there"
+    writes = [preflight.Write("3 checkpoints and the final model", output_dir, 5 * 10**9)]
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**10, 9 * 10**9, 10**9))
+    [finding] = preflight.disk_findings(writes)
+    assert finding.level == "problem"
+    assert finding.text.startswith(f"disk: {tmp_path.resolve()} has 1.0 GB free; the run writes about 5.0 GB")
+    assert finding.text.endswith("pass --output-dir on a larger disk")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**11, 0, 10**11))
+    assert preflight.disk_findings(writes)[0].level == "ok"
+
+
+def test_the_memory_plan_against_the_gpu(tmp_path):
+    args = full_finetune.parse_args(["--dry-run", "--device", "cpu"])
+    _, runtime = full_finetune.resolve_runtime(args)
+    [over] = preflight.memory_findings(runtime, "full", {"total": 90 * 10**9, "device_total_bytes": 80 * 10**9})
+    assert over.level == "problem" and "90.0 GB, the GPU has 80.0 GB" in over.text and "FSDP" in over.text
+    [fits] = preflight.memory_findings(runtime, "full", {"total": 70 * 10**9, "device_total_bytes": 80 * 10**9})
+    assert fits.level == "ok"
+
+
+def test_report_and_exit_code_prints_and_returns_the_status(downloaded, tmp_path, capsys):
+    args = full_finetune.parse_args(["--model", "smollm2-135m", "--dataset", "data/demo.jsonl", "--general-file",
+                                     "python-docs", "--device", "cpu", "--output-dir", str(tmp_path / "out"),
+                                     "--dry-run"])
+    _, runtime = full_finetune.resolve_runtime(args)
+    assert preflight.report_and_exit_code(args, runtime, "full", params=10**6, trainable=10**6) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "pre-flight: nothing blocks this run"
+    blocked = full_finetune.parse_args(["--model", "smollm2-135m", "--dataset", "missing.jsonl", "--device", "cpu",
+                                        "--general-file", "", "--dry-run"])
+    _, runtime = full_finetune.resolve_runtime(blocked)
+    assert preflight.report_and_exit_code(blocked, runtime, "full") == preflight.BLOCKED_EXIT_STATUS
+    printed = capsys.readouterr().out
+    assert "PROBLEM  --dataset missing.jsonl: file not found" in printed
+    assert "disk: not estimated" in printed
+
+
+def test_on_cuda_the_gpu_is_named_and_the_memory_plan_compared_with_it(monkeypatch):
+    """torch.cuda's answers stood in for (this machine has no GPU): the lines a CUDA machine gets."""
+    cuda = preflight.torch.cuda
+    Properties = namedtuple("Properties", "total_memory")
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(cuda, "get_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(cuda, "get_device_properties", lambda index: Properties(80 * 2**30))
+    monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
+    args = full_finetune.parse_args(["--dry-run"])
+    _, runtime = full_finetune.resolve_runtime(args)
+    [gpu] = preflight.device_findings(args, runtime, "full")
+    assert gpu.level == "ok" and gpu.text.startswith("CUDA GPU: NVIDIA H100 80GB HBM3, 80.0 GiB (2 visible")
+    [over] = preflight.memory_findings(runtime, "full", {"total": 90 * 10**9})  # the GPU's size read from torch
+    assert over.level == "problem" and f"the GPU has {80 * 2**30 / 1e9:.1f} GB" in over.text
