@@ -6,7 +6,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from test_readme_commands import code_lines, script_invocations
+from test_readme_commands import expanded_lines, script_invocations
 
 import evaluate_base_model
 import finetune
@@ -15,8 +15,9 @@ from lvf import errors, hub, models, preflight, settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SCRIPTS = {"finetune.py": finetune, "full_finetune.py": full_finetune, "evaluate_base_model.py": evaluate_base_model}
-EXPECTED_GPU_COMMANDS = {("finetune.py", ()), ("finetune.py", ("--quantize", "4bit")), ("full_finetune.py", ()),
-                         ("evaluate_base_model.py", ())}
+GPU = ("--config", "experiments/llama3-8b-dolly.yaml")
+EXPECTED_GPU_COMMANDS = {("finetune.py", GPU), ("finetune.py", (*GPU, "--quantize", "4bit")),
+                         ("full_finetune.py", GPU), ("evaluate_base_model.py", GPU)}
 NO_CUDA = "no CUDA GPU: this run would"
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
@@ -25,7 +26,7 @@ def readme_gpu_commands():
     """The README's runs of the default experiment (Llama 3 8B on Dolly): the three scripts without --model,
     --dataset or --eval-file, --dry-run dropped (the pre-flight adds it)."""
     found = set()
-    for _, command in code_lines((PROJECT_DIR / "README.md").read_text(encoding="utf-8")):
+    for _, command in expanded_lines((PROJECT_DIR / "README.md").read_text(encoding="utf-8")):
         for script, arguments in script_invocations(command):
             if script in SCRIPTS and not {"--model", "--dataset", "--eval-file"} & set(arguments):
                 found.add((script, tuple(argument for argument in arguments if argument != "--dry-run")))

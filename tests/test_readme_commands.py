@@ -65,10 +65,9 @@ def load_script(path):
     return module
 
 
-def problems_in(text, modules):
-    """One line per command that names an unknown script or that its script's parser refuses."""
-    found, checked = [], 0
-    variables = {}  # NAME=value lines of a block, as a shell would expand $NAME in the lines after them
+def expanded_lines(text):
+    """code_lines with NAME=value lines taken as a shell takes them: $NAME expanded in the lines after them."""
+    variables = {}
     for line_number, command in code_lines(text):
         assignment = re.fullmatch(r"\s*([A-Za-z_]\w*)=(\S+)(\s+#.*)?", command)
         if assignment:
@@ -76,6 +75,13 @@ def problems_in(text, modules):
             continue
         for name, value in variables.items():
             command = re.sub(rf"\${name}\b|\${{{name}}}", value, command)
+        yield line_number, command
+
+
+def problems_in(text, modules):
+    """One line per command that names an unknown script or that its script's parser refuses."""
+    found, checked = [], 0
+    for line_number, command in expanded_lines(text):
         for script, arguments in script_invocations(command):
             if script not in modules:
                 found.append(f"line {line_number}: {script} is not one of the kit's scripts: {command}")
