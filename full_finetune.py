@@ -1,9 +1,11 @@
 """Full fine-tuning of every weight, then perplexity on the held-out split.
 
     python full_finetune.py                            # Llama 3 8B Instruct on dolly-15k, paged 8-bit AdamW
+                                                       # (stepped in backward on GPUs below 100 GiB)
     python full_finetune.py --model smollm2-135m --dataset data/demo.jsonl
 """
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -13,8 +15,12 @@ import torch
 from lvf import errors, memory, models, results, settings, training
 
 METHOD = "full"
-# This script's defaults where they differ from the shared flags' (bench/ reads them here too).
-DEFAULTS = {"learning_rate": 1e-5, "batch_size": 2, "grad_accum": 2}
+# This script's defaults where they differ from the shared flags' (bench/ reads them here too). 4 examples a step
+# in one micro-batch: the optimizer step in backward (below) cannot accumulate gradients.
+DEFAULTS = {"learning_rate": 1e-5, "batch_size": 4, "grad_accum": 1}
+# GPUs with less memory than this step the optimizer in backward by default: Llama 3 8B's fp32 weights, fp32
+# gradients and 8-bit AdamW states alone are 80.6 GB (docs/performance.md, "Full fine-tuning on one 80 GB GPU").
+IN_BACKWARD_BELOW_GIB = 100
 
 
 def parse_args(argv=None):
@@ -23,6 +29,11 @@ def parse_args(argv=None):
     group.add_argument("--optim", default="auto",
                        help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch "
                             "under FSDP or DeepSpeed), else adamw_torch")
+    group.add_argument("--optim-in-backward", choices=["auto", "on", "off"], default="auto",
+                       help="step each weight's optimizer as soon as its gradient is complete and free the gradient, "
+                            "so no fp32 gradients are held (Llama 3 8B fits one 80 GB GPU); needs --grad-accum 1 "
+                            "and one process, and clips no gradients. auto: on with a CUDA GPU below "
+                            f"{IN_BACKWARD_BELOW_GIB} GiB, off on larger GPUs and on CPU")
     # fp32 master weights, bf16 compute (autocast, on by default on CUDA): in bf16 weights most AdamW updates at
     # lr 1e-5 are smaller than half a bf16 step of the weight and round away (README: memory per option).
     parser.set_defaults(dtype="float32")
@@ -44,9 +55,41 @@ def default_optimizer(device):
     return "paged_adamw_8bit" if device == "cuda" and has_bitsandbytes and not sharded else "adamw_torch"
 
 
+def gpu_memory_bytes():
+    """Total memory of the GPU this process trains on."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def use_optimizer_in_backward(args, runtime):
+    """Whether to step the optimizer in backward (lvf.training.OptimizerInBackward): asked with on; by default
+    where today's fp32 gradients would not fit, i.e. on one CUDA GPU below IN_BACKWARD_BELOW_GIB. Refuses what
+    it cannot do: accumulate gradients (each weight is stepped as soon as its gradient of one micro-batch is
+    complete), and run under several processes (DDP, FSDP, DeepSpeed reduce gradients after backward)."""
+    distributed = runtime.world_size > 1 or "true" in (os.environ.get("ACCELERATE_USE_FSDP"),
+                                                       os.environ.get("ACCELERATE_USE_DEEPSPEED"))
+    if args.optim_in_backward == "off" or (args.optim_in_backward == "auto" and distributed):
+        return False
+    if args.optim_in_backward == "auto":
+        if runtime.device != "cuda" or gpu_memory_bytes() >= IN_BACKWARD_BELOW_GIB * 2**30:
+            return False
+        why = f"on a GPU below {IN_BACKWARD_BELOW_GIB} GiB full fine-tuning steps the optimizer in backward"
+    else:
+        why = "--optim-in-backward on"
+    if distributed:
+        raise errors.UsageError(f"{why} needs a single process (it steps before gradients are reduced): pass "
+                                "--optim-in-backward off under accelerate launch, FSDP or DeepSpeed")
+    if args.grad_accum > 1:
+        raise errors.UsageError(
+            f"{why}, which cannot accumulate gradients: pass --batch-size {args.batch_size * args.grad_accum} "
+            f"--grad-accum 1 (the same {args.batch_size * args.grad_accum} examples a step), or "
+            "--optim-in-backward off (holds fp32 gradients: Llama 3 8B then needs more than 80 GB)")
+    return True
+
+
 def resolve_runtime(args):
     optimizer = default_optimizer if args.optim == "auto" else args.optim
-    return METHOD, settings.training_runtime(args, METHOD, optimizer)
+    runtime = settings.training_runtime(args, METHOD, optimizer)
+    return METHOD, dataclasses.replace(runtime, optimizer_in_backward=use_optimizer_in_backward(args, runtime))
 
 
 def main(argv=None):
