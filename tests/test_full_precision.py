@@ -127,8 +127,10 @@ def default_precision(monkeypatch, dtype=None):
     """The flags that make this CPU train as the default does on an 80 GB GPU (dtype: that one changed)."""
     runtime = cuda_default_runtime(monkeypatch, 79.1)
     monkeypatch.undo()
-    return ["--dtype", dtype or settings.dtype_name(runtime.dtype), "--bf16-autocast", "on",
-            "--optim", runtime.optimizer, "--optim-in-backward", "on" if runtime.optimizer_in_backward else "off"]
+    on_off = lambda enabled: "on" if enabled else "off"  # noqa: E731
+    return ["--dtype", dtype or settings.dtype_name(runtime.dtype), "--bf16-autocast", on_off(runtime.bf16_autocast),
+            "--gradient-checkpointing", on_off(runtime.gradient_checkpointing),
+            "--optim", runtime.optimizer, "--optim-in-backward", on_off(runtime.optimizer_in_backward)]
 
 
 def cosine(change, reference):
@@ -143,8 +145,8 @@ def test_the_default_keeps_the_fp32_runs_updates(tmp_path, monkeypatch, bf16_tin
 
     assert cosine(change, reference) >= 0.99, f"cosine {cosine(change, reference):.4f} with {precision}"
     recorded = result["runtime"]
-    assert (recorded["dtype"], recorded["bf16_autocast"], recorded["optimizer"], recorded["optimizer_in_backward"]) \
-        == ("float32", True, "paged_adamw_8bit", True)
+    assert (recorded["dtype"], recorded["bf16_autocast"], recorded["gradient_checkpointing"], recorded["optimizer"],
+            recorded["optimizer_in_backward"]) == ("float32", True, True, "paged_adamw_8bit", True)
     # The logged gradient norm is the real one (the Trainer, finding no gradients left, would log 0).
     norms = [[entry["grad_norm"] for entry in run["log_history"] if "grad_norm" in entry]
              for run in (result, reference_result)]
