@@ -62,7 +62,7 @@ def gpu_memory_bytes():
 
 def use_optimizer_in_backward(args, runtime):
     """Whether to step the optimizer in backward (lvf.training.OptimizerInBackward): asked with on; by default
-    where today's fp32 gradients would not fit, i.e. on one CUDA GPU below IN_BACKWARD_BELOW_GIB. Refuses what
+    where fp32 gradients for every weight would not fit, i.e. on one CUDA GPU below IN_BACKWARD_BELOW_GIB. Refuses what
     it cannot do: accumulate gradients (each weight is stepped as soon as its gradient of one micro-batch is
     complete), and run under several processes (DDP, FSDP, DeepSpeed reduce gradients after backward)."""
     distributed = runtime.world_size > 1 or "true" in (os.environ.get("ACCELERATE_USE_FSDP"),

@@ -142,7 +142,7 @@ def make_trainer_class(base=None):
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
             if self.in_backward is not None and not self.in_backward.handles:
-                self.in_backward.attach(optimizer, (model or self.model).parameters())
+                self.in_backward.attach(optimizer, (self.model if model is None else model).parameters())
             return optimizer
 
         def _get_grad_norm(self, model, grad_norm=None):
