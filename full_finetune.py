@@ -1,9 +1,11 @@
 """Full fine-tuning of every weight, then perplexity on the held-out split.
 
     python full_finetune.py                            # Llama 3 8B Instruct on dolly-15k, paged 8-bit AdamW
+                                                       # (stepped in backward on GPUs below 100 GiB)
     python full_finetune.py --config experiments/demo-cpu.yaml   # the CPU demo's settings (SmolLM2-135M)
 """
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -15,8 +17,12 @@ from lvf import artifacts, errors, memory, models, preflight, results, settings,
 
 METHOD = "full"
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
-# flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that).
-DEFAULTS = {"learning_rate": 1e-5, "batch_size": 2, "grad_accum": 2}
+# flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that). 4 examples a
+# step in one micro-batch: the optimizer step in backward (below) cannot accumulate gradients.
+DEFAULTS = {"learning_rate": 1e-5, "batch_size": 4, "grad_accum": 1}
+# GPUs with less memory than this step the optimizer in backward by default: Llama 3 8B's fp32 weights, fp32
+# gradients and 8-bit AdamW states alone are 80.6 GB (docs/performance.md, "Full fine-tuning on one 80 GB GPU").
+IN_BACKWARD_BELOW_GIB = 100
 DTYPE_HELP = ("the dtype every weight is trained and scored in: float32 keeps fp32 master weights, with bf16 compute "
               "under --bf16-autocast; bfloat16 halves weights and gradients, but at full fine-tuning's learning rates "
               "most AdamW updates then round away (the script warns); auto is bfloat16 on CUDA, float32 on CPU")
@@ -28,6 +34,11 @@ def parse_args(argv=None):
     group.add_argument("--optim", default="auto",
                        help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch "
                             "under FSDP or DeepSpeed), else adamw_torch; the run says which it uses and why")
+    group.add_argument("--optim-in-backward", choices=["auto", "on", "off"], default="auto",
+                       help="step each weight's optimizer as soon as its gradient is complete and free the gradient, "
+                            "so no fp32 gradients are held (Llama 3 8B fits one 80 GB GPU); needs --grad-accum 1 "
+                            "and one process, and clips no gradients. auto: on with a CUDA GPU below "
+                            f"{IN_BACKWARD_BELOW_GIB} GiB, off on larger GPUs and on CPU")
     # fp32 master weights, bf16 compute (autocast, on by default on CUDA): in bf16 weights most AdamW updates at
     # lr 1e-5 are smaller than half a bf16 step of the weight and round away (README: memory per option).
     parser.set_defaults(dtype="float32")
@@ -62,14 +73,46 @@ def default_optimizer_choice(device):
     return "paged_adamw_8bit", "--optim auto on CUDA with bitsandbytes: paged 8-bit AdamW"
 
 
+def gpu_memory_bytes():
+    """Total memory of the GPU this process trains on."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def use_optimizer_in_backward(args, runtime):
+    """Whether to step the optimizer in backward (lvf.training.OptimizerInBackward): asked with on; by default
+    where fp32 gradients for every weight would not fit, i.e. on one CUDA GPU below IN_BACKWARD_BELOW_GIB. Refuses what
+    it cannot do: accumulate gradients (each weight is stepped as soon as its gradient of one micro-batch is
+    complete), and run under several processes (DDP, FSDP, DeepSpeed reduce gradients after backward)."""
+    distributed = runtime.world_size > 1 or "true" in (os.environ.get("ACCELERATE_USE_FSDP"),
+                                                       os.environ.get("ACCELERATE_USE_DEEPSPEED"))
+    if args.optim_in_backward == "off" or (args.optim_in_backward == "auto" and distributed):
+        return False
+    if args.optim_in_backward == "auto":
+        if runtime.device != "cuda" or gpu_memory_bytes() >= IN_BACKWARD_BELOW_GIB * 2**30:
+            return False
+        why = f"on a GPU below {IN_BACKWARD_BELOW_GIB} GiB full fine-tuning steps the optimizer in backward"
+    else:
+        why = "--optim-in-backward on"
+    if distributed:
+        raise errors.UsageError(f"{why} needs a single process (it steps before gradients are reduced): pass "
+                                "--optim-in-backward off under accelerate launch, FSDP or DeepSpeed")
+    if args.grad_accum > 1:
+        raise errors.UsageError(
+            f"{why}, which cannot accumulate gradients: pass --batch-size {args.batch_size * args.grad_accum} "
+            f"--grad-accum 1 (the same {args.batch_size * args.grad_accum} examples a step), or "
+            "--optim-in-backward off (holds fp32 gradients: Llama 3 8B then needs more than 80 GB)")
+    return True
+
+
 def resolve_runtime(args):
     """The runtime, with the optimizer and why (runtime.optimizer_reason: recorded, and said by the pre-flight
-    and as training starts, preflight.optimizer_line)."""
+    and as training starts, preflight.optimizer_line), and whether it steps in backward."""
     if args.optim == "auto":
         optimizer, reason = default_optimizer_choice(settings.requested_device(args))
     else:
         optimizer, reason = args.optim, "--optim"
-    return METHOD, settings.training_runtime(args, METHOD, optimizer, optimizer_reason=reason)
+    runtime = settings.training_runtime(args, METHOD, optimizer, optimizer_reason=reason)
+    return METHOD, dataclasses.replace(runtime, optimizer_in_backward=use_optimizer_in_backward(args, runtime))
 
 
 def main(argv=None):

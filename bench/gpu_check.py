@@ -221,7 +221,8 @@ def run_method(args, method, deadline):
         clock = StepClock(args.warmup_steps, deadline, cuda)
         trainer = training.make_trainer_class()(
             model=model, args=arguments, train_dataset=rows, processing_class=tokenizer, callbacks=[clock],
-            data_collator=training.model_collator(arguments, model, tokenizer, runtime.device))
+            data_collator=training.model_collator(arguments, model, tokenizer, runtime.device),
+            optimizer_in_backward=runtime.optimizer_in_backward)
         probe_name, probe = probe_parameter(model, method)
         probe_before = probe.detach().float().clone()
         first_batch = [row["input_ids"] for row in rows[:args.batch_size]]

@@ -219,8 +219,9 @@ class Stepper:
         features = [row for batch in feature_batches for row in batch]  # as in training.train; never iterated
         trainer = training.make_trainer_class()(model=model, args=training_args, train_dataset=features,
                                                 eval_dataset=features, data_collator=collator,
-                                                processing_class=tokenizer)
-        trainer.create_optimizer()
+                                                processing_class=tokenizer,
+                                                optimizer_in_backward=runtime.optimizer_in_backward)
+        trainer.create_optimizer()  # with the step in backward: also its hooks
         self.model, trainer.optimizer = trainer.accelerator.prepare(model, trainer.optimizer)
         trainer.create_scheduler(num_training_steps=training_args.max_steps)
         trainer.model_wrapped = self.model

@@ -228,6 +228,9 @@ class Runtime:
     gradient_checkpointing: bool = False
     optimizer: str | None = None
     optimizer_reason: str | None = None  # why this optimizer: the flag that chose it, or what auto found
+    # Each weight's optimizer step applied in backward, its gradient freed at once (full_finetune.py; no gradient
+    # accumulation, no clipping): lvf.training.OptimizerInBackward.
+    optimizer_in_backward: bool = False
     world_size: int = 1
     # The weights' dtype when scoring, where it is not dtype: the base model's own evaluation dtype, so that
     # every method is scored on the same weights (finetune.py trains LoRA on a bf16 copy of the base on CPUs).

@@ -82,14 +82,52 @@ class SetSamplerEpoch(TrainerCallback):
             sampler.set_epoch(math.floor(state.epoch or 0))
 
 
+class OptimizerInBackward:
+    """Applies the Trainer's optimizer to each weight as soon as that weight's gradient is complete, and frees
+    the gradient: backward never holds more than the gradients in flight, instead of one for every weight (for
+    Llama 3 8B in fp32, 32.1 GB). PyTorch's `register_post_accumulate_grad_hook` fusion (the mechanism of
+    torchtune's optimizer_in_bwd and of transformers' layer-wise GaLore), with one change: a single optimizer
+    holds every weight and its step() updates only the weights that have a gradient, which at each hook is the
+    one weight that just got it. So the Trainer's own optimizer.step() finds no gradients and does nothing, and
+    its scheduler, checkpoints (optimizer.pt) and resume work on that optimizer unchanged.
+
+    No gradient accumulation (a weight is stepped on one micro-batch's gradient) and no global-norm clipping
+    (no moment holds every gradient); the gradients' global norm is still summed here, for the logs."""
+
+    def __init__(self):
+        self.handles = []
+        self.squared_norm = None
+
+    def attach(self, optimizer, parameters):
+        def step(parameter):
+            squared = torch.linalg.vector_norm(parameter.grad, dtype=torch.float32).square()  # no copy of it
+            self.squared_norm = squared if self.squared_norm is None else self.squared_norm + squared
+            optimizer.step()
+            parameter.grad = None
+
+        self.handles = [parameter.register_post_accumulate_grad_hook(step)
+                        for parameter in parameters if parameter.requires_grad]
+
+    def take_grad_norm(self):
+        """The global gradient norm of the backward passes since the last call (None if there were none)."""
+        squared, self.squared_norm = self.squared_norm, None
+        return None if squared is None else squared.sqrt()
+
+    def detach(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 def make_trainer_class(base=None):
     """Trainer that also counts the scored tokens it trains on and the time it spends away
     from training (validation and checkpoints), so tokens/s means training tokens/s, and whose
     length-grouped data order survives a resume (EpochSeededLengthGroupedSampler).
     `base` (default: transformers.Trainer) lets bench/throughput.py measure other trainers the same way."""
     class MeasuredTrainer(base or Trainer):
-        def __init__(self, *a, **kw):
+        def __init__(self, *a, optimizer_in_backward=False, **kw):
             super().__init__(*a, **kw)
+            self.in_backward = OptimizerInBackward() if optimizer_in_backward else None
             self.scored_tokens = None
             self.seconds_away = 0.0
             self.epoch_seeded_sampler = None
@@ -100,6 +138,18 @@ def make_trainer_class(base=None):
             if isinstance(sampler, EpochSeededLengthGroupedSampler):
                 self.epoch_seeded_sampler = sampler
             return sampler
+
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            if self.in_backward is not None and not self.in_backward.handles:
+                self.in_backward.attach(optimizer, (self.model if model is None else model).parameters())
+            return optimizer
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            # In backward the gradients are gone by the time the Trainer would measure them (it would log 0).
+            if self.in_backward is not None:
+                return self.in_backward.take_grad_norm()
+            return super()._get_grad_norm(model, grad_norm)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             # Scored = a target that counts in the loss and is not padding (some pipelines label padding).
@@ -241,6 +291,8 @@ def training_arguments(settings, runtime, train_examples):
         bf16=runtime.bf16_autocast,
         **checkpointing_arguments(runtime.gradient_checkpointing),
         optim=runtime.optimizer,
+        # Stepped in backward, no moment holds every gradient to clip (0 = no clipping; 1.0 is the Trainer's default).
+        max_grad_norm=0.0 if runtime.optimizer_in_backward else 1.0,
         seed=settings.seed,
         data_seed=settings.seed,
         train_sampling_strategy="group_by_length",
@@ -343,6 +395,7 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples, tra
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[stopper.callback, breakdown],
+        optimizer_in_backward=runtime.optimizer_in_backward,
     )
     output_dir = runtime.output_dir
     resume = latest_checkpoint(output_dir) if settings.resume else None
@@ -355,7 +408,11 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples, tra
             print(f"training: {preflight.optimizer_line(runtime)}; checkpoints in {output_dir}; SIGINT or SIGTERM "
                   f"saves one and stops (exit status {SIGNAL_EXIT_STATUS}), --resume continues", file=sys.stderr,
                   flush=True)
-        trainer.train(resume_from_checkpoint=resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            if trainer.in_backward is not None:  # evaluation and saving need no hooks
+                trainer.in_backward.detach()
     train_seconds = time.perf_counter() - start
     if stopper.stopped:
         raise Interrupted(f"training stopped by a signal; checkpoint saved in {latest_checkpoint(output_dir)}; "

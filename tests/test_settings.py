@@ -41,7 +41,7 @@ def test_every_help_line_shows_its_default_once(module, capsys):
 def test_each_training_script_keeps_its_own_defaults():
     lora, full = finetune.parse_args([]), full_finetune.parse_args([])
     assert (lora.learning_rate, lora.batch_size, lora.grad_accum) == (2e-4, 4, 1)
-    assert (full.learning_rate, full.batch_size, full.grad_accum) == (1e-5, 2, 2)
+    assert (full.learning_rate, full.batch_size, full.grad_accum) == (1e-5, 4, 1)
 
 
 def test_settings_cannot_be_changed_once_parsed():
