@@ -7,11 +7,17 @@ unavailable, with the reason: a whole-process peak is never passed off as one ph
 
 Both resets also erase the whole process's peak (getrusage's ru_maxrss follows VmHWM, max_memory_allocated
 is the allocator's), so the peak seen before each reset is kept here and process_peak() includes it.
+
+On CUDA, bitsandbytes' paged optimizers keep their states in managed memory (cudaMallocManaged), outside PyTorch's
+allocator: max_memory_allocated never sees them. Their bytes are counted from the paged tensors themselves
+(bitsandbytes marks each `is_paged` and its page manager holds every one until the process ends) and added to
+the CUDA peaks, and recorded apart (phase_paged_bytes).
 """
 
 import ctypes
 import re
 import resource
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,26 +54,47 @@ def cpu_peak_since_reset():
     return int(match.group(1)) * 1024
 
 
+def tensor_bytes(tensor):
+    return tensor.numel() * tensor.element_size()
+
+
+def paged_bytes():
+    """Bytes of bitsandbytes' paged tensors alive in this process: CUDA managed memory, which the allocator's
+    statistics do not count. Read from bitsandbytes' page manager, which keeps every paged tensor it made (so they
+    live until the process ends); 0 when bitsandbytes was never imported (it is not imported here)."""
+    functional = sys.modules.get("bitsandbytes.functional")
+    manager = getattr(functional, "GlobalPageManager", None)
+    if manager is None:
+        return 0
+    return sum(tensor_bytes(tensor) for tensor in manager.get_instance().paged_tensors)
+
+
 def process_peak(device):
-    """The whole process's peak so far, across the phase resets: (bytes, kind)."""
+    """The whole process's peak so far, across the phase resets: (bytes, kind). On CUDA the allocator's peak plus
+    the paged (managed) memory alive now."""
     if device == "cuda":
-        return max(_peak_before_resets["cuda"], torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+        allocated = max(_peak_before_resets["cuda"], torch.cuda.max_memory_allocated())
+        return allocated + paged_bytes(), "cuda_max_allocated"
     current = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return max(_peak_before_resets["cpu"], current), "cpu_peak_rss"
 
 
 def remember_process_peak(device):
-    kind = "cuda" if device == "cuda" else "cpu"
-    _peak_before_resets[kind] = process_peak(device)[0]
+    if device == "cuda":
+        _peak_before_resets["cuda"] = max(_peak_before_resets["cuda"], torch.cuda.max_memory_allocated())
+    else:
+        _peak_before_resets["cpu"] = process_peak(device)[0]
 
 
 class PhasePeak:
     """One phase's peak: `with PhasePeak(device) as peak: ...`, then peak.bytes (None when it could not be
-    isolated, with peak.unavailable saying why), peak.kind, and on CUDA peak.reserved_bytes."""
+    isolated, with peak.unavailable saying why), peak.kind, and on CUDA peak.reserved_bytes and peak.paged_bytes
+    (bitsandbytes' paged states alive at the phase's end, included in peak.bytes: the allocator's peak is
+    peak.bytes - peak.paged_bytes)."""
 
     def __init__(self, device):
         self.device = device
-        self.bytes = self.reserved_bytes = self.unavailable = None
+        self.bytes = self.reserved_bytes = self.unavailable = self.paged_bytes = None
         self.kind = "cuda_max_allocated" if device == "cuda" else "cpu_peak_rss_since_reset"
 
     def __enter__(self):
@@ -83,7 +110,8 @@ class PhasePeak:
     def __exit__(self, *exc_info):
         if self.device == "cuda":
             torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated()
+            self.paged_bytes = paged_bytes()
+            self.bytes = torch.cuda.max_memory_allocated() + self.paged_bytes
             self.reserved_bytes = torch.cuda.max_memory_reserved()
         elif self.unavailable is None:
             self.bytes = cpu_peak_since_reset()
@@ -94,7 +122,8 @@ class PhasePeak:
 
 def phase_fields(**peaks):
     """Results fields for measured phases: phases=PhasePeak (or None where a phase was not run) ->
-    <phase>_peak_memory_bytes, plus the kind, the reason where unavailable and CUDA's reserved peaks."""
+    <phase>_peak_memory_bytes, plus the kind, the reason where unavailable, CUDA's reserved peaks and the paged
+    (managed) optimizer memory each CUDA peak includes."""
     measured = {name: peak for name, peak in peaks.items() if peak is not None}
     fields = {f"{name}_peak_memory_bytes": peak.bytes for name, peak in measured.items()}
     kinds = {peak.kind for peak in measured.values()}
@@ -103,14 +132,12 @@ def phase_fields(**peaks):
     fields["phase_memory_unavailable"] = "; ".join(sorted(reasons)) or None
     reserved = {name: peak.reserved_bytes for name, peak in measured.items() if peak.reserved_bytes is not None}
     fields["phase_reserved_bytes"] = reserved or None
+    paged = {name: peak.paged_bytes for name, peak in measured.items() if peak.paged_bytes}
+    fields["phase_paged_bytes"] = paged or None
     return fields
 
 
 # --------------------------------------------------------------------------- training breakdown
-
-
-def tensor_bytes(tensor):
-    return tensor.numel() * tensor.element_size()
 
 
 def weights_by_dtype(model):
@@ -125,13 +152,29 @@ def gradient_bytes(model):
     return sum(tensor_bytes(parameter.grad) for parameter in model.parameters() if parameter.grad is not None)
 
 
-def optimizer_state_bytes(optimizer):
-    """Bytes of the optimizer's per-element state (AdamW: exp_avg and exp_avg_sq; 8-bit optimizers: their
-    quantised moments and scales). The 0-dimensional step counters (one 4-byte scalar per parameter
+def optimizer_state_tensors(optimizer):
+    """The optimizer's per-element state tensors, each once (bitsandbytes' 8-bit optimizers share their two
+    quantisation maps between all parameters). The 0-dimensional step counters (one 4-byte scalar per parameter
     tensor, a few KB in all) are left out: they do not scale with the parameters, and fall into `other`."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
-    return sum(tensor_bytes(value) for state in inner.state.values() for value in state.values()
-               if torch.is_tensor(value) and value.dim() > 0)
+    tensors = {}
+    for state in inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[(value.data_ptr(), value.dtype, value.numel())] = value
+    return list(tensors.values())
+
+
+def optimizer_state_bytes(optimizer):
+    """Bytes of the optimizer's per-element state (AdamW: exp_avg and exp_avg_sq; 8-bit optimizers: their
+    quantised moments, block scales and maps)."""
+    return sum(tensor_bytes(value) for value in optimizer_state_tensors(optimizer))
+
+
+def paged_optimizer_state_bytes(optimizer):
+    """The part of optimizer_state_bytes in bitsandbytes' paged (CUDA managed) memory: the tensors it marks
+    `is_paged` (functional.get_paged)."""
+    return sum(tensor_bytes(value) for value in optimizer_state_tensors(optimizer) if getattr(value, "is_paged", False))
 
 
 class TrainingBreakdown(TrainerCallback):
@@ -139,7 +182,7 @@ class TrainingBreakdown(TrainerCallback):
     optimizer's state (just after it, once AdamW has created its moments). Weights are counted then too."""
 
     def __init__(self):
-        self.weights = self.gradients = self.optimizer_states = None
+        self.weights = self.gradients = self.optimizer_states = self.paged_optimizer_states = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.gradients is None and model is not None:
@@ -150,18 +193,32 @@ class TrainingBreakdown(TrainerCallback):
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self.optimizer_states is None and optimizer is not None:
             self.optimizer_states = optimizer_state_bytes(optimizer)
+            self.paged_optimizer_states = paged_optimizer_state_bytes(optimizer)
         return control
 
     def breakdown(self, train_peak_bytes):
-        """{weights_by_dtype, gradients, optimizer_states, other}; other = training peak minus the rest,
-        None when the peak or a part was not measured (no optimizer step taken, peak unavailable)."""
+        """{weights_by_dtype, gradients, optimizer_states, paged_optimizer_states, other, other_unavailable};
+        other = training peak minus the rest. The peak must include the paged states (PhasePeak's does on CUDA).
+        other is None, never negative, where it cannot be measured: no peak (unavailable), or counted parts above
+        the peak (the peak missed memory the parts count), with other_unavailable saying why. None altogether
+        when no optimizer step was taken."""
         parts = (self.weights, self.gradients, self.optimizer_states)
         if any(part is None for part in parts):
             return None
         counted = sum(self.weights.values()) + self.gradients + self.optimizer_states
+        other, why = None, None
+        if train_peak_bytes is None:
+            why = "the training peak was not measured"
+        elif train_peak_bytes < counted:
+            why = (f"the counted parts ({counted:,} bytes) exceed the measured training peak ({train_peak_bytes:,}): "
+                   "the peak does not see all of the memory they hold")
+        else:
+            other = train_peak_bytes - counted
         return {
             "weights_by_dtype": self.weights,
             "gradients": self.gradients,
             "optimizer_states": self.optimizer_states,
-            "other": None if train_peak_bytes is None else train_peak_bytes - counted,
+            "paged_optimizer_states": self.paged_optimizer_states,
+            "other": other,
+            "other_unavailable": why,
         }

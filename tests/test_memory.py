@@ -79,3 +79,54 @@ def test_fp32_adamw_breakdown_is_4_bytes_of_gradient_and_8_of_state_per_trainabl
     # exp_avg and exp_avg_sq; AdamW's 0-dimensional `step` counters are left to `other`
     assert parts["optimizer_states"] == 8 * trainable
     assert parts["other"] == 10**10 - total_bytes - 12 * trainable
+
+
+def one_adamw_step(model):
+    """A training step's gradients and AdamW states on a tiny model, with the breakdown callback around it."""
+    breakdown = memory.TrainingBreakdown()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.arange(1, 17).unsqueeze(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    breakdown.on_pre_optimizer_step(None, None, None, model=model)
+    optimizer.step()
+    return breakdown, optimizer
+
+
+def test_paged_optimizer_states_count_in_the_cuda_training_peak_and_other_is_not_negative(monkeypatch):
+    """bitsandbytes' paged optimizers keep their states in CUDA managed memory, which max_memory_allocated never
+    counts, while the breakdown counts them from the tensors: the training peak missed them and `other` came out
+    negative. Stand-ins: the AdamW states of a tiny model on the CPU, marked as bitsandbytes marks paged tensors
+    (functional.get_paged) and held by its page manager; an allocator whose statistics see everything else."""
+    import bitsandbytes.functional as bnb_functional
+
+    model = tiny_fp32_llama()
+    breakdown, optimizer = one_adamw_step(model)
+    paged = [state[key] for state in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
+    for tensor in paged:
+        tensor.is_paged, tensor.page_deviceid = True, 0
+    monkeypatch.setattr(bnb_functional.GlobalPageManager.get_instance(), "paged_tensors", paged)
+    breakdown.on_step_end(None, None, None, optimizer=optimizer)
+
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    paged_bytes = sum(t.numel() * t.element_size() for t in paged)
+    activations = 3 * MB
+    allocator_peak = weights + weights + activations  # weights, gradients, activations: not the managed states
+    for name, value in {"synchronize": None, "reset_peak_memory_stats": None, "max_memory_reserved": allocator_peak,
+                        "max_memory_allocated": allocator_peak}.items():
+        monkeypatch.setattr(torch.cuda, name, lambda *a, value=value, **kw: value)
+    with memory.PhasePeak("cuda") as peak:
+        pass
+    parts = breakdown.breakdown(peak.bytes)
+    assert parts["other"] == activations  # before: activations - paged_bytes, below zero
+    assert peak.bytes == allocator_peak + paged_bytes and peak.paged_bytes == paged_bytes
+    assert parts["optimizer_states"] == parts["paged_optimizer_states"] == paged_bytes
+    assert memory.phase_fields(train=peak)["phase_paged_bytes"] == {"train": paged_bytes}
+
+
+def test_other_is_never_negative_it_says_why_it_is_missing():
+    model = tiny_fp32_llama()
+    breakdown, optimizer = one_adamw_step(model)
+    breakdown.on_step_end(None, None, None, optimizer=optimizer)
+    parts = breakdown.breakdown(train_peak_bytes=1_000)  # a peak that missed memory the parts count
+    assert parts["other"] is None and "exceed the measured training peak" in parts["other_unavailable"]
+    assert breakdown.breakdown(train_peak_bytes=None)["other_unavailable"] == "the training peak was not measured"
