@@ -126,13 +126,10 @@ def main(argv=None):
     with memory.PhasePeak(settings.resolve_device()) as train_peak:
         trainer.train()
     train_seconds = time.perf_counter() - start
-    busy_seconds = train_seconds - trainer.seconds_away
     train_tokens = int(trainer.scored_tokens)
     measured = {
         "train_tokens": train_tokens,
-        "train_seconds": train_seconds,
-        "train_step_seconds": busy_seconds,
-        "train_tokens_per_second": train_tokens / busy_seconds,
+        **training.step_timing(train_seconds, trainer.seconds_away, train_tokens),
         "response_tokens": work.get("response_tokens", train_tokens),
         **work,
         "optimizer_steps": trainer.state.global_step,

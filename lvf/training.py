@@ -120,16 +120,17 @@ class OptimizerInBackward:
 
 
 def make_trainer_class(base=None):
-    """Trainer that also counts the scored tokens it trains on and the time it spends away
-    from training (validation and checkpoints), so tokens/s means training tokens/s, and whose
-    length-grouped data order survives a resume (EpochSeededLengthGroupedSampler).
+    """Trainer that also counts the scored tokens it trains on and times, apart, what Trainer.train() does besides
+    its steps: validation (`validation_seconds`) and checkpoints (`checkpoint_seconds`: writing them, and loading
+    the best one back at the end), so step time and tokens/s mean training alone; and whose length-grouped data
+    order survives a resume (EpochSeededLengthGroupedSampler).
     `base` (default: transformers.Trainer) lets bench/throughput.py measure other trainers the same way."""
     class MeasuredTrainer(base or Trainer):
         def __init__(self, *a, optimizer_in_backward=False, **kw):
             super().__init__(*a, **kw)
             self.in_backward = OptimizerInBackward() if optimizer_in_backward else None
             self.scored_tokens = None
-            self.seconds_away = 0.0
+            self.seconds_away = {"validation": 0.0, "checkpoint": 0.0}
             self.epoch_seeded_sampler = None
             self.add_callback(SetSamplerEpoch(self))
 
@@ -162,22 +163,49 @@ def make_trainer_class(base=None):
             return super().training_step(model, inputs, num_items_in_batch)
 
         @contextlib.contextmanager
-        def away_from_training(self):
+        def away_from_training(self, what):
+            # On CUDA the steps' kernels run asynchronously: waiting for them first keeps their time out of the
+            # validation's or checkpoint's, and waiting at the end keeps theirs out of the steps'.
+            synchronize(self.args.device)
             start = time.perf_counter()
             try:
                 yield
             finally:
-                self.seconds_away += time.perf_counter() - start
+                synchronize(self.args.device)
+                self.seconds_away[what] += time.perf_counter() - start
 
         def evaluate(self, *a, **kw):
-            with self.away_from_training():
+            with self.away_from_training("validation"):
                 return super().evaluate(*a, **kw)
 
         def _save_checkpoint(self, *a, **kw):
-            with self.away_from_training():
+            with self.away_from_training("checkpoint"):
                 return super()._save_checkpoint(*a, **kw)
 
+        def _load_best_model(self, *a, **kw):
+            with self.away_from_training("checkpoint"):
+                return super()._load_best_model(*a, **kw)
+
     return MeasuredTrainer
+
+
+def synchronize(device):
+    """Waits for the device's queued work (CUDA); elsewhere nothing is queued."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_timing(train_seconds, seconds_away, train_tokens):
+    """The results' time fields: Trainer.train()'s wall time split into steps, validation and checkpoints;
+    tokens/s from the steps' time alone."""
+    step_seconds = max(train_seconds - seconds_away["validation"] - seconds_away["checkpoint"], 1e-9)
+    return {
+        "train_seconds": train_seconds,
+        "train_step_seconds": step_seconds,
+        "validation_seconds": seconds_away["validation"],
+        "checkpoint_seconds": seconds_away["checkpoint"],
+        "train_tokens_per_second": train_tokens / step_seconds,
+    }
 
 
 class StopOnSignal:
@@ -419,13 +447,10 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples, tra
                           "rerun the same command with --resume to continue")
     local_tokens = trainer.scored_tokens if trainer.scored_tokens is not None else torch.zeros((), dtype=torch.long)
     train_tokens = int(trainer.accelerator.reduce(local_tokens.to(trainer.args.device), "sum"))
-    busy_seconds = max(train_seconds - trainer.seconds_away, 1e-9)
     return trainer, {
         "train_examples": len(train_examples),
-        "train_seconds": train_seconds,
-        "train_step_seconds": busy_seconds,
+        **step_timing(train_seconds, trainer.seconds_away, train_tokens),
         "train_tokens": train_tokens,
-        "train_tokens_per_second": train_tokens / busy_seconds,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_validation_loss": trainer.state.best_metric,
         "optimizer_steps": trainer.state.global_step,
