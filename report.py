@@ -347,7 +347,7 @@ def fmt_perplexity(summary):
 def results_table(groups, seed, resamples):
     header = ("| method | model | data | seeds | perplexity: mean ± sd over seeds (95% CI) | write-up's metric "
               "| trainable params | peak memory (whole run) | training peak = weights + gradients + optimizer + other "
-              "| train time | train tokens/s | artifact |")
+              "| training step time | train tokens/s (steps) | artifact |")
     lines = [header, "|" + " --- |" * 12]
     for group in groups:
         run = group.runs[0]
@@ -359,7 +359,7 @@ def results_table(groups, seed, resamples):
             f"| {fmt_params(group.mean('trainable_params'), group.mean('trainable_percent'))} "
             f"| {fmt_bytes(group.mean('peak_memory_bytes'))} "
             f"| {fmt_training_peak(group)} "
-            f"| {fmt_seconds(group.mean('train_seconds'))} "
+            f"| {fmt_seconds(group.mean('train_step_seconds'))} "
             f"| {fmt_number(group.mean('train_tokens_per_second'), 1)} "
             f"| {fmt_bytes(group.mean('artifact_bytes'))} |"
         )

@@ -41,7 +41,8 @@ def fake_run(method, nll_scale, seed=42, examples=80, config=None, **extra):
     return run
 
 
-TRAINING = {"train_seconds": 300.0, "train_tokens_per_second": 150.0, "train_peak_memory_bytes": 2 * 2**30,
+TRAINING = {"train_seconds": 420.0, "train_step_seconds": 300.0, "train_tokens_per_second": 150.0,
+            "train_peak_memory_bytes": 2 * 2**30,
             "phase_memory_kind": "cpu_peak_rss_since_reset"}
 FULL_BREAKDOWN = {"weights_by_dtype": {"float32": 2**29}, "gradients": 2**29, "optimizer_states": 2**30, "other": 0}
 LORA = {"trainable_params": 1_843_200, "trainable_percent": 1.35, "artifact_bytes": 7 * 2**20, **TRAINING}
@@ -99,7 +100,8 @@ def test_table_check_and_plot(tmp_path, results_dir):
     assert text.startswith("# Title") and text.endswith("after\n") and "\nold\n" not in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[2].startswith("| Zero-shot (base) |") and rows[4].startswith("| Full fine-tuning |")
-    assert "1.84 M (1.35%)" in text and "7.0 MiB" in text and "513.0 MiB" in text and "5.0 min" in text
+    assert "1.84 M (1.35%)" in text and "7.0 MiB" in text and "513.0 MiB" in text
+    assert "| 5.0 min | 150.0 |" in rows[4] and "7.0 min" not in text  # the steps' time, not train()'s wall time
     assert "| 1,234 |" in text  # the write-up's metric column
     assert "+0.000" in row(rows, "| LoRA − Full fine-tuning")  # identical per-example NLL
     assert "| 2.0 GiB = 512.0 MiB + 512.0 MiB + 1.0 GiB + 0 B |" in rows[4]  # full: training peak, its parts
@@ -359,6 +361,6 @@ def test_a_study_is_reported_in_its_own_block_and_checked(tmp_path, results_dir)
     assert text.split("<!-- experiment:study:start -->")[0].count("| Full fine-tuning |") == 1  # its own block
     assert report.main([*argv, "--check"]) == 0
     changed = json.loads((study / "full" / "lr-0.001-seed-43.json").read_text())
-    changed["train_seconds"] *= 2
+    changed["train_step_seconds"] *= 2  # a figure the table shows
     (study / "full" / "lr-0.001-seed-43.json").write_text(json.dumps(changed))
     assert report.main([*argv, "--check"]) == 1
