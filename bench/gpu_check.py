@@ -15,6 +15,7 @@ under transformers 5.17 as well as the pinned version, and never uses the networ
 """
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -42,7 +43,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy  # noqa: E
 
 import finetune  # noqa: E402
 import full_finetune  # noqa: E402
-from lvf import adapters, models, results, settings, training  # noqa: E402
+from lvf import adapters, memory, models, plan, results, settings, training  # noqa: E402
 
 GIB = 1024**3
 SCRIPTS = {"lora": finetune, "full": full_finetune}
@@ -180,6 +181,15 @@ class StepClock(TrainerCallback):
         return control
 
 
+def planned_memory(args, method, script_args, runtime, model):
+    """The memory plan (lvf.plan, computed) for this check's run: the script's setup with the check's rows of
+    sequence_length tokens, no accumulation, every position scored (labels = input ids), as the plan assumes."""
+    setup = dataclasses.replace(plan.setup_for_run(script_args, runtime, method), max_length=args.sequence_length,
+                                grad_accum=1)
+    total_bytes, name = plan.cuda_device() if runtime.device == "cuda" else (None, None)
+    return plan.plan_memory(plan.ModelShape.from_model(model), setup, total_bytes, name)
+
+
 def probe_parameter(model, method):
     """A trainable tensor to watch: LoRA's B of the first q_proj (starts at zero), or full's first q_proj."""
     for name, param in model.named_parameters():
@@ -214,6 +224,8 @@ def run_method(args, method, deadline):
         model = build_model(args, method, script_args, runtime)
         model_memory = torch.cuda.memory_allocated() if cuda else None
         trainable, total = models.count_parameters(model)
+        planned = planned_memory(args, method, script_args, runtime, model)
+        log(f"{method}: {plan.format_plan(planned)}")
         total_steps = args.warmup_steps + args.steps
         rows = random_rows(model.config.vocab_size, args.batch_size, args.sequence_length, total_steps, args.seed)
         arguments = check_arguments(script_args, runtime, len(rows))
@@ -228,7 +240,8 @@ def run_method(args, method, deadline):
         first_batch = [row["input_ids"] for row in rows[:args.batch_size]]
         loss_before = batch_loss(model, first_batch, runtime.bf16_autocast)
         trainer.train()
-        train_memory = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else (None, None)
+        train_memory = ((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved(), memory.paged_bytes())
+                        if cuda else (None, None, None))
         loss_after = batch_loss(model, first_batch, runtime.bf16_autocast)
         delta = probe.detach().float() - probe_before
         step_seconds = clock.step_seconds
@@ -259,6 +272,9 @@ def run_method(args, method, deadline):
             "probe_changed_fraction": float((delta != 0).float().mean()),
         }
         result.update(memory_fields(cuda, model_memory, train_memory))
+        result["planned_memory"] = planned
+        measured_peak = result.get("train_peak_memory_bytes")
+        result["planned_over_measured"] = planned["total"] / measured_peak if measured_peak else None
         del trainer, model, probe
         gc.collect()
         if cuda:
@@ -268,18 +284,22 @@ def run_method(args, method, deadline):
 
 def memory_fields(cuda, model_memory, train_memory):
     """CUDA: the weights (and adapters) once built, and the peaks of the training steps alone (weights,
-    optimizer states, activations, gradients), which max_memory_allocated_* repeats for the table.
-    CPU: the process's peak RSS (no allocator statistics)."""
+    optimizer states, activations, gradients): the allocator's (max_memory_allocated_*) and, as lvf records its
+    training phase, that plus bitsandbytes' paged optimizer states, which live in CUDA managed memory outside the
+    allocator's statistics (counted from the paged tensors). CPU: the process's peak RSS (no allocator
+    statistics), which the plan does not describe."""
     if not cuda:
         return {"max_memory_allocated_bytes": None, "peak_rss_bytes": results.peak_memory("cpu")[0]}
-    allocated, reserved = train_memory
+    allocated, reserved, paged = train_memory
     return {
         "model_memory_allocated_bytes": model_memory,
-        "train_peak_memory_bytes": allocated,  # named as lvf records its training phase
+        "train_peak_memory_bytes": allocated + paged,  # named as lvf records its training phase
+        "train_paged_memory_bytes": paged,
         "train_peak_reserved_bytes": reserved,
         "max_memory_allocated_bytes": allocated,
         "max_memory_allocated_gib": allocated / GIB,
         "max_memory_reserved_gib": reserved / GIB,
+        "train_peak_memory_gib": (allocated + paged) / GIB,
     }
 
 
@@ -288,19 +308,21 @@ def write_report(path, report):
 
 
 def print_comparison(report):
-    print("\n| method | run | tokens/s | peak memory GiB |")
-    print("| --- | --- | ---: | ---: |")
+    print("\n| method | run | tokens/s | peak memory GiB (measured) | planned GiB (computed) |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for method, result in report["results"].items():
         this_run = f"this run ({report['device_name']})"
         if "error" in result:
-            print(f"| {method} | {this_run} | failed: {result['error'][:80]} | |")
+            print(f"| {method} | {this_run} | failed: {result['error'][:80]} | | |")
             continue
-        tokens, memory = result["tokens_per_second"], result.get("max_memory_allocated_gib")
-        print(f"| {method} | {this_run} | {tokens or 0:,.0f} | {'-' if memory is None else f'{memory:.1f}'} |")
+        tokens, peak = result["tokens_per_second"], result.get("train_peak_memory_gib")
+        planned = result["planned_memory"]["total"] / GIB
+        print(f"| {method} | {this_run} | {tokens or 0:,.0f} | {'-' if peak is None else f'{peak:.1f}'} "
+              f"| {planned:.1f} |")
         for reference in report["references"]:
             if reference["method"] == method:
                 print(f"| {method} | {reference['source']}, {reference['model']}, {reference['gpu']} | "
-                      f"{reference['tokens_per_second']:,} | {reference['peak_memory_gib']} |")
+                      f"{reference['tokens_per_second']:,} | {reference['peak_memory_gib']} | |")
 
 
 def main(argv=None):
@@ -322,10 +344,14 @@ def main(argv=None):
         "cuda": torch.version.cuda,
         "tokens_definition": "tokens per second = batch x sequence length x timed steps / their seconds (every "
                              "token is a target; forward, backward and optimizer step, synchronised)",
-        "memory_definition": "CUDA: train_peak_memory_bytes and train_peak_reserved_bytes are "
+        "memory_definition": "CUDA, measured: max_memory_allocated_bytes and train_peak_reserved_bytes are "
                              "torch.cuda.max_memory_allocated and max_memory_reserved over the training steps "
-                             "alone (reset once the model is built; max_memory_allocated_* repeat them for the "
-                             "table); model_memory_allocated_bytes is what the built model holds",
+                             "alone (reset once the model is built); train_paged_memory_bytes are bitsandbytes' "
+                             "paged optimizer states (CUDA managed memory, which the allocator does not count; "
+                             "counted from the paged tensors); train_peak_memory_bytes is their sum; "
+                             "model_memory_allocated_bytes is what the built model holds. planned_memory is "
+                             "computed before training (lvf.plan), not measured: planned_over_measured compares "
+                             "its total with train_peak_memory_bytes",
         "results": {},
         "references": REFERENCES,
         "references_note": "torchtune's published single-GPU figures (Llama 3.1 8B, batch 2, packed 2,048); "

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for one GPU (sized for an H200), offline, under 8 minutes: LoRA and full fine-tuning of the
 # Llama-3-8B architecture with random weights (in each script's dtype: LoRA's frozen base in bf16, full
-# fine-tuning's fp32 master weights) at sequence 2048, batch 2, a few steps each; tokens/s and
-# torch.cuda.max_memory_allocated as JSON, beside torchtune's published figures.
+# fine-tuning's fp32 master weights) at sequence 2048, batch 2, a few steps each; tokens/s and the measured
+# training peak (torch.cuda.max_memory_allocated plus bitsandbytes' paged optimizer states) as JSON, beside each
+# method's planned memory (lvf/plan.py, computed before training) and torchtune's published figures.
 #
 #   bash bench/gpu_check.sh                    # writes $OUT/gpu_check.json, else bench/results/gpu_check.json
 #   bash bench/gpu_check.sh --output x.json    # any bench/gpu_check.py flag passes through

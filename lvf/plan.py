@@ -475,13 +475,68 @@ def multi_gpu_table(shape=None, gpu_counts=(2, 8), optimizers=("adamw_torch", "a
     return lines
 
 
+SINGLE_GPU_START = "<!-- memory-plan:start -->"
+SINGLE_GPU_END = "<!-- memory-plan:end -->"
+
+
+def llama3_8b_lora_shape():
+    from lvf import adapters, models
+
+    meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
+    # finetune.py's defaults: r=16, alpha 32, dropout 0.05 on q/k/v/o
+    config = adapters.lora_config(16, 32, 0.05, "q_proj,k_proj,v_proj,o_proj")
+    return ModelShape.from_model(adapters.add_adapters(meta, config, "q_proj,k_proj,v_proj,o_proj"))
+
+
+def single_gpu_rows():
+    """(label, method, setup) of docs/performance.md's table: the scripts' defaults on CUDA, and the precision
+    schemes full fine-tuning can use."""
+    lora = Setup("lora", torch.bfloat16, "adamw_torch", micro_batch=4, grad_accum=1)
+    full = Setup("full", torch.float32, "paged_adamw_8bit", micro_batch=2, grad_accum=2)
+    return [
+        ("LoRA (`finetune.py`): bf16 base, fp32 adapters, AdamW; batch 4", lora),
+        ("QLoRA (`--quantize 4bit`): NF4 base; batch 4", dataclasses.replace(lora, method="qlora")),
+        ("full (`full_finetune.py`): fp32 master weights, paged 8-bit AdamW; batch 2 x 2", full),
+        ("full, `--dtype bfloat16`: bf16 weights and gradients",
+         dataclasses.replace(full, weight_dtype=torch.bfloat16)),
+        ("full, `--optim adamw_torch`: fp32 weights, AdamW", dataclasses.replace(full, optimizer="adamw_torch")),
+        ("full, `--dtype bfloat16 --optim adamw_torch`", dataclasses.replace(
+            full, weight_dtype=torch.bfloat16, optimizer="adamw_torch")),
+        ("full, fp32 master weights, 8-bit AdamW stepped in backward; batch 4, no accumulation",
+         dataclasses.replace(full, optimizer="adamw_8bit", step_in_backward=True, micro_batch=4, grad_accum=1)),
+    ]
+
+
+def single_gpu_table(full_shape=None, lora_shape=None):
+    """The markdown table of docs/performance.md: Llama 3 8B on one GPU, 1,024 tokens, checkpointing and bf16
+    autocast on (the CUDA defaults), in GiB, each part at the moment of the step's peak."""
+    full_shape = full_shape or llama3_8b_shape()
+    lora_shape = lora_shape or llama3_8b_lora_shape()
+    keys = ("weights", "gradients", "optimizer_states", "optimizer_temporary", "autocast_copies", "activations")
+    lines = ["| run | weights | gradients | optimizer states (paged) | optimizer step's temporary | autocast copies "
+             "| activations | peak (GiB), at |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for label, setup in single_gpu_rows():
+        planned = plan_memory(full_shape if setup.method == "full" else lora_shape, setup)
+        cells = [gib(planned[key]) for key in keys]
+        if planned["paged_optimizer_states"]:
+            cells[2] += f" ({gib(planned['paged_optimizer_states'])})"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | **{gib(planned['total'])}**, {planned['peak_at']} |")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Memory plans, computed (no GPU, no weights).")
     parser.add_argument("--multi-gpu-table", action="store_true",
                         help="print docs/multi-gpu.md's table: Llama 3 8B under configs/fsdp_full_8b.yaml")
+    parser.add_argument("--single-gpu-table", action="store_true",
+                        help="print docs/performance.md's table: Llama 3 8B on one GPU, each method and scheme")
     args = parser.parse_args(argv)
     if args.multi_gpu_table:
         print("\n".join(multi_gpu_table()))
+        return 0
+    if args.single_gpu_table:
+        print("\n".join(single_gpu_table()))
         return 0
     parser.print_help()
     return 0

@@ -73,6 +73,16 @@ def test_tiny_gpu_check_trains_with_the_kits_trainer_and_reports(transformers_ve
         assert result["loss_after"] != result["loss_before"]
         assert result["max_memory_allocated_bytes"] is None and result["peak_rss_bytes"] > 0
     assert "lora_B" in lora["probe_parameter"]  # starts at zero: any change is LoRA training
+    # The plan (computed) beside the measurement, for this check's own rows: 2 x 64 tokens, no accumulation.
+    for result in (lora, full):
+        planned = result["planned_memory"]
+        assert (planned["setup"]["micro_batch"], planned["setup"]["max_length"], planned["setup"]["grad_accum"]) == (
+            2, 64, 1)
+        assert planned["total"] == sum(planned[part] for part in ("weights", "gradients", "optimizer_states",
+                                                                  "optimizer_temporary", "autocast_copies",
+                                                                  "gathered_weights", "activations"))
+        assert planned["device_total_bytes"] is None and result["planned_over_measured"] is None  # no CUDA here
+    assert full["planned_memory"]["weights"] == 4 * full["total_params"]  # fp32 on the CPU
 
 
 def common_transformers_pin():

@@ -215,3 +215,10 @@ def test_a_plan_is_json_ready_and_its_parts_add_up(full_shape):
     shown_parts = plan.format_plan(planned).split("): ", 1)[1].split(" = ")[0]
     assert math.isclose(sum(float(x) for x in re.findall(r"([\d.]+) [a-z]", shown_parts)), planned["total"] / GIB,
                         abs_tol=0.3)
+
+
+def test_the_performance_doc_shows_what_the_code_computes(full_shape, lora_shape):
+    text = (PROJECT_DIR / "docs" / "performance.md").read_text()
+    block = re.search(re.escape(plan.SINGLE_GPU_START) + r"\n(.*?)\n" + re.escape(plan.SINGLE_GPU_END), text, re.S)
+    assert block is not None, "docs/performance.md lacks the plan's table"
+    assert block.group(1) == "\n".join(plan.single_gpu_table(full_shape, lora_shape))
