@@ -386,9 +386,23 @@ def plan_for_run(settings, runtime, method, model, step_in_backward=False):
     shape = ModelShape.from_model(model)
     setup = setup_for_run(settings, runtime, method, step_in_backward)
     total_bytes, name = cuda_device() if runtime.device == "cuda" else (None, None)
-    planned = plan_memory(shape, setup, total_bytes, name)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    planned = plan_memory(shape, setup, None if deepspeed else total_bytes, name)
+    if deepspeed:  # ZeRO-3's partitioning is not modelled: say so rather than compare the wrong figures
+        planned["computed"] += "; DeepSpeed's partitioning is not planned: these are one unsharded process's figures"
     if planned["fits"] is False:
         planned["suggestions"] = [flags for flags, _ in suggestions(shape, setup, total_bytes)]
+    return planned
+
+
+def announce_plan(settings, runtime, method, model, step_in_backward=False):
+    """What a script calls at a dry run and at the start of a real run, before the weights load: computes the
+    plan, prints its line (and the warning when it exceeds the GPU) on the main process, returns the record."""
+    from lvf.results import is_main_process
+
+    planned = plan_for_run(settings, runtime, method, model, step_in_backward)
+    if is_main_process():
+        report_plan(planned)
     return planned
 
 

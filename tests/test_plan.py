@@ -127,11 +127,10 @@ def test_a_plan_above_the_gpu_warns_and_names_flags_that_fit(monkeypatch, full_s
     monkeypatch.setattr(plan, "cuda_device", lambda: (stand_in_gpu, "stand-in 80 GB GPU"))
     meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
     args = full_finetune.parse_args([])
-    planned = plan.plan_for_run(args, cuda_runtime(full_finetune, args, "full"), "full", meta)
+    planned = plan.announce_plan(args, cuda_runtime(full_finetune, args, "full"), "full", meta)  # what scripts call
+    printed = capsys.readouterr().err
     assert planned["fits"] is False and planned["device_total_bytes"] == stand_in_gpu
     assert planned["total"] == plan.plan_memory(full_shape, cuda_defaults("full"))["total"]
-    plan.report_plan(planned)
-    printed = capsys.readouterr().err
     assert f"= {planned['total'] / GIB:.1f} GiB of {stand_in_gpu / GIB:.1f} GiB (stand-in 80 GB GPU)" in printed
     assert "warning: the planned" in printed and planned["suggestions"]
     single_gpu = [flags for flags in planned["suggestions"] if not flags.startswith("accelerate")]
