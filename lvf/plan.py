@@ -360,7 +360,9 @@ def suggestions(shape, setup, device_total_bytes, limit=4):
 
 
 def setup_for_run(settings, runtime, method, step_in_backward=False):
-    """The Setup of a script's run, from its Settings and Runtime (see finetune.py and full_finetune.py)."""
+    """The Setup of a script's run, from its Settings and Runtime (see finetune.py and full_finetune.py). The
+    optimizer steps in backward when step_in_backward is given or the runtime says so (`optimizer_in_backward`)."""
+    step_in_backward = step_in_backward or bool(getattr(runtime, "optimizer_in_backward", False))
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     checkpointing = runtime.gradient_checkpointing or os.environ.get("FSDP_ACTIVATION_CHECKPOINTING") == "true"
     return Setup(method=method, weight_dtype=runtime.dtype, optimizer=runtime.optimizer or "adamw_torch",

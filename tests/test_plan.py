@@ -5,6 +5,7 @@ real step holds on the CPU; a plan above the GPU names flags that fit."""
 import dataclasses
 import math
 import re
+import types
 
 import pytest
 import torch
@@ -221,3 +222,12 @@ def test_the_performance_doc_shows_what_the_code_computes(full_shape, lora_shape
     block = re.search(re.escape(plan.SINGLE_GPU_START) + r"\n(.*?)\n" + re.escape(plan.SINGLE_GPU_END), text, re.S)
     assert block is not None, "docs/performance.md lacks the plan's table"
     assert block.group(1) == "\n".join(plan.single_gpu_table(full_shape, lora_shape))
+
+
+def test_a_runtime_that_steps_the_optimizer_in_backward_is_planned_so(full_shape):
+    """The runtime's `optimizer_in_backward` (full fine-tuning's step in backward) selects the plan's scheme (d)."""
+    args = full_finetune.parse_args(["--batch-size", "4", "--grad-accum", "1"])
+    runtime = cuda_runtime(full_finetune, args, "full")
+    in_backward = types.SimpleNamespace(**{**vars(runtime), "optimizer_in_backward": True})
+    assert plan.setup_for_run(args, in_backward, "full").step_in_backward
+    assert not plan.setup_for_run(args, runtime, "full").step_in_backward
