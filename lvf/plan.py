@@ -518,8 +518,8 @@ def single_gpu_rows():
         ("full, `--optim adamw_torch`: fp32 weights, AdamW", dataclasses.replace(full, optimizer="adamw_torch")),
         ("full, `--dtype bfloat16 --optim adamw_torch`", dataclasses.replace(
             full, weight_dtype=torch.bfloat16, optimizer="adamw_torch")),
-        ("full, fp32 master weights, 8-bit AdamW stepped in backward; batch 4, no accumulation",
-         dataclasses.replace(full, optimizer="adamw_8bit", step_in_backward=True, micro_batch=4, grad_accum=1)),
+        ("full, fp32 master weights, paged 8-bit AdamW stepped in backward; batch 4, no accumulation",
+         dataclasses.replace(full, step_in_backward=True, micro_batch=4, grad_accum=1)),
     ]
 
 
