@@ -309,13 +309,16 @@ def plan_memory(shape, setup, device_total_bytes=None, device_name=None):
 
 
 def candidate_changes(setup):
-    """(flags, changed setup) pairs a user can try, each one flag change away."""
+    """(flags, changed setup) pairs a user can try, each one change to the command line away."""
     changes = []
     if setup.micro_batch > 1:
         smaller = max(1, setup.micro_batch // 2)
-        accum = setup.grad_accum * setup.micro_batch // smaller
-        changes.append((f"--batch-size {smaller} --grad-accum {accum}",
-                        dataclasses.replace(setup, micro_batch=smaller, grad_accum=accum)))
+        if setup.step_in_backward:  # cannot accumulate: fewer examples per step
+            changes.append((f"--batch-size {smaller}", dataclasses.replace(setup, micro_batch=smaller)))
+        else:
+            accum = setup.grad_accum * setup.micro_batch // smaller
+            changes.append((f"--batch-size {smaller} --grad-accum {accum}",
+                            dataclasses.replace(setup, micro_batch=smaller, grad_accum=accum)))
     if setup.max_length > 512:
         changes.append(("--max-length 512", dataclasses.replace(setup, max_length=512)))
     if not setup.gradient_checkpointing:
@@ -323,17 +326,24 @@ def candidate_changes(setup):
     if setup.method == "lora":
         changes.append(("--quantize 4bit", dataclasses.replace(setup, method="qlora")))
     if setup.method == "full":
+        single = not setup.fsdp and setup.world_size == 1
+        if single and not setup.step_in_backward:  # full_finetune.py's --optim-in-backward: one micro-batch a step
+            batch = setup.micro_batch * setup.grad_accum
+            flags = "" if setup.grad_accum == 1 else f"--batch-size {batch} --grad-accum 1 "
+            flags += "--optim-in-backward on"
+            changes.append((flags, dataclasses.replace(setup, step_in_backward=True, micro_batch=batch, grad_accum=1)))
         if setup.weight_dtype != torch.bfloat16:
             changes.append(("--dtype bfloat16", dataclasses.replace(setup, weight_dtype=torch.bfloat16)))
         if setup.optimizer == "adamw_torch":
             changes.append(("--optim adamw_torch_fused", dataclasses.replace(setup, optimizer="adamw_torch_fused")))
-        if "8bit" not in setup.optimizer and not setup.fsdp:
+        if "8bit" not in setup.optimizer and single:
             changes.append(("--optim paged_adamw_8bit", dataclasses.replace(setup, optimizer="paged_adamw_8bit")))
-        if not setup.fsdp:
+        if single:
             for gpus in (2, 4, 8):
                 changes.append((f"accelerate launch --config_file configs/fsdp_full_8b.yaml --num_processes {gpus} "
                                 "full_finetune.py",
-                                dataclasses.replace(setup, fsdp=True, world_size=gpus, optimizer="adamw_torch")))
+                                dataclasses.replace(setup, fsdp=True, world_size=gpus, optimizer="adamw_torch",
+                                                    step_in_backward=False)))
     return changes
 
 
@@ -467,10 +477,11 @@ def llama3_8b_shape():
 
 
 def fsdp_full_8b_setup(gpus, optimizer="adamw_torch"):
-    """full_finetune.py's defaults under configs/fsdp_full_8b.yaml: fp32 master weights, batch 2 x accumulation 2
-    per GPU, 1,024 tokens, FSDP FULL_SHARD with bf16 mixed precision and activation checkpointing, AdamW."""
+    """full_finetune.py's defaults under configs/fsdp_full_8b.yaml: fp32 master weights, batch 4 per GPU in one
+    micro-batch, 1,024 tokens, FSDP FULL_SHARD with bf16 mixed precision and activation checkpointing, AdamW
+    stepped after backward."""
     return Setup(method="full", weight_dtype=torch.float32, optimizer=optimizer, bf16_autocast=True,
-                 gradient_checkpointing=True, micro_batch=2, max_length=1024, grad_accum=2,
+                 gradient_checkpointing=True, micro_batch=4, max_length=1024, grad_accum=1,
                  world_size=gpus, fsdp=True)
 
 
@@ -505,21 +516,25 @@ def llama3_8b_lora_shape():
 
 
 def single_gpu_rows():
-    """(label, method, setup) of docs/performance.md's table: the scripts' defaults on CUDA, and the precision
+    """(label, setup) of docs/performance.md's table: the scripts' defaults on CUDA, and the other precision
     schemes full fine-tuning can use."""
     lora = Setup("lora", torch.bfloat16, "adamw_torch", micro_batch=4, grad_accum=1)
-    full = Setup("full", torch.float32, "paged_adamw_8bit", micro_batch=2, grad_accum=2)
+    full = Setup("full", torch.float32, "paged_adamw_8bit", micro_batch=4, grad_accum=1, step_in_backward=True)
+    after = dataclasses.replace(full, step_in_backward=False)
     return [
         ("LoRA (`finetune.py`): bf16 base, fp32 adapters, AdamW; batch 4", lora),
         ("QLoRA (`--quantize 4bit`): NF4 base; batch 4", dataclasses.replace(lora, method="qlora")),
-        ("full (`full_finetune.py`): fp32 master weights, paged 8-bit AdamW; batch 2 x 2", full),
-        ("full, `--dtype bfloat16`: bf16 weights and gradients",
-         dataclasses.replace(full, weight_dtype=torch.bfloat16)),
-        ("full, `--optim adamw_torch`: fp32 weights, AdamW", dataclasses.replace(full, optimizer="adamw_torch")),
-        ("full, `--dtype bfloat16 --optim adamw_torch`", dataclasses.replace(
-            full, weight_dtype=torch.bfloat16, optimizer="adamw_torch")),
-        ("full, fp32 master weights, paged 8-bit AdamW stepped in backward; batch 4, no accumulation",
-         dataclasses.replace(full, step_in_backward=True, micro_batch=4, grad_accum=1)),
+        ("full (`full_finetune.py`) on a GPU below 100 GiB: fp32 master weights, paged 8-bit AdamW stepped in "
+         "backward; batch 4", full),
+        ("full, `--optim-in-backward off` (the default from 100 GiB): stepped after backward", after),
+        ("full, `--optim-in-backward off --batch-size 2 --grad-accum 2`: gradients held across micro-batches",
+         dataclasses.replace(after, micro_batch=2, grad_accum=2)),
+        ("full, `--dtype bfloat16 --optim-in-backward off`: bf16 weights and gradients",
+         dataclasses.replace(after, weight_dtype=torch.bfloat16)),
+        ("full, `--optim adamw_torch --optim-in-backward off`: fp32 weights, AdamW",
+         dataclasses.replace(after, optimizer="adamw_torch")),
+        ("full, `--dtype bfloat16 --optim adamw_torch --optim-in-backward off`",
+         dataclasses.replace(after, weight_dtype=torch.bfloat16, optimizer="adamw_torch")),
     ]
 
 

@@ -5,7 +5,6 @@ real step holds on the CPU; a plan above the GPU names flags that fit."""
 import dataclasses
 import math
 import re
-import types
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ E = 525_336_576  # the embedding, and lm_head: 128,256 x 4,096 each
 NORMS = 65 * 4_096  # two per layer and the final one
 LINEAR = N - E - NORMS  # every linear weight, lm_head included
 QUANTIZED = LINEAR - E  # what QLoRA quantises: 224 matrices
+AFTER_BACKWARD = dict(step_in_backward=False, micro_batch=2, grad_accum=2)  # the scheme (a): gradients held
 PAGED_8BIT_STATES = 8 * E + 2 * (N - E) + 2 * 4 * (N - E) // 256 + 2 * 256 * 4  # embedding in fp32 (the Trainer)
 
 
@@ -39,9 +39,11 @@ def lora_shape():
 
 
 def cuda_defaults(method, **changes):
-    """The scripts' defaults as they resolve on CUDA (bf16 autocast and gradient checkpointing on)."""
+    """The scripts' defaults as they resolve on one CUDA GPU below 100 GiB (bf16 autocast and gradient
+    checkpointing on; full fine-tuning steps paged 8-bit AdamW in backward, batch 4)."""
     if method == "full":
-        values = dict(weight_dtype=torch.float32, optimizer="paged_adamw_8bit", micro_batch=2, grad_accum=2)
+        values = dict(weight_dtype=torch.float32, optimizer="paged_adamw_8bit", micro_batch=4, grad_accum=1,
+                      step_in_backward=True)
     else:
         values = dict(weight_dtype=torch.bfloat16, optimizer="adamw_torch", micro_batch=4, grad_accum=1)
     return plan.Setup(method=method, **{**values, **changes})
@@ -69,40 +71,42 @@ def test_8b_lora_and_qlora_plans_from_the_counts(lora_shape):
 
 
 def test_8b_full_plans_from_the_counts_for_each_precision_scheme(full_shape):
-    # (a) today's default: fp32 master weights and gradients, paged 8-bit AdamW; at batch 2 x accumulation 2 the
-    # first micro-batch's gradients are held while the second's forward fills autocast's cache with bf16 copies.
-    default = plan.plan_memory(full_shape, cuda_defaults("full"))
+    # (a) fp32 master weights and gradients, paged 8-bit AdamW stepped after backward; at batch 2 x accumulation 2
+    # the first micro-batch's gradients are held while the second's forward fills autocast's cache with bf16 copies.
+    default = plan.plan_memory(full_shape, cuda_defaults("full", **AFTER_BACKWARD))
     assert (default["weights"], default["gradients"]) == (4 * N, 4 * N)
     assert default["optimizer_states"] == PAGED_8BIT_STATES
     assert default["paged_optimizer_states"] == 8 * E + 2 * (N - E - NORMS)  # the absmax blocks are not paged
     assert default["autocast_copies"] == 2 * LINEAR and default["peak_at"] == "end of forward"
     # (b) bf16 weights and gradients, 8-bit AdamW
-    bf16 = plan.plan_memory(full_shape, cuda_defaults("full", weight_dtype=torch.bfloat16, optimizer="adamw_bnb_8bit"))
+    bf16 = plan.plan_memory(full_shape, cuda_defaults("full", **AFTER_BACKWARD, weight_dtype=torch.bfloat16,
+                                                      optimizer="adamw_bnb_8bit"))
     assert (bf16["weights"], bf16["gradients"], bf16["optimizer_states"]) == (2 * N, 2 * N, PAGED_8BIT_STATES)
     assert bf16["autocast_copies"] == 0 and bf16["paged_optimizer_states"] == 0
     # (c) plain AdamW: states in the weights' dtype, and foreach's temporary the size of one state at the step
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-        adamw = plan.plan_memory(full_shape, cuda_defaults("full", weight_dtype=dtype, optimizer="adamw_torch"))
+        adamw = plan.plan_memory(full_shape, cuda_defaults("full", **AFTER_BACKWARD, weight_dtype=dtype,
+                                                           optimizer="adamw_torch"))
         step = adamw["moments"]["optimizer step"]
         assert (step["gradients"], step["optimizer_states"], step["optimizer_temporary"]) == (
             size * N, 2 * size * N, size * N)
         assert adamw["peak_at"] == "optimizer step" and adamw["total"] == step["total"]
     # (d) the optimizer steps in backward: fp32 master weights, one gradient at a time (the largest: 4 E bytes)
-    in_backward = plan.plan_memory(full_shape, cuda_defaults("full", optimizer="adamw_8bit", step_in_backward=True))
+    in_backward = plan.plan_memory(full_shape, cuda_defaults("full"))  # full_finetune.py's default below 100 GiB
     assert in_backward["moments"]["backward through the layers"]["gradients"] == 4 * E
     assert in_backward["weights"] == 4 * N and in_backward["optimizer_states"] == PAGED_8BIT_STATES
 
 
 def test_full_fine_tuning_stepping_in_backward_at_batch_4_x_1024_plans_at_most_70_gib(full_shape):
     for embedding_states_fp32 in (True, False):
-        setup = cuda_defaults("full", optimizer="adamw_8bit", step_in_backward=True, micro_batch=4, grad_accum=1,
-                              max_length=1024, gradient_checkpointing=True, embedding_states_fp32=embedding_states_fp32)
+        setup = cuda_defaults("full", step_in_backward=True, micro_batch=4, grad_accum=1, max_length=1024,
+                              gradient_checkpointing=True, embedding_states_fp32=embedding_states_fp32)
         assert plan.plan_memory(full_shape, setup)["total"] <= 70 * GIB
 
 
 def test_activations_follow_the_formula(full_shape):
-    """The estimate's terms, from the docstring's formula with Llama-3-8B's shapes, for the default full run."""
-    planned = plan.plan_memory(full_shape, cuda_defaults("full"))
+    """The estimate's terms, from the docstring's formula with Llama-3-8B's shapes, for a full run of 2 x 1,024."""
+    planned = plan.plan_memory(full_shape, cuda_defaults("full", **AFTER_BACKWARD))
     tokens, h, kv, i, L, V = 2 * 1024, 4096, 1024, 14336, 32, 128256
     checkpoints = L * 4 * h * tokens  # each layer's fp32 input
     assert planned["moments"]["end of forward"]["activations"] == checkpoints + (2 + 4 + 4) * V * tokens
@@ -113,32 +117,42 @@ def test_activations_follow_the_formula(full_shape):
 
 def cuda_runtime(module, args, method):
     """The runtime the script resolves on CUDA, resolved here on the CPU: CUDA's auto dtype, autocast,
-    checkpointing and optimizer."""
+    checkpointing and optimizer, and (full fine-tuning) whether it steps in backward on the GPU that
+    plan.cuda_device stands in for."""
     _, runtime = module.resolve_runtime(args)
     optimizer = runtime.optimizer
     if method == "full" and args.optim == "auto":
         optimizer = full_finetune.default_optimizer("cuda")
     dtype = torch.bfloat16 if args.dtype == "auto" else runtime.dtype
-    return dataclasses.replace(runtime, device="cuda", dtype=dtype, bf16_autocast=True, gradient_checkpointing=True,
-                               optimizer=optimizer, eval_dtype=None)
+    runtime = dataclasses.replace(runtime, device="cuda", dtype=dtype, bf16_autocast=True,
+                                  gradient_checkpointing=True, optimizer=optimizer, eval_dtype=None)
+    if method == "full":
+        gpu_bytes = plan.cuda_device()[0]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(full_finetune, "gpu_memory_bytes", lambda: gpu_bytes)
+            in_backward = full_finetune.use_optimizer_in_backward(args, runtime)
+        runtime = dataclasses.replace(runtime, optimizer_in_backward=in_backward)
+    return runtime
 
 
 def test_a_plan_above_the_gpu_warns_and_names_flags_that_fit(monkeypatch, full_shape, capsys):
     stand_in_gpu = 80 * 10**9
     monkeypatch.setattr(plan, "cuda_device", lambda: (stand_in_gpu, "stand-in 80 GB GPU"))
     meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
-    args = full_finetune.parse_args([])
+    argv = ["--optim-in-backward", "off"]  # fp32 gradients for every weight
+    args = full_finetune.parse_args(argv)
     planned = plan.announce_plan(args, cuda_runtime(full_finetune, args, "full"), "full", meta)  # what scripts call
     printed = capsys.readouterr().err
     assert planned["fits"] is False and planned["device_total_bytes"] == stand_in_gpu
-    assert planned["total"] == plan.plan_memory(full_shape, cuda_defaults("full"))["total"]
+    assert planned["total"] == plan.plan_memory(full_shape, cuda_defaults("full", step_in_backward=False))["total"]
+    assert "--optim-in-backward on" in planned["suggestions"]
     assert f"= {planned['total'] / GIB:.1f} GiB of {stand_in_gpu / GIB:.1f} GiB (stand-in 80 GB GPU)" in printed
     assert "warning: the planned" in printed and planned["suggestions"]
     single_gpu = [flags for flags in planned["suggestions"] if not flags.startswith("accelerate")]
     assert single_gpu
     for flags in single_gpu:  # each suggestion, run through the script's own flags, is planned to fit
         assert flags in printed
-        changed = full_finetune.parse_args(flags.split())
+        changed = full_finetune.parse_args([*argv, *flags.split()])  # the user's command line, then the change
         again = plan.plan_for_run(changed, cuda_runtime(full_finetune, changed, "full"), "full", meta)
         assert again["fits"] is True, flags
 
@@ -224,10 +238,15 @@ def test_the_performance_doc_shows_what_the_code_computes(full_shape, lora_shape
     assert block.group(1) == "\n".join(plan.single_gpu_table(full_shape, lora_shape))
 
 
-def test_a_runtime_that_steps_the_optimizer_in_backward_is_planned_so(full_shape):
-    """The runtime's `optimizer_in_backward` (full fine-tuning's step in backward) selects the plan's scheme (d)."""
-    args = full_finetune.parse_args(["--batch-size", "4", "--grad-accum", "1"])
-    runtime = cuda_runtime(full_finetune, args, "full")
-    in_backward = types.SimpleNamespace(**{**vars(runtime), "optimizer_in_backward": True})
-    assert plan.setup_for_run(args, in_backward, "full").step_in_backward
-    assert not plan.setup_for_run(args, runtime, "full").step_in_backward
+def test_the_default_on_an_80_gb_gpu_steps_in_backward_and_fits(monkeypatch, full_shape):
+    """full_finetune.py's runtime on a GPU below 100 GiB steps in backward (runtime.optimizer_in_backward): the plan
+    follows it, and fits; on a larger GPU it steps after backward, and is planned so."""
+    args = full_finetune.parse_args([])
+    monkeypatch.setattr(plan, "cuda_device", lambda: (80 * 10**9, "stand-in 80 GB GPU"))
+    small = cuda_runtime(full_finetune, args, "full")
+    meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
+    assert small.optimizer_in_backward and plan.setup_for_run(args, small, "full").step_in_backward
+    assert plan.plan_for_run(args, small, "full", meta)["fits"] is True
+    monkeypatch.setattr(plan, "cuda_device", lambda: (150 * 10**9, "stand-in 150 GB GPU"))
+    large = cuda_runtime(full_finetune, args, "full")
+    assert not large.optimizer_in_backward and not plan.setup_for_run(args, large, "full").step_in_backward
