@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 import common
-from lvf import adapters, artifacts, errors, memory, models, preflight, results, settings, training
+from lvf import adapters, artifacts, errors, memory, models, plan, preflight, results, settings, training
 
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
 # flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that).
@@ -87,6 +87,11 @@ def add_adapters(model, args):
     return model
 
 
+def meta_model(args):
+    """The model as this run builds it, adapters included, on the meta device: for counts and the memory plan."""
+    return add_adapters(models.meta_model(models.model_config(args.model, args.trust_remote_code)), args)
+
+
 def main(argv=None):
     args = parse_args(argv)
     method, runtime = resolve_runtime(args)
@@ -94,17 +99,20 @@ def main(argv=None):
     training.start_run(args, runtime)
 
     if args.dry_run:  # counted unquantised: 4-bit storage does not change the parameter counts
-        model = add_adapters(models.meta_model(models.model_config(args.model, args.trust_remote_code)), args)
+        model = meta_model(args)
         trainable, total = models.count_parameters(model)
+        planned = plan.announce_plan(args, runtime, method, model)
         record = results.build_results(args, runtime, method, trainable_params=trainable, total_params=total,
-                                       base_params=total - trainable)
+                                       base_params=total - trainable, planned_memory=planned)
         results.finish(record, runtime.output)
-        return preflight.report_and_exit_code(args, runtime, method, params=total - trainable, trainable=trainable)
+        return preflight.report_and_exit_code(args, runtime, method, params=total - trainable, trainable=trainable,
+                                              planned_memory=planned)
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
-    # read before the tokenizer, so a data error shows in milliseconds.
+    # read before the tokenizer, so a data error shows in milliseconds. Then the memory plan, in one line.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
+    planned = plan.announce_plan(args, runtime, method, meta_model(args))
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
@@ -150,7 +158,7 @@ def main(argv=None):
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
                                    **results.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
                                    trainable_params=trainable, total_params=total, base_params=total - trainable,
-                                   truncation=truncation, dtype_by_part=stored_as)
+                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 

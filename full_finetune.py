@@ -13,7 +13,7 @@ import sys
 import torch
 
 import common
-from lvf import artifacts, errors, memory, models, preflight, results, settings, training
+from lvf import artifacts, errors, memory, models, plan, preflight, results, settings, training
 
 METHOD = "full"
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
@@ -125,15 +125,18 @@ def main(argv=None):
     if args.dry_run:
         model = models.meta_model(models.model_config(args.model, args.trust_remote_code))
         trainable, total = models.count_parameters(model)
+        planned = plan.announce_plan(args, runtime, METHOD, model)
         record = results.build_results(args, runtime, METHOD, trainable_params=trainable, total_params=total,
-                                       base_params=total)
+                                       base_params=total, planned_memory=planned)
         results.finish(record, runtime.output)
-        return preflight.report_and_exit_code(args, runtime, METHOD, params=total, trainable=trainable)
+        return preflight.report_and_exit_code(args, runtime, METHOD, params=total, trainable=trainable,
+                                              planned_memory=planned)
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
-    # read before the tokenizer, so a data error shows in milliseconds.
+    # read before the tokenizer, so a data error shows in milliseconds. Then the memory plan, in one line.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
+    planned = plan.announce_plan(args, runtime, METHOD, models.meta_model(models.model_config(source)))
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation = common.load_examples(args, tokenizer, records)
@@ -164,7 +167,7 @@ def main(argv=None):
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
                                    **results.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
                                    trainable_params=trainable, total_params=total, base_params=total,
-                                   truncation=truncation, dtype_by_part=stored_as)
+                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 
