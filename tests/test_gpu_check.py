@@ -67,6 +67,8 @@ def test_tiny_gpu_check_trains_with_the_kits_trainer_and_reports(transformers_ve
         assert result["optimizer_steps"] == 3 and result["timed_steps"] == 2 and len(result["losses"]) == 3
         assert result["scored_tokens"] == 3 * 2 * 63  # every target of every row, counted by MeasuredTrainer
         assert result["tokens_per_second"] == pytest.approx(2 * 64 * 2 / sum(result["step_seconds"]))
+        # The epoch estimate is one dolly-15k epoch's input tokens at the measured speed.
+        assert result["estimated_epoch_hours"] == pytest.approx(12_834 * 342 / result["tokens_per_second"] / 3600)
         assert all(math.isfinite(loss) for loss in [*result["losses"], result["loss_before"], result["loss_after"]])
         # Training changed the model: the watched weights moved and the loss on the trained batch changed.
         assert result["probe_change_norm"] > 0 and result["probe_changed_fraction"] > 0.5
