@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -162,7 +163,16 @@ def execute(run, cwd=None):
         print(f"[study] {run.name}: {shlex.join(command[1:])}", file=sys.stderr, flush=True)
         if sys.platform == "linux":
             command = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command]
-        status = subprocess.run(command, cwd=cwd, pass_fds=(lock.fileno(),)).returncode
+        process = subprocess.Popen(command, cwd=cwd, pass_fds=(lock.fileno(),))
+        try:
+            status = process.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C: a training script saves a checkpoint on SIGINT, so forward it and wait rather than kill
+            # the run mid-save (the scripts take the same signal twice within a second, as the terminal's and
+            # this one, as one). A second Ctrl-C leaves at once; the run then gets SIGTERM and stops at once.
+            process.send_signal(signal.SIGINT)
+            process.wait()
+            raise
         if status != 0:
             return None, f"exit status {status}"
         found = results_complete(run)

@@ -5,6 +5,8 @@ finished, two study processes never run the same run twice."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,8 @@ from lvf.errors import UsageError
 
 # A stand-in for a training script: a checkpoint-N folder per step (trainer_state.json written last), refuses to
 # start over on checkpoints without --resume (as the real scripts do), continues from the newest with it, stops on
-# SIGTERM, and writes a results JSON whose perplexity follows from its argv. Each start is appended to --events.
+# SIGINT or SIGTERM after a moment (saying which), and writes a results JSON whose perplexity follows from its
+# argv. Each start is appended to --events.
 STAND_IN = r'''
 import argparse, json, os, signal, sys, time
 from pathlib import Path
@@ -32,7 +35,16 @@ parser.add_argument("--rendezvous", default=None)
 parser.add_argument("--fail", action="store_true")
 parser.add_argument("--resume", action="store_true")
 args = parser.parse_args()
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+
+
+def stop_on_signal(signum, frame):  # as the real scripts do in training: save a checkpoint (a moment), then stop
+    time.sleep(0.5)
+    Path(args.output_dir, "stopped-on-signal").write_text(str(signum))
+    sys.exit(130)
+
+
+signal.signal(signal.SIGTERM, stop_on_signal)
+signal.signal(signal.SIGINT, stop_on_signal)
 out = Path(args.output_dir)
 saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
 if saved and not args.resume:
@@ -106,6 +118,7 @@ def ray_instance():
     ray.shutdown()
 
 
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 VALUES = {"a": 1, "b": 2, "c": 3, "d": 0.5}
 
 
@@ -138,6 +151,49 @@ def test_a_killed_worker_is_replaced_and_its_run_resumes_from_its_checkpoint(tmp
     assert (first["start"], second["start"]) == (0, 1)
     assert found["resumed_from"] == 1 and found["perplexity"] == pytest.approx(10.003)
     assert gone(first["pid"])  # the killed worker's run died with it (it would sleep on, holding the run's lock)
+
+
+STUDY = """
+import sys
+from lvf import scheduling
+run = scheduling.Run(sys.argv[1], sys.argv[2], sys.argv[6:], sys.argv[3], sys.argv[4])
+scheduling.run_stage([run], engine=sys.argv[5])
+"""
+
+
+def start_study(run, engine="serial"):
+    """A study process of its own (the kill and Ctrl-C below are for it, not for pytest)."""
+    return subprocess.Popen([sys.executable, "-c", STUDY, run.name, run.script, run.results_path, run.output_dir,
+                             engine, *run.argv], cwd=PROJECT_DIR)
+
+
+def wait_until_hanging(run, study):
+    while not (Path(run.output_dir) / "hanging").exists():
+        assert study.poll() is None, "the study stopped before its run reached its first checkpoint"
+        time.sleep(0.05)
+
+
+def test_a_killed_study_takes_its_run_with_it_and_a_rerun_resumes(tmp_path, stand_in):
+    run = make_run(stand_in, tmp_path, "orphan", 2, "--hang-after-step", 1)
+    study = start_study(run)
+    wait_until_hanging(run, study)
+    study.kill()
+    study.wait()
+    first = starts(tmp_path, "orphan")[0]
+    assert gone(first["pid"])  # left alive, it would sleep on for 40 s, then finish without resuming
+    assert (Path(run.output_dir) / "stopped-on-signal").read_text() == str(int(signal.SIGTERM))
+    assert scheduling.run_stage([run], engine="serial")["orphan"]["resumed_from"] == 1
+
+
+def test_ctrl_c_lets_the_run_stop_on_its_own_terms(tmp_path, stand_in):
+    run = make_run(stand_in, tmp_path, "interrupted", 2, "--hang-after-step", 1)
+    study = start_study(run)
+    wait_until_hanging(run, study)
+    study.send_signal(signal.SIGINT)  # to the study alone; from a terminal the run would get it too
+    study.wait()
+    # The run saved and stopped (subprocess.run would have killed it a quarter of a second after the Ctrl-C).
+    assert (Path(run.output_dir) / "stopped-on-signal").read_text() == str(int(signal.SIGINT))
+    assert scheduling.results_complete(run) is None
 
 
 def test_serial_engine_runs_one_at_a_time_without_ray(tmp_path, stand_in, monkeypatch):
