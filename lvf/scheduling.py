@@ -20,6 +20,7 @@ This module imports neither torch nor Ray at import time: Ray's workers import i
 """
 
 import fcntl
+import importlib.util
 import json
 import os
 import shlex
@@ -93,11 +94,7 @@ def results_complete(run):
 
 
 def ray_available():
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("ray") is not None  # without importing it: see run_with_ray
 
 
 def choose_engine(engine, workers, address):
@@ -191,14 +188,21 @@ def connect_ray(ray, workers, address, cpus_per_run):
     if ray.is_initialized():
         return
     if address is not None:
-        ray.init(address=address, include_dashboard=False)
+        import lvf
+
+        # Workers that `ray start` started do not have this project on their path: Ray ships them this package
+        # (the runs' scripts themselves must be at the same path on every machine: docs/study-engine.md).
+        ray.init(address=address, runtime_env={"py_modules": [lvf]})
     elif workers is None:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)  # "local": a new instance, even where `ray start` ran
     else:
-        ray.init(num_cpus=workers * cpus_per_run, include_dashboard=False)
+        ray.init(address="local", num_cpus=workers * cpus_per_run, include_dashboard=False)
 
 
 def run_with_ray(runs, workers, address, gpus_per_run, cpus_per_run, cwd, max_retries):
+    # Ray prints every worker's output here, prefixed with the run's name; by default it also folds lines that
+    # look alike across workers into one, which would hide one of two runs' progress. Read when Ray is imported.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
     connect_ray(ray, workers, address, cpus_per_run)
