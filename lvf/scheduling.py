@@ -187,16 +187,18 @@ def connect_ray(ray, workers, address, cpus_per_run):
     that `workers` runs of cpus_per_run CPUs fit at once (GPUs are found by Ray itself)."""
     if ray.is_initialized():
         return
-    if address is not None:
-        import lvf
+    import lvf
 
-        # Workers that `ray start` started do not have this project on their path: Ray ships them this package
-        # (the runs' scripts themselves must be at the same path on every machine: docs/study-engine.md).
-        ray.init(address=address, runtime_env={"py_modules": [lvf]})
-    elif workers is None:
-        ray.init(address="local", include_dashboard=False)  # "local": a new instance, even where `ray start` ran
+    # Ray's workers import this module to run the runs. They have the study's working directory on their path,
+    # not the study's own path, and workers that `ray start` started have neither: Ray ships them this package.
+    # (The runs' scripts must be at the same path on every machine: docs/study-engine.md.)
+    shipped = {"py_modules": [lvf]}
+    if address is not None:
+        ray.init(address=address, runtime_env=shipped)
+    elif workers is None:  # "local": a new instance, even where `ray start` ran
+        ray.init(address="local", runtime_env=shipped, include_dashboard=False)
     else:
-        ray.init(address="local", num_cpus=workers * cpus_per_run, include_dashboard=False)
+        ray.init(address="local", num_cpus=workers * cpus_per_run, runtime_env=shipped, include_dashboard=False)
 
 
 def run_with_ray(runs, workers, address, gpus_per_run, cpus_per_run, cwd, max_retries):

@@ -161,10 +161,12 @@ scheduling.run_stage([run], engine=sys.argv[5])
 """
 
 
-def start_study(run, engine="serial"):
+def start_study(run, engine="serial", cwd=PROJECT_DIR):
     """A study process of its own (the kill and Ctrl-C below are for it, not for pytest)."""
-    return subprocess.Popen([sys.executable, "-c", STUDY, run.name, run.script, run.results_path, run.output_dir,
-                             engine, *run.argv], cwd=PROJECT_DIR)
+    # The project on the study's own path only, as for `python /path/to/study.py` run from another folder.
+    code = f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r})\n{STUDY}"
+    return subprocess.Popen([sys.executable, "-c", code, run.name, run.script, run.results_path, run.output_dir,
+                             engine, *run.argv], cwd=cwd)
 
 
 def wait_until_hanging(run, study):
@@ -194,6 +196,13 @@ def test_ctrl_c_lets_the_run_stop_on_its_own_terms(tmp_path, stand_in):
     # The run saved and stopped (subprocess.run would have killed it a quarter of a second after the Ctrl-C).
     assert (Path(run.output_dir) / "stopped-on-signal").read_text() == str(int(signal.SIGINT))
     assert scheduling.results_complete(run) is None
+
+
+def test_ray_runs_a_study_started_from_any_folder(tmp_path, stand_in, ray_instance):
+    # Ray's workers get the study's working directory on their path, not the study's path: lvf is shipped to them.
+    run = make_run(stand_in, tmp_path, "elsewhere", 2)
+    assert start_study(run, engine="ray", cwd=tmp_path).wait() == 0
+    assert scheduling.results_complete(run)["perplexity"] == pytest.approx(5.003)
 
 
 def test_serial_engine_runs_one_at_a_time_without_ray(tmp_path, stand_in, monkeypatch):
