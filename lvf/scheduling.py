@@ -35,14 +35,18 @@ from lvf.errors import UsageError
 
 ENGINES = ("auto", "ray", "serial")
 
-# A run's process gets SIGTERM when the process that started it dies (prctl PR_SET_PDEATHSIG = 1, Linux), so a
-# killed Ray worker takes its run with it instead of leaving it training on the GPU beside the retried run.
-# SIGTERM lets a training script save a checkpoint before it stops. Set in a small trampoline that then execs the
-# run: subprocess's preexec_fn is unsafe in a process with threads, and a Ray worker has several.
+# A small trampoline that then execs the run (subprocess's preexec_fn is unsafe in a process with threads, and a
+# Ray worker has several). It has the run get SIGTERM when the process that started it dies (prctl
+# PR_SET_PDEATHSIG = 1, Linux), so that a killed worker or study takes its run with it rather than leave it
+# training beside the rerun; SIGTERM lets a training script save a checkpoint first. And it gives the run the
+# signal handling a shell would: a Ray worker's threads block signals, and a child inherits that mask, which
+# would leave the run deaf to the SIGINT that asks it to save and stop.
 DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
     "if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0: sys.exit('prctl failed')\n"
     "if os.getppid() != int(sys.argv[1]): sys.exit('the process that started this run is gone')\n"
+    "signal.pthread_sigmask(signal.SIG_SETMASK, set())\n"
+    "for signum in (signal.SIGINT, signal.SIGTERM): signal.signal(signum, signal.SIG_DFL)\n"
     "os.execv(sys.argv[2], sys.argv[2:])\n"
 )
 
@@ -135,6 +139,16 @@ def plan_summary(runs, finished=results_complete, final_models="kept in each run
     return "\n".join(lines)
 
 
+def wait_interruptibly(process):
+    """The process's exit status. Waits a second at a time: Ray cancels a task by raising KeyboardInterrupt in
+    its thread, which only happens between Python steps, never inside one long wait."""
+    while True:
+        try:
+            return process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def execute(run, cwd=None):
     """Runs one run here (in the study process, or in a Ray worker) unless its results are complete, resuming
     from its newest checkpoint. Returns (results, None) or (None, why it failed). Holds the run's lock file for
@@ -162,7 +176,7 @@ def execute(run, cwd=None):
             command = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command]
         process = subprocess.Popen(command, cwd=cwd, pass_fds=(lock.fileno(),))
         try:
-            status = process.wait()
+            status = wait_interruptibly(process)
         except KeyboardInterrupt:
             # Ctrl-C: a training script saves a checkpoint on SIGINT, so forward it and wait rather than kill
             # the run mid-save (the scripts take the same signal twice within a second, as the terminal's and
@@ -218,23 +232,40 @@ def run_with_ray(runs, workers, address, gpus_per_run, cpus_per_run, cwd, max_re
     remote = ray.remote(execute)
     queue = list(runs)
     in_flight, outcomes = {}, {}
-    while queue or in_flight:
-        # At most `workers` submitted at once; Ray itself runs no more than the resources allow.
-        while queue and (workers is None or len(in_flight) < workers):
-            run = queue.pop(0)
-            gpus = gpus_per_run if run.gpus is None else run.gpus
-            # max_retries: Ray reruns a task whose worker died (a kill, out of memory, a lost machine). A run
-            # that exits with an error is not retried: it returns its failure.
-            task = remote.options(name=run.name, num_cpus=cpus_per_run, num_gpus=gpus, max_retries=max_retries)
-            in_flight[task.remote(run, cwd)] = run
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+
+    def collect(ready):
         for reference in ready:
             run = in_flight.pop(reference)
             try:
                 outcomes[run.name] = ray.get(reference)
+            except ray.exceptions.TaskCancelledError:
+                outcomes[run.name] = (None, "stopped")
             except ray.exceptions.RayError as error:
                 last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
                 outcomes[run.name] = (None, f"{type(error).__name__} after {max_retries} retries: {last_line}")
+
+    try:
+        while queue or in_flight:
+            # At most `workers` submitted at once; Ray itself runs no more than the resources allow.
+            while queue and (workers is None or len(in_flight) < workers):
+                run = queue.pop(0)
+                gpus = gpus_per_run if run.gpus is None else run.gpus
+                # max_retries: Ray reruns a task whose worker died (a kill, out of memory, a lost machine). A run
+                # that exits with an error is not retried: it returns its failure.
+                task = remote.options(name=run.name, num_cpus=cpus_per_run, num_gpus=gpus, max_retries=max_retries)
+                in_flight[task.remote(run, cwd)] = run
+            # With a timeout, so that Ctrl-C reaches this process (a wait without one does not see it).
+            collect(ray.wait(list(in_flight), num_returns=1, timeout=1.0)[0])
+    except KeyboardInterrupt:
+        # Ctrl-C: Ray raises KeyboardInterrupt in each running task, which passes SIGINT on to its run: a training
+        # script saves a checkpoint and stops. Wait for them (a second Ctrl-C leaves at once).
+        print("[study] stopping: each running run saves a checkpoint first (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        for reference in in_flight:
+            ray.cancel(reference)
+        while in_flight:
+            collect(ray.wait(list(in_flight), num_returns=len(in_flight), timeout=1.0)[0])
+        raise
     return outcomes
 
 
