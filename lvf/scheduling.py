@@ -117,10 +117,11 @@ def choose_engine(engine, workers, address):
     return "serial"
 
 
-def plan_summary(runs, finished=results_complete, final_models="kept in each run's output folder"):
+def plan_summary(runs, finished=results_complete, final_models="kept"):
     """What a stage will make, said before it starts: how many runs, how many are finished already or will
-    resume, and what each writes where. final_models says what happens to the final models (the study knows:
-    e.g. "kept for the picked learning rate only")."""
+    resume, and what each writes where. final_models says what becomes of the final models (the study knows,
+    e.g. "kept for the picked learning rate only"). Checkpoints are said to be deleted once a run finishes:
+    the study does that with lvf.checkpoints.prune_outputs."""
     runs = list(runs)
     done = [run for run in runs if finished(run) is not None]
     to_run = [run for run in runs if run not in done]
@@ -128,14 +129,15 @@ def plan_summary(runs, finished=results_complete, final_models="kept in each run
     training = [run for run in to_run if run.output_dir is not None]
     lines = [f"{len(runs)} run(s): {len(done)} finished already, {len(to_run)} to run"
              + (f" ({len(resuming)} resuming from a checkpoint)" if resuming else "")]
-    folders = sorted({str(Path(run.results_path).parent) for run in to_run})
     if to_run:
-        lines.append(f"  each writes its results JSON (in {', '.join(folders)})")
+        folders = sorted({str(Path(run.results_path).parent) for run in to_run})
+        lines.append(f"  each writes its results JSON, in {', '.join(folders)}")
     if training:
+        folders = sorted({str(Path(run.output_dir).parent) for run in training})
         held = sum(folder_bytes(run.output_dir) for run in training if Path(run.output_dir).is_dir())
-        lines.append(f"  {len(training)} train: checkpoints in each one's output folder while it trains "
-                     f"(deleted when it finishes), final models {final_models}"
-                     + (f"; {held / 1e9:.2f} GB there already" if held else ""))
+        lines.append(f"  {len(training)} of them train, in {', '.join(folders)}: checkpoints while training, deleted "
+                     f"when the run finishes; final models {final_models}"
+                     + (f" ({held / 1e9:.2f} GB there already)" if held else ""))
     return "\n".join(lines)
 
 

@@ -281,3 +281,33 @@ def test_prune_outputs_keeps_the_final_model_only_when_asked(tmp_path):
 def test_run_is_hashable_and_plain_so_it_pickles_to_another_machine(tmp_path):
     run = scheduling.Run("r", tmp_path / "s.py", ["--value", 1], tmp_path / "r.json")
     assert run.argv == ("--value", "1") and run.script == str(tmp_path / "s.py") and hash(run)
+
+
+def test_a_lost_machines_run_is_rerun_on_another_and_resumes(tmp_path, stand_in, ray_instance):
+    # Ray's own stand-in for several machines: a head that runs nothing and two nodes of one CPU, each with its
+    # own raylet. When the run hangs, the node running it is killed outright, raylet and all.
+    from ray.cluster_utils import Cluster
+
+    ray_instance.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    run = make_run(stand_in, tmp_path, "lost", 4, "--hang-after-step", 1)
+
+    def lose_the_machine():
+        while not (Path(run.output_dir) / "hanging").exists():
+            time.sleep(0.05)
+        worker = starts(tmp_path, "lost")[0]["ppid"]
+        raylet = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])  # a worker's parent
+        [node] = [node for node in nodes if node.all_processes["raylet"][0].process.pid == raylet]
+        cluster.remove_node(node, allow_graceful=False)
+
+    try:
+        threading.Thread(target=lose_the_machine, daemon=True).start()
+        found = scheduling.run_stage([run], workers=None, address=cluster.address)["lost"]
+    finally:
+        ray_instance.shutdown()
+        cluster.shutdown()
+    first, second = starts(tmp_path, "lost")
+    assert first["ppid"] != second["ppid"] and (first["start"], second["start"]) == (0, 1)
+    assert found["resumed_from"] == 1 and found["perplexity"] == pytest.approx(17.003)
+    assert gone(first["pid"])
