@@ -142,8 +142,8 @@ def plan_summary(runs, finished=results_complete, final_models="kept"):
 
 
 def wait_interruptibly(process):
-    """The process's exit status. Waits a second at a time: Ray cancels a task by raising KeyboardInterrupt in
-    its thread, which only happens between Python steps, never inside one long wait."""
+    """The process's exit status. Waits a second at a time: Ray cancels a task with a simulated Ctrl-C, which
+    Python acts on only between steps, never inside one blocking wait."""
     while True:
         try:
             return process.wait(timeout=1.0)
@@ -186,6 +186,8 @@ def execute(run, cwd=None):
             process.send_signal(signal.SIGINT)
             process.wait()
             raise
+        if status < 0:
+            return None, f"killed by signal {-status}"
         if status != 0:
             return None, f"exit status {status}"
         found = results_complete(run)
@@ -256,7 +258,7 @@ def run_with_ray(runs, workers, address, gpus_per_run, cpus_per_run, cwd, max_re
                 # that exits with an error is not retried: it returns its failure.
                 task = remote.options(name=run.name, num_cpus=cpus_per_run, num_gpus=gpus, max_retries=max_retries)
                 in_flight[task.remote(run, cwd)] = run
-            # With a timeout, so that Ctrl-C reaches this process (a wait without one does not see it).
+            # A second at a time, so that a Ctrl-C is seen between waits.
             collect(ray.wait(list(in_flight), num_returns=1, timeout=1.0)[0])
     except KeyboardInterrupt:
         # Ctrl-C: Ray raises KeyboardInterrupt in each running task, which passes SIGINT on to its run: a training
