@@ -8,7 +8,6 @@ import inspect
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -31,6 +30,7 @@ import common
 from common import IGNORE_INDEX
 from lvf import preflight
 from lvf.artifacts import ORIGIN_FILE
+from lvf.checkpoints import latest_checkpoint
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
 from lvf.memory import PhasePeak, TrainingBreakdown
 from lvf.results import is_main_process, weights_bytes
@@ -458,19 +458,6 @@ def train(settings, runtime, model, tokenizer, train_examples, val_examples, tra
         "train_memory_breakdown": breakdown.breakdown(train_peak.bytes),
         "log_history": trainer.state.log_history,  # losses and validation over steps, for curves
     }, train_peak
-
-
-def latest_checkpoint(output_dir):
-    """The newest complete checkpoint-N folder, or None. The Trainer writes trainer_state.json last,
-    so a folder without it was cut short (a kill during saving) and is skipped."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    complete = [item for item in folder.iterdir()
-                if re.fullmatch(r"checkpoint-\d+", item.name) and (item / "trainer_state.json").is_file()]
-    if not complete:
-        return None
-    return str(max(complete, key=lambda item: int(item.name.split("-")[1])))
 
 
 def warn_if_launched_alone():
