@@ -8,6 +8,7 @@ TF517 := .venv-tf517
 # results are committed in results/demo-cpu/ and results/study-cpu/, which only these two targets rewrite.
 DEMO := experiments/demo-cpu.yaml
 STUDY := experiments/study-cpu.yaml
+WORKERS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: test demo study lint
@@ -40,10 +41,11 @@ demo: $(STAMP)
 	$(PY) report.py --config $(DEMO) && \
 	echo "[demo] done in $$(( $$(date +%s) - start )) s: results/demo-cpu/, its plots and the README block"
 
-# The study: each method at four learning rates (picked on validation loss), the picked rate at three seeds.
-# Rerun after an interruption: finished runs are skipped, a half-trained one resumes from its checkpoint.
+# The study: each method at four learning rates (picked on validation loss), the picked rate at three seeds, LoRA's
+# other ranks. Rerun after an interruption: finished runs are skipped, a half-trained one resumes from its checkpoint.
+# make study WORKERS=2 runs two at once with Ray (requirements-dev.txt installs it).
 study: $(STAMP)
 	@start=$$(date +%s); \
-	$(PY) study.py --config $(STUDY) && \
+	$(PY) study.py --config $(STUDY) --workers $(WORKERS) && \
 	$(PY) report.py --config $(STUDY) && \
 	echo "[study] done in $$(( $$(date +%s) - start )) s: results/study-cpu/summary.json, its plots and the README block"

@@ -9,24 +9,24 @@ summary.json is written there after each stage.
     python study.py --config experiments/study-cpu.yaml               # make study: SmolLM2-135M, 2 CPU cores
     python study.py --config experiments/study-cpu.yaml --dry-run     # the runs it would make; runs nothing
     python study.py --config experiments/study-cpu.yaml -- --max-eval-samples 20   # after --: for all 3 scripts
+    python study.py --config experiments/study-llama3-8b-dolly.yaml --workers 8    # 8 runs at once (Ray, 8 GPUs)
 
 The recipe stays in the three scripts: this file only runs them (as subprocesses, each given the study file with
 --config plus its method's flags, a learning rate, a seed and an output path) and reads back their JSON, so a run
-is the same whether the study runs it or a user types its command. A run whose JSON is complete is skipped, one
-with checkpoints but no JSON is continued with the scripts' --resume: rerun the same command after an
-interruption. Stage 1 is the base model and every method's learning-rate sweep at the first seed; each method's
-rate is then picked on validation loss (the test split is never looked at to choose anything); stage 2 trains the
-picked rate at the other seeds and at the other ranks, and checks the picked rate's neighbours at the smallest
-and largest rank.
+is the same whether the study runs it or a user types its command. The runs of a stage go to lvf.scheduling: one
+at a time, or --workers N at once with Ray (one GPU each, across machines with --ray-address). A run whose JSON is
+complete is skipped, one with checkpoints but no JSON is continued with the scripts' --resume: rerun the same
+command after an interruption. Stage 1 is the base model and every method's learning-rate sweep at the first seed;
+each method's rate is then picked on validation loss (the test split is never looked at to choose anything);
+stage 2 trains the picked rate at the other seeds and at the other ranks, and checks the picked rate's neighbours
+at the smallest and largest rank.
 """
 
 import argparse
 import json
 import math
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +36,8 @@ import common
 import evaluate_base_model
 import finetune
 import full_finetune
-from lvf import errors, experiments, results, settings, training
+from lvf import checkpoints, errors, experiments, results, scheduling, settings
+from lvf.scheduling import Run
 
 PROJECT_DIR = Path(__file__).resolve().parent
 SCRIPTS = {"evaluate_base_model": evaluate_base_model, "finetune": finetune, "full_finetune": full_finetune}
@@ -61,8 +62,19 @@ def parse_args(argv=None):
                         help="each run's checkpoints and final artifact (default: outputs/<study name>)")
     parser.add_argument("--train-flags", default="",
                         help="more flags for the two training scripts only, in one quoted string")
+    parser.add_argument("--workers", type=settings.positive_int, default=1,
+                        help="runs at once: more than 1 needs Ray (pip install ray), which gives each run one GPU on "
+                             "a GPU machine, or --cpus-per-run cores on a CPU one (docs/study-engine.md)")
+    parser.add_argument("--cpus-per-run", type=settings.positive_int, default=1,
+                        help="CPU cores Ray reserves for each run on a machine without GPUs")
+    parser.add_argument("--ray-address", default=None,
+                        help="a running Ray cluster to use (auto: the one `ray start` made on this machine); "
+                             "default: a Ray instance of this study's own")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each finished run's checkpoint-N folders (default: only its final artifact)")
+    parser.add_argument("--keep-final-models", action="store_true",
+                        help="keep full fine-tuning's final model at every learning rate (default: at the picked "
+                             "rate only; each is the size of the model's fp32 weights)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the runs the study would make, each command checked by its script's parser; "
                              "runs nothing, writes nothing")
@@ -93,6 +105,10 @@ class StudySettings:
     flags: tuple  # for all three scripts (after --)
     train_flags: tuple  # for the training scripts only
     keep_checkpoints: bool
+    keep_final_models: bool
+    workers: int
+    cpus_per_run: int
+    ray_address: str | None
     dry_run: bool
     contents: dict = field(repr=False, default=None)
 
@@ -117,7 +133,9 @@ class StudySettings:
                    study_dir=args.study_dir or PROJECT_DIR / "results" / name,
                    outputs_dir=args.outputs_dir or PROJECT_DIR / "outputs" / name,
                    flags=tuple(passed), train_flags=tuple(shlex.split(args.train_flags)),
-                   keep_checkpoints=args.keep_checkpoints, dry_run=args.dry_run, contents=contents)
+                   keep_checkpoints=args.keep_checkpoints, keep_final_models=args.keep_final_models,
+                   workers=args.workers, cpus_per_run=args.cpus_per_run, ray_address=args.ray_address,
+                   dry_run=args.dry_run, contents=contents)
 
 
 def path_for_the_scripts(path):
@@ -171,19 +189,21 @@ def rate_name(rate):
 # --------------------------------------------------------------------------- one run
 
 
-@dataclass(frozen=True)
-class Run:
-    """One subprocess of a script: its command-line words, its results JSON and (training) its output folder."""
-    name: str  # a method name, or "base"
-    script: str
-    argv: tuple
-    results: Path
-    output_dir: Path | None = None
+def script_path(script):
+    return str(Path(SCRIPTS[script].__file__).resolve())
+
+
+def script_of(run):
+    """The module of the script a Run runs (its name: evaluate_base_model, finetune, full_finetune)."""
+    return SCRIPTS[Path(run.script).stem]
 
 
 def base_run(study):
+    """One subprocess of a script: its name (its results file inside the study folder), script, command-line
+    words, results JSON and (training) output folder: lvf.scheduling.Run, what the engine runs."""
     path = study.study_dir / "base.json"
-    return Run("base", "evaluate_base_model", ("--config", study.config, *study.flags, "--output", str(path)), path)
+    return Run("base.json", script_path("evaluate_base_model"),
+               ("--config", study.config, *study.flags, "--output", str(path)), path)
 
 
 def train_run(study, method_name, script, method_flags, rate, seed):
@@ -192,7 +212,7 @@ def train_run(study, method_name, script, method_flags, rate, seed):
     output_dir = study.outputs_dir / method_name / name
     argv = ("--config", study.config, *method_flags, *study.flags, *study.train_flags,
             "--learning-rate", str(rate), "--seed", str(seed), "--output", str(path), "--output-dir", str(output_dir))
-    return Run(method_name, script, argv, path, output_dir)
+    return Run(f"{method_name}/{name}.json", script_path(script), argv, path, output_dir)
 
 
 def rank_method_name(method, rank):
@@ -207,56 +227,46 @@ def rank_flags(method, rank):
     return (*words, "--lora-r", str(rank))
 
 
-def run_script(module, argv):
-    """One script as a subprocess, with its output on this terminal; a failed run stops the study."""
-    command = [sys.executable, str(Path(module.__file__).resolve()), *argv]
-    print(f"[study] {' '.join(command[1:])}", file=sys.stderr, flush=True)
-    status = subprocess.run(command, cwd=PROJECT_DIR).returncode
-    if status != 0:
-        raise errors.UsageError(f"{Path(module.__file__).name} stopped with exit status {status}; rerun the study "
-                                "to continue where it stopped")
-
-
 def complete_results(run):
     """The run's results when its JSON exists, holds a test perplexity, and was made with these flags;
     None when it does not exist yet. A JSON from other flags stops the study rather than be mixed in."""
-    path = run.results
-    if not path.is_file():
+    found = scheduling.results_complete(run)
+    if found is None:
         return None
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
-    if found.get("perplexity") is None:
-        return None
-    expected = json.loads(json.dumps(settings.as_dict(SCRIPTS[run.script].parse_args(list(run.argv))), default=str))
+    expected = json.loads(json.dumps(settings.as_dict(script_of(run).parse_args(list(run.argv))), default=str))
     recorded = found.get("config") or {}
     differ = sorted(key for key in expected if key != "resume" and key in recorded and recorded[key] != expected[key])
     if differ:
-        raise errors.UsageError(f"{path} was made with other flags ({', '.join(differ)}): move it away or pass "
-                                "another --study-dir")
+        raise errors.UsageError(f"{run.results_path} was made with other flags ({', '.join(differ)}): move it away "
+                                "or pass another --study-dir")
     return found
 
 
-def run_once(study, run):
-    """The results of one run: read back if complete, else (re)run, resuming from its checkpoints."""
-    found = complete_results(run)
-    if found is not None:
-        print(f"[study] done already: {settings.display_path(run.results)}", file=sys.stderr)
-        return found
-    argv = list(run.argv)
-    if run.output_dir is not None and training.latest_checkpoint(run.output_dir) is not None:
-        argv.append("--resume")
-    run_script(SCRIPTS[run.script], argv)
-    if run.output_dir is not None and not study.keep_checkpoints:
-        for checkpoint in Path(run.output_dir).glob("checkpoint-*"):  # the JSON holds what they were kept for
-            shutil.rmtree(checkpoint, ignore_errors=True)
-    return json.loads(run.results.read_text(encoding="utf-8"))
+def run_stage(study, runs, final_models="kept"):
+    """Every run of a stage, finished before the stage returns: {results path: results}. The engine (lvf.scheduling:
+    one at a time, or several with Ray) skips finished runs and resumes half-trained ones from their checkpoints;
+    finished runs keep their results JSON and final model, not their checkpoints (unless --keep-checkpoints)."""
+    print("[study] " + scheduling.plan_summary(runs, complete_results, final_models=final_models), file=sys.stderr)
+    found = scheduling.run_stage(runs, workers=study.workers, address=study.ray_address,
+                                 cpus_per_run=study.cpus_per_run, finished=complete_results, cwd=PROJECT_DIR)
+    if not study.keep_checkpoints:
+        for run in runs:
+            if run.output_dir is not None:
+                checkpoints.prune_outputs(run.output_dir, keep_final=True)
+    return {Path(run.results_path): found[run.name] for run in runs}
 
 
-def run_stage(study, runs):
-    """Every run of a stage, finished before the stage returns: {results path: results}."""
-    return {run.results: run_once(study, run) for run in runs}
+def drop_unpicked_full_models(study, picked):
+    """Full fine-tuning's final model (the model's size in fp32) is kept for the picked rate only: the sweep's other
+    runs are reported from their JSON."""
+    if study.keep_final_models:
+        return
+    for method in study.methods:
+        if method.script == "full_finetune":
+            for rate in method.learning_rates:
+                if rate != picked[method.name]:
+                    run = train_run(study, method.name, method.script, method.flags, rate, study.seeds[0])
+                    checkpoints.prune_outputs(run.output_dir, keep_final=False)
 
 
 # --------------------------------------------------------------------------- the stages
@@ -343,13 +353,15 @@ def method_summary(study, base, tried, picked, seeded, **described):
 def summarize(study, finished, picked):
     """summary.json from every finished run (finished: {results path: results}); picked: {method: rate}."""
     def done(run):
-        return (run.results, finished[run.results]) if run.results in finished else None
+        path = Path(run.results_path)
+        return (path, finished[path]) if path in finished else None
 
-    base = finished[base_run(study).results]
+    base_path = Path(base_run(study).results_path)
+    base = finished[base_path]
     summary = {"experiment": study.name, "config_file": study.config,
                "settings": {"seeds": list(study.seeds), "flags": list(study.flags),
                             "train_flags": list(study.train_flags), "study": study.contents.get("study")},
-               "base": {**where(study, base_run(study).results), "perplexity": base["perplexity"],
+               "base": {**where(study, base_path), "perplexity": base["perplexity"],
                         "general_perplexity": base.get("general_perplexity")},
                "methods": {}}
     for method in study.methods:
@@ -388,7 +400,7 @@ def print_plan(study):
     stage 2 will add once the rates are picked."""
     first = sweep_runs(study)
     for run in first:
-        SCRIPTS[run.script].parse_args(list(run.argv))  # a bad flag in the study file stops here, with its line
+        script_of(run).parse_args(list(run.argv))  # a bad flag in the study file stops here, with its line
     # How many stage 2 makes depends on the picks only through the neighbour checks (one or two rates each).
     later = len(second_stage_runs(study, {method.name: method.learning_rates[len(method.learning_rates) // 2]
                                           for method in study.methods}))
@@ -398,7 +410,7 @@ def print_plan(study):
           f"{study.seeds[0]}):")
     for run in first:
         shown = [settings.display_path(word) if word.startswith(str(PROJECT_DIR)) else word for word in run.argv]
-        print(f"  python {run.script}.py {shlex.join(shown)}")
+        print(f"  python {Path(run.script).name} {shlex.join(shown)}")
     print(f"[study] stage 2, at each method's picked rate: about {later} runs (seeds "
           f"{', '.join(map(str, study.seeds[1:]))}; other ranks at every seed; the picked rate's neighbours at the "
           "smallest and largest rank)")
@@ -409,12 +421,13 @@ def main(argv=None):
     if study.dry_run:
         return print_plan(study)
     start = time.perf_counter()
-    finished = run_stage(study, sweep_runs(study))
+    finished = run_stage(study, sweep_runs(study), final_models="kept until the rates are picked")
     picked = {}
     for method in study.methods:
-        sweep = {rate: finished[train_run(study, method.name, method.script, method.flags, rate,
-                                          study.seeds[0]).results] for rate in method.learning_rates}
+        sweep = {rate: finished[Path(train_run(study, method.name, method.script, method.flags, rate,
+                                               study.seeds[0]).results_path)] for rate in method.learning_rates}
         picked[method.name] = pick_rate(sweep)
+    drop_unpicked_full_models(study, picked)
     write_summary(study, summarize(study, finished, picked), start)
     finished.update(run_stage(study, second_stage_runs(study, picked)))
     write_summary(study, summarize(study, finished, picked), start)

@@ -1,5 +1,6 @@
 """The study: rates picked on validation loss, the picked rate at several seeds, resumable; all-linear LoRA."""
 
+import importlib.util
 import json
 
 import pytest
@@ -77,18 +78,45 @@ def test_the_rank_axis_trains_the_picked_rate_at_every_seed_and_checks_its_neigh
         (folder / "results" / family["runs"][0]["file"]).read_text())["trainable_params"]
 
 
-def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(smoke, monkeypatch):
+def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(smoke):
     folder, argv = smoke
-    ran = []
-    monkeypatch.setattr(study, "run_script", lambda module, args: ran.append(args))
-    study.main(argv)
-    assert ran == []
+    results = sorted((folder / "results").rglob("lr-*.json"))
+    written = {path: path.stat().st_mtime_ns for path in results}
     missing = folder / "results" / "full" / "lr-0.001-seed-42.json"
-    kept = missing.read_text()
+    kept = json.loads(missing.read_text())
     missing.unlink()
-    monkeypatch.setattr(study, "run_script", lambda module, args: ran.append(args) or missing.write_text(kept))
     study.main(argv)
-    assert len(ran) == 1 and "0.001" in ran[0] and "--resume" not in ran[0]
+    assert {path: path.stat().st_mtime_ns for path in results if path != missing} == {
+        path: when for path, when in written.items() if path != missing}  # nothing else ran again
+    again = json.loads(missing.read_text())
+    assert again["resumed_from"] is None and again["perplexity"] == pytest.approx(kept["perplexity"], rel=1e-6)
+
+
+def test_the_full_models_of_unpicked_rates_are_not_kept(smoke):
+    folder, _ = smoke
+    summary = json.loads((folder / "results" / "summary.json").read_text())
+    picked = study.rate_name(summary["methods"]["full"]["picked_learning_rate"])
+    for rate in summary["methods"]["full"]["learning_rates"]:
+        final = folder / "outputs" / "full" / f"lr-{rate}-seed-42" / "final"
+        assert final.is_dir() == (rate == picked)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (requirements-dev.txt)")
+def test_two_workers_give_the_same_summary_as_one(smoke, tmp_path, tiny_llama_dir, records_path):
+    folder, _ = smoke
+    argv = ["--config", SMOKE, "--workers", "2", "--study-dir", str(tmp_path / "results"), "--outputs-dir",
+            str(tmp_path / "outputs"), "--", "--model", str(tiny_llama_dir), "--dataset", str(records_path)]
+    study.main(argv)
+    one, two = (json.loads((where / "results" / "summary.json").read_text()) for where in (folder, tmp_path))
+    assert set(one["methods"]) == set(two["methods"])
+    assert two["base"]["perplexity"] == pytest.approx(one["base"]["perplexity"], rel=1e-6)
+    for name, method in one["methods"].items():
+        assert two["methods"][name]["picked_learning_rate"] == method["picked_learning_rate"]
+        assert ([run["perplexity"] for run in two["methods"][name]["runs"]]
+                == pytest.approx([run["perplexity"] for run in method["runs"]], rel=1e-6))
+        assert ({rate: entry["validation_loss"] for rate, entry in two["methods"][name]["learning_rates"].items()}
+                == pytest.approx({rate: entry["validation_loss"] for rate, entry in method["learning_rates"].items()},
+                                 rel=1e-6))
 
 
 def test_report_shows_the_study_at_each_methods_picked_rate_in_its_own_block(smoke, tmp_path):
