@@ -41,7 +41,7 @@ def test_each_shipped_file_parses_for_every_script(path):
         planned = study.parse_args(["--config", str(path), "--dry-run"])
         assert planned.methods and planned.seeds
         for run in study.sweep_runs(planned):  # each run's command is one its script accepts
-            study.SCRIPTS[run.script].parse_args(list(run.argv))
+            study.script_of(run).parse_args(list(run.argv))
 
 
 def test_a_flag_overrides_its_file():
