@@ -79,7 +79,8 @@ def preflight(settings, runtime, method, planned_memory=None, planned_writes_byt
     findings += hub_findings(settings, model)
     findings += data_findings(settings, method)
     if planned_writes_bytes is None and params is not None:
-        planned_writes_bytes = planned_writes(method, params, trainable, settings, runtime, model)
+        state_bytes = (planned_memory or {}).get("optimizer_states")
+        planned_writes_bytes = planned_writes(method, params, trainable, settings, runtime, model, state_bytes)
     findings += disk_findings(planned_writes_bytes)
     findings += memory_findings(runtime, method, planned_memory)
     return findings
@@ -269,16 +270,17 @@ def data_findings(settings, method):
 # --------------------------------------------------------------------------- disk
 
 
-def planned_writes(method, params, trainable, settings, runtime, model=None):
+def planned_writes(method, params, trainable, settings, runtime, model=None, optimizer_state_bytes=None):
     """What the run writes, by folder. The rule:
 
     - the model download into the Hub cache when the weights come from the Hub and are not cached yet:
       2 bytes per parameter (bf16 safetensors, as Meta's and most Hub checkpoints are stored);
     - LoRA and QLoRA: per checkpoint the adapters in fp32 (4 bytes per trainable parameter) and AdamW's two fp32
       moments (8), up to CHECKPOINTS_AT_ONCE checkpoints at once, plus the final adapter (4 per trainable);
-    - full fine-tuning: per checkpoint the weights in the training dtype and the optimizer's state (2 bytes per
-      parameter for 8-bit optimizers, else two moments in the weights' dtype), up to CHECKPOINTS_AT_ONCE at once,
-      plus the final weights;
+    - full fine-tuning: per checkpoint the weights in the training dtype and the optimizer's state (the memory
+      plan's optimizer_states when given, which counts the 8-bit optimizers' fp32 embedding states and block
+      constants; else 2 bytes per parameter for 8-bit optimizers, two moments in the weights' dtype otherwise), up
+      to CHECKPOINTS_AT_ONCE at once, plus the final weights;
     - evaluation writes only its results JSON (not counted). Tokenizer, scheduler and RNG files add a few MB
       per checkpoint, not counted either.
     """
@@ -294,7 +296,8 @@ def planned_writes(method, params, trainable, settings, runtime, model=None):
     else:
         weight_bytes = torch.empty((), dtype=runtime.dtype).element_size()
         final = weight_bytes * params
-        state = 2 * params if "8bit" in (runtime.optimizer or "") else 2 * weight_bytes * params
+        state = optimizer_state_bytes or (2 * params if "8bit" in (runtime.optimizer or "")
+                                          else 2 * weight_bytes * params)
         checkpoint = final + state
     writes.append(Write(f"{CHECKPOINTS_AT_ONCE} checkpoints and the final model", Path(runtime.output_dir),
                         CHECKPOINTS_AT_ONCE * checkpoint + final))
