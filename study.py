@@ -227,6 +227,11 @@ def rank_flags(method, rank):
     return (*words, "--lora-r", str(rank))
 
 
+# Flags that say where a run writes, how it was started or how it reports, not what it computes: a finished run
+# moved with its study folder (or a clone elsewhere) is still the same run.
+WHERE_NOT_WHAT = {"resume", "output", "output_dir", "config", "debug", "dry_run", "report_to"}
+
+
 def complete_results(run):
     """The run's results when its JSON exists, holds a test perplexity, and was made with these flags;
     None when it does not exist yet. A JSON from other flags stops the study rather than be mixed in."""
@@ -235,7 +240,8 @@ def complete_results(run):
         return None
     expected = json.loads(json.dumps(settings.as_dict(script_of(run).parse_args(list(run.argv))), default=str))
     recorded = found.get("config") or {}
-    differ = sorted(key for key in expected if key != "resume" and key in recorded and recorded[key] != expected[key])
+    differ = sorted(key for key in expected if key not in WHERE_NOT_WHAT and key in recorded
+                    and recorded[key] != expected[key])
     if differ:
         raise errors.UsageError(f"{run.results_path} was made with other flags ({', '.join(differ)}): move it away "
                                 "or pass another --study-dir")

@@ -128,3 +128,13 @@ def test_a_fresh_gpu_study_plans_without_stopping(capsys):
     out = capsys.readouterr().out
     assert "stage 1: 12 runs" in out and "results/study-llama3-8b-dolly/base.json" in out
     assert out.count("python finetune.py --config experiments/study-llama3-8b-dolly.yaml") == 8
+
+
+def test_make_study_on_a_fresh_clone_reuses_the_committed_runs_instead_of_stopping():
+    # The committed runs were written elsewhere (another clone, the folder before it moved): where a run wrote is
+    # not what it computed, so they count as done, and only runs the study file adds are trained.
+    planned = study.parse_args(["--config", "experiments/study-cpu.yaml"])
+    runs = study.sweep_runs(planned)
+    assert all(study.complete_results(run) is not None for run in runs)
+    recorded = json.loads(Path(runs[1].results_path).read_text())["config"]["output"]
+    assert recorded != runs[1].results_path
