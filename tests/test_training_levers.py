@@ -42,7 +42,7 @@ def loss_and_grads(model, batch):
 
 def skip_unless_supported(model, boolean):
     if boolean and not training.accepts_boolean_logits_to_keep(model):
-        pytest.skip("this transformers' logits_to_keep takes no boolean mask (5.17, the GPU image's)")
+        pytest.skip("this transformers' logits_to_keep takes no boolean mask (5.17)")
 
 
 # "mask": transformers 5.2x's 2-D boolean logits_to_keep; "positions": the 1-D fallback 5.17 needs.
