@@ -733,6 +733,11 @@ class Experiment:
     folder: Path
     config_file: str | None = None
     description: str | None = None
+    shown_as: str | None = None  # how the README names the folder (--check reads a copy of it elsewhere)
+
+    @property
+    def shown(self):
+        return self.shown_as or shown_path(self.folder)
 
 
 def experiment_files():
@@ -773,8 +778,8 @@ def experiment_block(experiment, args):
     runs_exist = folder.is_dir() and (is_study(folder) or load_results(folder))
     if not runs_exist:
         command = (f"`python report.py --config {experiment.config_file}`" if experiment.config_file
-                   else f"`python report.py {shown_path(folder)}`")
-        return [], [heading, "", f"_Not run yet: no results in `{shown_path(folder)}/`. Once its runs have "
+                   else f"`python report.py {experiment.shown}`")
+        return [], [heading, "", f"_Not run yet: no results in `{experiment.shown}/`. Once its runs have "
                                  f"written them, {command} puts their table here._"], None
     summary = study_summary(folder) if is_study(folder) else None
     groups = load_groups(study_files(folder, summary) if summary else [folder], args)
@@ -836,9 +841,11 @@ def committed_inputs(results_root, readme):
 
 
 def rebuilt(readme_text, results_root, args):
-    """The README text with every experiment block rebuilt from results_root/<name>/."""
+    """The README text with every experiment block rebuilt from results_root/<name>/ (named as args.results_root's)."""
     for name in readme_blocks(readme_text):
-        _, lines, _ = experiment_block(experiment_named(name, results_root), args)
+        experiment = experiment_named(name, results_root)
+        experiment.shown_as = shown_path(Path(args.results_root) / name)
+        _, lines, _ = experiment_block(experiment, args)
         readme_text = replace_block(readme_text, name, lines)
     return readme_text
 
