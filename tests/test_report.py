@@ -284,13 +284,14 @@ def test_check_reads_the_committed_results_not_a_local_run(tmp_path, results_dir
     """A user's run rewrites results/*.json in the working tree: make test must still pass, and say why."""
     repo = tmp_path / "repo"
     shutil.copytree(results_dir, repo / "results")
-    (repo / "README.md").write_text(README)
+    # and an experiment not run yet: --check reads a copy of results/, but names the folder as the README does
+    (repo / "README.md").write_text(README + "<!-- experiment:gpu:start -->\n<!-- experiment:gpu:end -->\n")
     argv = [*at(repo / "results"), "--readme", str(repo / "README.md")]
+    monkeypatch.setattr(report, "PROJECT_DIR", repo)
     report.main(argv)
     git(repo, "init", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "demo")
-    monkeypatch.setattr(report, "PROJECT_DIR", repo)
 
     local = json.loads((repo / "results" / "full.json").read_text())
     local["peak_memory_bytes"] *= 2  # a local run, not committed
