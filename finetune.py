@@ -88,8 +88,11 @@ def add_adapters(model, args):
 
 
 def meta_model(args):
-    """The model as this run builds it, adapters included, on the meta device: for counts and the memory plan."""
-    return add_adapters(models.meta_model(models.model_config(args.model, args.trust_remote_code)), args)
+    """The model as this run builds it, adapters included, on the meta device: for counts and the memory plan.
+    Built under a forked random state: peft draws its adapters' initial values on the CPU even for a meta base, and
+    the run's own adapters must get the same draws whether or not the plan was made first."""
+    with torch.random.fork_rng(devices=[]):
+        return add_adapters(models.meta_model(models.model_config(args.model, args.trust_remote_code)), args)
 
 
 def main(argv=None):
@@ -109,10 +112,9 @@ def main(argv=None):
                                               planned_memory=planned)
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
-    # read before the tokenizer, so a data error shows in milliseconds. Then the memory plan, in one line.
+    # read before the tokenizer, so a data error shows in milliseconds.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
-    planned = plan.announce_plan(args, runtime, method, meta_model(args))
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
@@ -120,7 +122,8 @@ def main(argv=None):
     training_args = training.training_arguments(args, runtime, len(examples["train"]))  # before the model loads
     artifacts.write_origin(runtime.output_dir, method, args.model, runtime.experiment)  # what the checkpoints are
 
-    # The model: the base (4-bit for QLoRA), then the adapters.
+    # The memory plan, in one line; then the model: the base (4-bit for QLoRA), then the adapters.
+    planned = plan.announce_plan(args, runtime, method, meta_model(args))
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization,
                                   args.attn_implementation)

@@ -133,17 +133,17 @@ def main(argv=None):
                                               planned_memory=planned)
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
-    # read before the tokenizer, so a data error shows in milliseconds. Then the memory plan, in one line.
+    # read before the tokenizer, so a data error shows in milliseconds.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
-    planned = plan.announce_plan(args, runtime, METHOD, models.meta_model(models.model_config(source)))
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation = common.load_examples(args, tokenizer, records)
     training_args = training.training_arguments(args, runtime, len(examples["train"]))  # before the model loads
     artifacts.write_origin(runtime.output_dir, METHOD, args.model, runtime.experiment)  # what the checkpoints are
 
-    # The model, every weight trainable.
+    # The memory plan, in one line; then the model, every weight trainable.
+    planned = plan.announce_plan(args, runtime, METHOD, models.meta_model(models.model_config(source)))
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
                                   attn_implementation=args.attn_implementation)

@@ -220,17 +220,17 @@ def finish(results, output, fallback_dir=None):
     if not is_main_process():
         return
     ppl = results.get("perplexity")
-    summary = f"[{results['method']}]"
+    parts = []
     failure = None
     if output is not None:
         written, failure = write_results_somewhere(results, output, fallback_dir)
-        summary += f" wrote {written}"
+        parts.append(f"wrote {written}")
     if ppl is not None:
         low, high = results["perplexity_ci95"]
-        summary += f": perplexity {ppl:.4f} (95% CI {low:.4f}-{high:.4f}) on {results['eval_tokens']} tokens"
+        parts.append(f"perplexity {ppl:.4f} (95% CI {low:.4f}-{high:.4f}) on {results['eval_tokens']} tokens")
     if results.get("trainable_params") is not None:
-        summary += f"; trainable {results['trainable_params']:,} of {results['total_params']:,}"
-    print(summary, flush=True)
+        parts.append(f"trainable {results['trainable_params']:,} of {results['total_params']:,}")
+    print(f"[{results['method']}] " + "; ".join(parts), flush=True)
     if failure is not None:
         raise ResultsWrittenElsewhere(f"could not write the results to {output} ({failure.strerror or failure}); "
                                       f"they are in {written}")

@@ -48,3 +48,16 @@ def test_dry_run_without_output_writes_no_file(tmp_path, monkeypatch, capsys):
         module.main(["--dry-run"])
     assert not (tmp_path / "results").exists()
     assert "trainable 13,631,488 of 8,043,892,736" in capsys.readouterr().out
+
+
+def test_the_memory_plans_meta_model_leaves_the_runs_random_draws_alone():
+    # peft initialises adapters on the CPU even on a meta base: built before the real model, the plan's copy had
+    # consumed the draws the run's own adapters get, and LoRA trained from other initial values.
+    import torch
+
+    args = finetune.parse_args([])
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    finetune.meta_model(args)
+    assert torch.equal(torch.rand(3), expected)

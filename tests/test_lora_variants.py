@@ -152,7 +152,8 @@ def test_a_variant_trains_saves_its_option_and_is_scored_again(flag, key, tiny_l
     assert saved[other] is False
     monkeypatch.setattr(settings, "PROJECT_DIR", tmp_path)  # the default results/ folder, in a scratch place
     evaluate_base_model.main(["--model", str(tmp_path / "run" / "final"), "--dataset", str(records_path), *SMALL])
-    evaluated = json.loads((tmp_path / "results" / "eval-run-final.json").read_text())
+    experiment = json.loads((tmp_path / "run" / "final" / "origin.json").read_text())["experiment"]
+    evaluated = json.loads((tmp_path / "results" / experiment / "eval-run-final.json").read_text())
     assert evaluated["method"] == "lora"
     assert evaluated["perplexity"] == pytest.approx(result["perplexity"], rel=1e-4)
 
