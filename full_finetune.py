@@ -143,7 +143,8 @@ def main(argv=None):
     artifacts.write_origin(runtime.output_dir, METHOD, args.model, runtime.experiment)  # what the checkpoints are
 
     # The memory plan, in one line; then the model, every weight trainable.
-    planned = plan.announce_plan(args, runtime, METHOD, models.meta_model(models.model_config(source)))
+    planned = plan.announce_plan(args, runtime, METHOD,
+                                 models.meta_model(models.model_config(args.model, args.trust_remote_code)))
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
                                   attn_implementation=args.attn_implementation)

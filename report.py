@@ -502,7 +502,7 @@ def study_files(folder, summary):
 
 def study_rate_lines(summary):
     """Per method: the learning rates tried with their validation loss, and the one picked."""
-    lines = ["", "| study method | learning rates tried: validation loss (lowest picked) | picked |",
+    lines = ["", "| study method | learning rates tried: validation loss (picked in bold) | picked |",
              "| --- | --- | --- |"]
     for method, found in summary["methods"].items():
         picked = found["picked_learning_rate"]

@@ -309,8 +309,12 @@ def second_stage_runs(study, picked):
 
 
 def pick_rate(sweep):
-    """The rate whose kept checkpoint has the lowest token-weighted validation loss (never the test set)."""
-    return min(sweep, key=lambda rate: sweep[rate]["validation_loss"])
+    """The rate whose kept checkpoint has the lowest token-weighted validation loss (never the test set); a rate
+    whose loss is not a finite number (a diverged run, or none recorded) is never picked."""
+    def loss(rate):
+        value = sweep[rate].get("validation_loss")
+        return value if value is not None and math.isfinite(value) else math.inf
+    return min(sweep, key=loss)
 
 
 # --------------------------------------------------------------------------- the summary

@@ -138,3 +138,8 @@ def test_make_study_on_a_fresh_clone_reuses_the_committed_runs_instead_of_stoppi
     assert all(study.complete_results(run) is not None for run in runs)
     recorded = json.loads(Path(runs[1].results_path).read_text())["config"]["output"]
     assert recorded != runs[1].results_path
+
+
+def test_a_diverged_rate_is_never_picked():
+    sweep = {1e-3: {"validation_loss": float("nan")}, 3e-3: {"validation_loss": 2.5}, 1e-2: {"validation_loss": None}}
+    assert study.pick_rate(sweep) == 3e-3
