@@ -64,7 +64,7 @@ def default_lora_config():
                                 use_rslora=DEFAULTS["use_rslora"], init_lora_weights=DEFAULTS["init_lora_weights"])
 
 
-def resolve_runtime(args):
+def resolve_runtime(args, device=None, gpu_bytes=None):
     """With --dtype auto and bf16 autocast on, the frozen base is held in bf16 while training, as on CUDA
     (where auto means bf16 anyway): it is never updated, and under autocast its matmuls run in bf16 either way.
     On a CPU the auto dtype is fp32, and there autocast re-cast every frozen weight to bf16 at each step and
@@ -73,7 +73,8 @@ def resolve_runtime(args):
     on the base in its own evaluation dtype (eval_dtype), as evaluate_base_model.py scores the base."""
     method = "qlora" if args.quantize == "4bit" else "lora"
     runtime = settings.training_runtime(args, method, optimizer=OPTIMIZER,
-                                        optimizer_reason="the adapters are small: plain AdamW on every device")
+                                        optimizer_reason="the adapters are small: plain AdamW on every device",
+                                        device=device)
     if args.dtype == "auto" and runtime.bf16_autocast and args.quantize == "none" and runtime.dtype != torch.bfloat16:
         runtime = dataclasses.replace(runtime, dtype=torch.bfloat16, eval_dtype=runtime.dtype)
     return method, runtime
@@ -105,6 +106,7 @@ def main(argv=None):
         model = meta_model(args)
         trainable, total = models.count_parameters(model)
         planned = plan.announce_plan(args, runtime, method, model)
+        plan.announce_gpu_plan(args, runtime, method, model, resolve_runtime)
         record = results.build_results(args, runtime, method, trainable_params=trainable, total_params=total,
                                        base_params=total - trainable, planned_memory=planned)
         results.finish(record, runtime.output)

@@ -78,7 +78,7 @@ def gpu_memory_bytes():
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
-def use_optimizer_in_backward(args, runtime):
+def use_optimizer_in_backward(args, runtime, gpu_bytes=None):
     """Whether to step the optimizer in backward (lvf.training.OptimizerInBackward): asked with on; by default
     where fp32 gradients for every weight would not fit, i.e. on one CUDA GPU below IN_BACKWARD_BELOW_GIB. Refuses what
     it cannot do: accumulate gradients (each weight is stepped as soon as its gradient of one micro-batch is
@@ -88,7 +88,7 @@ def use_optimizer_in_backward(args, runtime):
     if args.optim_in_backward == "off" or (args.optim_in_backward == "auto" and distributed):
         return False
     if args.optim_in_backward == "auto":
-        if runtime.device != "cuda" or gpu_memory_bytes() >= IN_BACKWARD_BELOW_GIB * 2**30:
+        if runtime.device != "cuda" or (gpu_bytes or gpu_memory_bytes()) >= IN_BACKWARD_BELOW_GIB * 2**30:
             return False
         why = f"on a GPU below {IN_BACKWARD_BELOW_GIB} GiB full fine-tuning steps the optimizer in backward"
     else:
@@ -104,15 +104,19 @@ def use_optimizer_in_backward(args, runtime):
     return True
 
 
-def resolve_runtime(args):
+def resolve_runtime(args, device=None, gpu_bytes=None):
     """The runtime, with the optimizer and why (runtime.optimizer_reason: recorded, and said by the pre-flight
-    and as training starts, preflight.optimizer_line), and whether it steps in backward."""
+    and as training starts, preflight.optimizer_line), and whether it steps in backward. device and gpu_bytes:
+    the runtime these flags would resolve to on another machine (plan.GPU_PLAN_BYTES's GPU, for a dry run without
+    one)."""
+    device = device or settings.requested_device(args)
     if args.optim == "auto":
-        optimizer, reason = default_optimizer_choice(settings.requested_device(args))
+        optimizer, reason = default_optimizer_choice(device)
     else:
         optimizer, reason = args.optim, "--optim"
-    runtime = settings.training_runtime(args, METHOD, optimizer, optimizer_reason=reason)
-    return METHOD, dataclasses.replace(runtime, optimizer_in_backward=use_optimizer_in_backward(args, runtime))
+    runtime = settings.training_runtime(args, METHOD, optimizer, optimizer_reason=reason, device=device)
+    in_backward = use_optimizer_in_backward(args, runtime, gpu_bytes)
+    return METHOD, dataclasses.replace(runtime, optimizer_in_backward=in_backward)
 
 
 def main(argv=None):
@@ -126,6 +130,7 @@ def main(argv=None):
         model = models.meta_model(models.model_config(args.model, args.trust_remote_code))
         trainable, total = models.count_parameters(model)
         planned = plan.announce_plan(args, runtime, METHOD, model)
+        plan.announce_gpu_plan(args, runtime, METHOD, model, resolve_runtime)
         record = results.build_results(args, runtime, METHOD, trainable_params=trainable, total_params=total,
                                        base_params=total, planned_memory=planned)
         results.finish(record, runtime.output)

@@ -335,8 +335,9 @@ def evaluation_runtime(settings, method, experiment=None):
                    output=results_path(settings, experiment, method))
 
 
-def training_runtime(settings, method, optimizer, optimizer_reason=None):
-    device = requested_device(settings)
+def training_runtime(settings, method, optimizer, optimizer_reason=None, device=None):
+    """device: where the run trains when not where these settings resolve it (a plan made for a GPU elsewhere)."""
+    device = device or requested_device(settings)
     experiment = experiment_of(settings)
     return Runtime(
         device=device,
