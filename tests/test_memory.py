@@ -57,6 +57,17 @@ def tiny_fp32_llama():
                                          dtype=torch.float32)
 
 
+def trained_breakdown(model, optim, max_steps, tokenizer, tmp_path):
+    """A few CPU steps of `model` with the kit's Trainer and collator; returns the TrainingBreakdown it filled."""
+    breakdown = memory.TrainingBreakdown()
+    arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=3,
+                                  optim=optim, use_cpu=True, report_to="none", save_strategy="no",
+                                  remove_unused_columns=False, learning_rate=1e-3)
+    training.make_trainer_class()(model=model, args=arguments, train_dataset=features(), callbacks=[breakdown],
+                                  data_collator=training.training_collator(tokenizer, "cpu")).train()
+    return breakdown
+
+
 @pytest.mark.parametrize("adapters", [False, True], ids=["full", "lora"])
 def test_fp32_adamw_breakdown_is_4_bytes_of_gradient_and_8_of_state_per_trainable_parameter(
         adapters, llama3_tokenizer, tmp_path):
@@ -65,15 +76,7 @@ def test_fp32_adamw_breakdown_is_4_bytes_of_gradient_and_8_of_state_per_trainabl
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_bytes = sum(p.numel() * 4 for p in model.parameters())
-    breakdown = memory.TrainingBreakdown()
-    arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3,
-                                  optim="adamw_torch", use_cpu=True, report_to="none", save_strategy="no",
-                                  remove_unused_columns=False, learning_rate=1e-3)
-    trainer = training.make_trainer_class()(
-        model=model, args=arguments, train_dataset=features(), callbacks=[breakdown],
-        data_collator=training.training_collator(llama3_tokenizer, "cpu"))
-    trainer.train()
-    parts = breakdown.breakdown(train_peak_bytes=10**10)
+    parts = trained_breakdown(model, "adamw_torch", 2, llama3_tokenizer, tmp_path).breakdown(train_peak_bytes=10**10)
     assert parts["weights_by_dtype"] == {"float32": total_bytes}
     assert parts["gradients"] == 4 * trainable
     # exp_avg and exp_avg_sq; AdamW's 0-dimensional `step` counters are left to `other`

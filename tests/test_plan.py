@@ -9,12 +9,12 @@ import re
 import pytest
 import torch
 from conftest import PROJECT_DIR, tiny_llama_config
-from test_training_levers import features
-from transformers import LlamaForCausalLM, TrainingArguments
+from test_memory import trained_breakdown
+from transformers import LlamaForCausalLM
 
 import finetune
 import full_finetune
-from lvf import memory, models, plan, training
+from lvf import models, plan
 
 GIB = 2**30
 N = 8_030_261_248  # Llama-3-8B's parameters
@@ -176,15 +176,7 @@ def test_the_plans_exact_parts_are_what_a_step_holds_with_8bit_adamw_on_the_cpu(
     """Weights, gradients and bitsandbytes' 8-bit AdamW states (the Trainer's fp32 override for embeddings, fp32
     states for tensors under 4,096 elements, one absmax per 256-block) as counted by the training breakdown."""
     shape, model = tiny_shape_and_model()
-    breakdown = memory.TrainingBreakdown()
-    arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3,
-                                  optim="adamw_bnb_8bit", use_cpu=True, report_to="none", save_strategy="no",
-                                  remove_unused_columns=False, learning_rate=1e-3)
-    trainer = training.make_trainer_class()(
-        model=model, args=arguments, train_dataset=features(), callbacks=[breakdown],
-        data_collator=training.training_collator(llama3_tokenizer, "cpu"))
-    trainer.train()
-    measured = breakdown.breakdown(train_peak_bytes=None)
+    measured = trained_breakdown(model, "adamw_bnb_8bit", 1, llama3_tokenizer, tmp_path).breakdown(None)
     planned = plan.plan_memory(shape, plan.Setup("full", torch.float32, "adamw_bnb_8bit", cuda=False))
     step = planned["moments"]["optimizer step"]
     assert measured["weights_by_dtype"] == {"float32": planned["weights"]}
