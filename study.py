@@ -99,7 +99,8 @@ class StudySettings:
     config: str
     name: str
     seeds: tuple
-    methods: tuple
+    methods: tuple  # the ones this invocation runs (--methods)
+    all_methods: tuple  # every method of the study file: summary.json covers each one's finished runs
     study_dir: Path
     outputs_dir: Path
     flags: tuple  # for all three scripts (after --)
@@ -119,8 +120,8 @@ class StudySettings:
         where = f"--config {args.config}"
         if not study.get("methods"):
             raise errors.UsageError(f"{where}: no study section with methods (see experiments/study-cpu.yaml)")
-        methods = tuple(method_from_file(name, entry, f"{where}: study.methods.{name}")
-                        for name, entry in study["methods"].items())
+        methods = all_methods = tuple(method_from_file(name, entry, f"{where}: study.methods.{name}")
+                                      for name, entry in study["methods"].items())
         if args.methods:
             unknown = sorted(set(args.methods) - {method.name for method in methods})
             if unknown:
@@ -130,6 +131,7 @@ class StudySettings:
         seeds = tuple(args.seeds or study.get("seeds") or (42, 43, 44))
         name = experiments.experiment_name(args.config)
         return cls(config=path_for_the_scripts(args.config), name=name, seeds=seeds, methods=methods,
+                   all_methods=all_methods,
                    study_dir=args.study_dir or PROJECT_DIR / "results" / name,
                    outputs_dir=args.outputs_dir or PROJECT_DIR / "outputs" / name,
                    flags=tuple(passed), train_flags=tuple(shlex.split(args.train_flags)),
@@ -252,7 +254,8 @@ def run_stage(study, runs, final_models="kept"):
     """Every run of a stage, finished before the stage returns: {results path: results}. The engine (lvf.scheduling:
     one at a time, or several with Ray) skips finished runs and resumes half-trained ones from their checkpoints;
     finished runs keep their results JSON and final model, not their checkpoints (unless --keep-checkpoints)."""
-    print("[study] " + scheduling.plan_summary(runs, complete_results, final_models=final_models), file=sys.stderr)
+    print("[study] " + scheduling.plan_summary(runs, complete_results, final_models=final_models,
+                                               keep_checkpoints=study.keep_checkpoints), file=sys.stderr)
     found = scheduling.run_stage(runs, workers=study.workers, address=study.ray_address,
                                  cpus_per_run=study.cpus_per_run, finished=complete_results, cwd=PROJECT_DIR)
     if not study.keep_checkpoints:
@@ -360,24 +363,28 @@ def method_summary(study, base, tried, picked, seeded, **described):
     }
 
 
-def summarize(study, finished, picked):
-    """summary.json from every finished run (finished: {results path: results}); picked: {method: rate}."""
+def summarize(study):
+    """summary.json from every finished run of every method of the study file, read from the study folder: not
+    only this invocation's --methods, so two study processes running different methods each write the whole
+    study. A method whose sweep is not finished yet has no picked rate, and is left out until it is."""
     def done(run):
-        path = Path(run.results_path)
-        return (path, finished[path]) if path in finished else None
+        found = complete_results(run)
+        return (Path(run.results_path), found) if found is not None else None
 
     base_path = Path(base_run(study).results_path)
-    base = finished[base_path]
+    base = complete_results(base_run(study))
     summary = {"experiment": study.name, "config_file": study.config,
                "settings": {"seeds": list(study.seeds), "flags": list(study.flags),
                             "train_flags": list(study.train_flags), "study": study.contents.get("study")},
                "base": {**where(study, base_path), "perplexity": base["perplexity"],
                         "general_perplexity": base.get("general_perplexity")},
                "methods": {}}
-    for method in study.methods:
+    for method in study.all_methods:
         tried = {rate: found for rate in method.learning_rates
                  if (found := done(train_run(study, method.name, method.script, method.flags, rate, study.seeds[0])))}
-        rate = picked[method.name]
+        if len(tried) < len(method.learning_rates):
+            continue
+        rate = pick_rate({rate: run for rate, (_, run) in tried.items()})
         described = {"script": method.script, "family": method.name, "rank": method.rank}
         seeded = [found for seed in study.seeds
                   if (found := done(train_run(study, method.name, method.script, method.flags, rate, seed)))]
@@ -405,15 +412,19 @@ def write_summary(study, summary, start):
     results.write_atomic(study.study_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
+def planned_second_stage(study):
+    """Stage 2 as if each method picked its grid's middle rate: its runs differ from the real ones only in their
+    rates and in how many neighbours are checked (one or two a rank), so it counts them and checks their flags."""
+    return second_stage_runs(study, {method.name: method.learning_rates[len(method.learning_rates) // 2]
+                                     for method in study.methods})
+
+
 def print_plan(study):
     """What --dry-run prints: every run of stage 1 with its command (checked by its script's parser), and what
     stage 2 will add once the rates are picked."""
-    first = sweep_runs(study)
-    for run in first:
+    first, later = sweep_runs(study), planned_second_stage(study)
+    for run in first + later:
         script_of(run).parse_args(list(run.argv))  # a bad flag in the study file stops here, with its line
-    # How many stage 2 makes depends on the picks only through the neighbour checks (one or two rates each).
-    later = len(second_stage_runs(study, {method.name: method.learning_rates[len(method.learning_rates) // 2]
-                                          for method in study.methods}))
     print(f"[study] {study.name}: results in {settings.display_path(study.study_dir)}, checkpoints and final "
           f"artifacts in {settings.display_path(study.outputs_dir)}")
     print(f"[study] stage 1: {len(first)} runs (the base model, then each method's learning rates at seed "
@@ -421,7 +432,7 @@ def print_plan(study):
     for run in first:
         shown = [settings.display_path(word) if word.startswith(str(PROJECT_DIR)) else word for word in run.argv]
         print(f"  python {Path(run.script).name} {shlex.join(shown)}")
-    print(f"[study] stage 2, at each method's picked rate: about {later} runs (seeds "
+    print(f"[study] stage 2, at each method's picked rate: about {len(later)} runs (seeds "
           f"{', '.join(map(str, study.seeds[1:]))}; other ranks at every seed; the picked rate's neighbours at the "
           "smallest and largest rank)")
 
@@ -431,6 +442,8 @@ def main(argv=None):
     if study.dry_run:
         return print_plan(study)
     start = time.perf_counter()
+    print(f"[study] {study.name}: {len(sweep_runs(study))} runs in stage 1, about {len(planned_second_stage(study))} "
+          f"in stage 2; results in {settings.display_path(study.study_dir)}", file=sys.stderr)
     finished = run_stage(study, sweep_runs(study), final_models="kept until the rates are picked")
     picked = {}
     for method in study.methods:
@@ -438,9 +451,9 @@ def main(argv=None):
                                                study.seeds[0]).results_path)] for rate in method.learning_rates}
         picked[method.name] = pick_rate(sweep)
     drop_unpicked_full_models(study, picked)
-    write_summary(study, summarize(study, finished, picked), start)
-    finished.update(run_stage(study, second_stage_runs(study, picked)))
-    write_summary(study, summarize(study, finished, picked), start)
+    write_summary(study, summarize(study), start)
+    run_stage(study, second_stage_runs(study, picked))
+    write_summary(study, summarize(study), start)
     print(f"[study] wrote {settings.display_path(study.study_dir / 'summary.json')} in "
           f"{math.ceil((time.perf_counter() - start) / 60)} min")
 

@@ -117,11 +117,11 @@ def choose_engine(engine, workers, address):
     return "serial"
 
 
-def plan_summary(runs, finished=results_complete, final_models="kept"):
+def plan_summary(runs, finished=results_complete, final_models="kept", keep_checkpoints=False):
     """What a stage will make, said before it starts: how many runs, how many are finished already or will
     resume, and what each writes where. final_models says what becomes of the final models (the study knows,
-    e.g. "kept for the picked learning rate only"). Checkpoints are said to be deleted once a run finishes:
-    the study does that with lvf.checkpoints.prune_outputs."""
+    e.g. "kept for the picked learning rate only"); checkpoints are deleted once a run finishes (the study does
+    that with lvf.checkpoints.prune_outputs) unless keep_checkpoints."""
     runs = list(runs)
     done = [run for run in runs if finished(run) is not None]
     to_run = [run for run in runs if run not in done]
@@ -135,8 +135,9 @@ def plan_summary(runs, finished=results_complete, final_models="kept"):
     if training:
         folders = sorted({str(Path(run.output_dir).parent) for run in training})
         held = sum(folder_bytes(run.output_dir) for run in training if Path(run.output_dir).is_dir())
-        lines.append(f"  {len(training)} of them train, in {', '.join(folders)}: checkpoints while training, deleted "
-                     f"when the run finishes; final models {final_models}"
+        lines.append(f"  {len(training)} of them train, in {', '.join(folders)}: checkpoints while training, "
+                     + ("kept (--keep-checkpoints)" if keep_checkpoints else "deleted when the run finishes")
+                     + f"; final models {final_models}"
                      + (f" ({held / 1e9:.2f} GB there already)" if held else ""))
     return "\n".join(lines)
 

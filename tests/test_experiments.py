@@ -143,3 +143,13 @@ def test_make_study_on_a_fresh_clone_reuses_the_committed_runs_instead_of_stoppi
 def test_a_diverged_rate_is_never_picked():
     sweep = {1e-3: {"validation_loss": float("nan")}, 3e-3: {"validation_loss": 2.5}, 1e-2: {"validation_loss": None}}
     assert study.pick_rate(sweep) == 3e-3
+
+
+def test_the_dry_run_checks_the_second_stage_flags_too(tmp_path, capsys):
+    # A rank only the second stage trains at: before, the dry run checked the sweep's commands only and passed.
+    bad = tmp_path / "study-bad-rank.yaml"
+    bad.write_text("name: study-bad-rank\nstudy:\n  methods:\n    lora:\n      script: finetune\n"
+                   "      learning_rates: [1.0e-3, 3.0e-3]\n      ranks: [0]\n")
+    with pytest.raises(SystemExit):
+        study.main(["--config", str(bad), "--dry-run"])
+    assert "--lora-r" in capsys.readouterr().err

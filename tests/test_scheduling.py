@@ -273,6 +273,9 @@ def test_plan_summary_counts_the_runs_before_anything_runs(tmp_path, stand_in):
     plan = scheduling.plan_summary(runs, final_models="kept for the picked rate only")
     assert plan.splitlines()[0] == "4 run(s): 1 finished already, 3 to run (1 resuming from a checkpoint)"
     assert "final models kept for the picked rate only" in plan
+    assert "checkpoints while training, deleted when the run finishes" in plan
+    kept = scheduling.plan_summary(runs, final_models="kept", keep_checkpoints=True)
+    assert "checkpoints while training, kept (--keep-checkpoints)" in kept and "deleted" not in kept
 
 
 def test_prune_outputs_keeps_the_final_model_only_when_asked(tmp_path):

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 
@@ -99,6 +100,22 @@ def test_the_full_models_of_unpicked_rates_are_not_kept(smoke):
     for rate in summary["methods"]["full"]["learning_rates"]:
         final = folder / "outputs" / "full" / f"lr-{rate}-seed-42" / "final"
         assert final.is_dir() == (rate == picked)
+
+
+def test_a_study_of_some_methods_writes_the_summary_of_every_methods_finished_runs(smoke, tmp_path):
+    # Two study processes, each given some --methods, share one summary.json: whichever writes it last, it holds
+    # every method whose runs are finished, not only its own.
+    folder, argv = smoke
+    shutil.copytree(folder / "results", tmp_path / "results")
+    whole = json.loads((folder / "results" / "summary.json").read_text())
+    study.main(["--config", SMOKE, "--methods", "full", "--study-dir", str(tmp_path / "results"),
+                "--outputs-dir", str(tmp_path / "outputs"), *argv[argv.index("--"):]])
+    written = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert set(written["methods"]) == set(whole["methods"]) == {*METHODS, "lora-all-linear-r4"}
+    for name, method in whole["methods"].items():
+        assert written["methods"][name]["picked_learning_rate"] == method["picked_learning_rate"]
+        assert [run["perplexity"] for run in written["methods"][name]["runs"]] == [
+            run["perplexity"] for run in method["runs"]]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (requirements-dev.txt)")
