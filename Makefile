@@ -41,8 +41,8 @@ demo: $(STAMP)
 	$(PY) report.py --config $(DEMO) && \
 	echo "[demo] done in $$(( $$(date +%s) - start )) s: results/demo-cpu/, its plots and the README block"
 
-# The study: each method at four learning rates (picked on validation loss), the picked rate at three seeds, LoRA's
-# other ranks. Rerun after an interruption: finished runs are skipped, a half-trained one resumes from its checkpoint.
+# The study: each method at three learning rates (picked on validation loss), the picked rate at two seeds, LoRA's
+# other ranks (experiments/study-cpu.yaml). Rerun after an interruption: finished runs are skipped, a half-trained one resumes from its checkpoint.
 # make study WORKERS=2 runs two at once with Ray (requirements-dev.txt installs it).
 study: $(STAMP)
 	@start=$$(date +%s); \

@@ -57,8 +57,7 @@ def test_smoke_study_picks_each_rate_on_validation_and_trains_it_at_every_seed(s
             assert run["forgetting"]["examples"] == 2
             assert not list((folder / "outputs" / method / f"lr-{best}-seed-{run['seed']}").glob("checkpoint-*"))
     lora = json.loads(next((folder / "results" / "lora-all-linear").glob("*.json")).read_text())
-    qkvo = json.loads(next((folder / "results" / "lora-qkvo").glob("*.json")).read_text())
-    assert lora["config"]["lora_targets"] == "all-linear" and lora["trainable_params"] > qkvo["trainable_params"]
+    assert lora["config"]["lora_targets"] == "all-linear"
 
 
 def test_the_rank_axis_trains_the_picked_rate_at_every_seed_and_checks_its_neighbour(smoke):
