@@ -160,12 +160,18 @@ def group_runs(runs, variant_keys):
     for run in runs:
         variant = tuple((key, setting(run, key)) for key in variant_keys)
         found.setdefault((run["method"], variant), []).append(run)
-    ordered = sorted(found.items(), key=lambda item: (method_rank(item[0][0]), item[0][0], repr(item[0][1])))
+    ordered = sorted(found.items(), key=lambda item: (method_rank(item[0][0]), item[0][0], variant_order(item[0][1])))
     groups = [Group(method, variant, sorted(members, key=run_order))
               for (method, variant), members in ordered]
     for group in groups:
         group.label = group_label(group, groups)
     return groups
+
+
+def variant_order(variant):
+    """Variants in the order of their settings, numbers by value (r 4 before r 16), other values as text."""
+    return tuple((key, (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool)
+                  else (1, 0, repr(value))) for key, value in variant)
 
 
 def run_order(run):

@@ -146,6 +146,14 @@ def test_runs_of_one_method_with_different_variants_are_kept_apart(tmp_path):
     assert row(rows, "| LoRA (lr 0.001, targets all-linear) − Zero-shot")
 
 
+def test_ranks_are_listed_by_value_not_as_text(tmp_path):
+    runs = {"base": fake_run("base", 1.0)}
+    runs |= {f"lora-r{rank}": fake_run("lora", 0.7, config={"lora_r": rank}, **LORA) for rank in (64, 16, 4, 1)}
+    rows, _ = render(tmp_path, *at(write_runs(tmp_path / "results", runs)))
+    assert [line.split(" | ")[0] for line in rows[3:7]] == ["| LoRA (r 1)", "| LoRA (r 4)", "| LoRA (r 16)",
+                                                             "| LoRA (r 64)"]
+
+
 def test_seeds_of_one_variant_form_one_group_with_mean_and_sd(tmp_path):
     runs = {"base": fake_run("base", 1.0)}
     runs |= {f"lora-{seed}": fake_run("lora", scale, seed=seed, **LORA)
