@@ -9,6 +9,7 @@ TF517 := .venv-tf517
 DEMO := experiments/demo-cpu.yaml
 STUDY := experiments/study-cpu.yaml
 WORKERS ?= 1
+TEST_PROCESSES ?= 2
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: test demo study lint
@@ -27,7 +28,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-tf517.txt
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) report.py --check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,7 @@
 results record the file, and each experiment writes into its own folder (never into a committed demo's)."""
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -130,11 +131,16 @@ def test_a_fresh_gpu_study_plans_without_stopping(capsys):
     assert out.count("python finetune.py --config experiments/study-llama3-8b-dolly.yaml") == 8
 
 
-def test_make_study_on_a_fresh_clone_reuses_the_committed_runs_instead_of_stopping():
+def test_make_study_on_a_fresh_clone_reuses_the_committed_runs_instead_of_stopping(tmp_path):
     # The committed runs were written elsewhere (another clone, the folder before it moved): where a run wrote is
-    # not what it computed, so they count as done, and only runs the study file adds are trained.
-    planned = study.parse_args(["--config", "experiments/study-cpu.yaml"])
-    runs = study.sweep_runs(planned)
+    # not what it computed, so they count as done, and `make study` trains nothing again. The copy makes "elsewhere"
+    # true here too.
+    shutil.copytree(PROJECT_DIR / "results" / "study-cpu", tmp_path / "study-cpu")
+    planned = study.parse_args(["--config", "experiments/study-cpu.yaml", "--study-dir", str(tmp_path / "study-cpu"),
+                                "--outputs-dir", str(tmp_path / "outputs")])
+    summary = json.loads((tmp_path / "study-cpu" / "summary.json").read_text())
+    picked = {method.name: summary["methods"][method.name]["picked_learning_rate"] for method in planned.methods}
+    runs = study.sweep_runs(planned) + study.second_stage_runs(planned, picked)
     assert all(study.complete_results(run) is not None for run in runs)
     recorded = json.loads(Path(runs[1].results_path).read_text())["config"]["output"]
     assert recorded != runs[1].results_path
