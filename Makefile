@@ -9,6 +9,7 @@ TF517 := .venv-tf517
 DEMO := experiments/demo-cpu.yaml
 STUDY := experiments/study-cpu.yaml
 WORKERS ?= 1
+# pytest in 2 processes (pytest-xdist), each test file in one of them so its module fixtures are built once.
 TEST_PROCESSES ?= 2
 export HF_HUB_OFFLINE ?= 1
 
@@ -28,7 +29,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-tf517.txt
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) report.py --check
-	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -14,17 +14,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # two threads collapse when another process is busy
 
-# make test runs pytest in 2 processes (pytest-xdist, --dist loadgroup): each test file stays in one process, so its
-# module-scoped fixtures (the smoke study, the end-to-end runs) are built once; the files that start Ray share one.
-ONE_PROCESS_GROUPS = {"test_scheduling.py": "ray", "test_study.py": "ray"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(ONE_PROCESS_GROUPS.get(name, name)))
-
-
 DEMO_RECORDS = PROJECT_DIR / "data" / "demo.jsonl"
 REAL_DOLLY = PROJECT_DIR.parent / "shared" / "dolly" / "dolly-subset.jsonl"
 
