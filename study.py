@@ -444,14 +444,11 @@ def main(argv=None):
     start = time.perf_counter()
     print(f"[study] {study.name}: {len(sweep_runs(study))} runs in stage 1, about {len(planned_second_stage(study))} "
           f"in stage 2; results in {settings.display_path(study.study_dir)}", file=sys.stderr)
-    finished = run_stage(study, sweep_runs(study), final_models="kept until the rates are picked")
-    picked = {}
-    for method in study.methods:
-        sweep = {rate: finished[Path(train_run(study, method.name, method.script, method.flags, rate,
-                                               study.seeds[0]).results_path)] for rate in method.learning_rates}
-        picked[method.name] = pick_rate(sweep)
+    run_stage(study, sweep_runs(study), final_models="kept until the rates are picked")
+    summary = summarize(study)  # every method's sweep is finished now, so each has its picked rate
+    picked = {method.name: summary["methods"][method.name]["picked_learning_rate"] for method in study.methods}
     drop_unpicked_full_models(study, picked)
-    write_summary(study, summarize(study), start)
+    write_summary(study, summary, start)
     run_stage(study, second_stage_runs(study, picked))
     write_summary(study, summarize(study), start)
     print(f"[study] wrote {settings.display_path(study.study_dir / 'summary.json')} in "
