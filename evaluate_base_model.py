@@ -9,7 +9,7 @@ adapter or model folder, recorded under the method that trained it.
 from pathlib import Path
 
 import common
-from lvf import adapters, artifacts, errors, memory, models, preflight, results, settings
+from lvf import adapters, artifacts, errors, memory, models, preflight, results, scoring, settings
 
 METHOD = "base"
 
@@ -66,8 +66,8 @@ def main(argv=None):
         model = model.to(runtime.device)
 
     with memory.PhasePeak(runtime.device) as eval_peak:
-        evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
-                                           desc=f"evaluate {method}", general_examples=examples["general"])
+        evaluation = scoring.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
+                                            desc=f"evaluate {method}", general_examples=examples["general"])
     peak = results.process_peak_fields(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **evaluation, **recorded, total_params=total,

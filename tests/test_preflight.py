@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from test_readme_commands import expanded_lines, script_invocations
 
+import common
 import evaluate_base_model
 import finetune
 import full_finetune
-from lvf import errors, hub, models, preflight, settings
+from lvf import errors, models, preflight, settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SCRIPTS = {"finetune.py": finetune, "full_finetune.py": full_finetune, "evaluate_base_model.py": evaluate_base_model}
@@ -62,7 +63,7 @@ def downloaded(tmp_path, monkeypatch):
     for folder in ("models--meta-llama--Meta-Llama-3-8B-Instruct", "datasets--databricks--databricks-dolly-15k",
                    "datasets--Salesforce--wikitext"):
         (cache / folder).mkdir(parents=True)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(common, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(preflight, "get_token", lambda: "hf_" + "x" * 30)
     monkeypatch.setattr(preflight, "is_offline_mode", lambda: False)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**13, 0, 10**13))
@@ -157,7 +158,7 @@ def test_a_gated_model_needs_a_hub_token(downloaded, monkeypatch):
 
 
 def test_offline_data_and_general_text_name_their_flags(tmp_path, monkeypatch):
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # nothing cached; the tests run with HF_HUB_OFFLINE=1
+    monkeypatch.setattr(common, "HF_HUB_CACHE", str(tmp_path))  # nothing cached; the tests run with HF_HUB_OFFLINE=1
     args = evaluate_base_model.parse_args(["--dry-run"])
     found = problems(preflight.data_findings(args, "base"))
     assert found[0].startswith("--dataset databricks/databricks-dolly-15k is not in the Hub cache")
