@@ -9,14 +9,13 @@ adapter or model folder, recorded under the method that trained it.
 from pathlib import Path
 
 import common
-from lvf import adapters, artifacts, errors, memory, models, preflight, results, scoring, settings
+from lvf import adapters, artifacts, base, errors, memory, models, preflight, results, scoring, settings
 
-METHOD = "base"
+METHOD = base.METHOD
 
 
 def parse_args(argv=None):
-    parser = settings.evaluation_parser(settings.description(__doc__), METHOD)
-    return settings.parse(parser, argv, sections=("shared", "evaluate_base_model"))
+    return base.parse_args(argv, about=settings.description(__doc__))
 
 
 def load_scored_model(args, artifact, source, runtime):
