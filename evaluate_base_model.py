@@ -9,7 +9,7 @@ adapter or model folder, recorded under the method that trained it.
 from pathlib import Path
 
 import common
-from lvf import adapters, artifacts, base, errors, memory, models, preflight, results, scoring, settings
+from lvf import adapters, artifacts, base, dry_run, errors, memory, models, results, scoring, settings
 
 METHOD = base.METHOD
 
@@ -44,11 +44,8 @@ def main(argv=None):
                     trainable_params=0 if artifact is None else None)  # an artifact's training has its own results
 
     if args.dry_run:
-        _, total = models.count_parameters(models.meta_model(models.model_config(weights_from,
-                                                                                 args.trust_remote_code)))
-        record = results.build_results(args, runtime, method, **recorded, total_params=total, base_params=total)
-        results.finish(record, runtime.output)
-        return preflight.report_and_exit_code(args, runtime, method, params=total, trainable=0, model=weights_from)
+        model = models.meta_model(models.model_config(weights_from, args.trust_remote_code))
+        return dry_run.dry_run(args, runtime, method, model, model_name=weights_from, **recorded)
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     source = models.check_model_source(weights_from)

@@ -5,7 +5,7 @@
 """
 
 import common
-from lvf import adapters, artifacts, errors, lora, memory, models, plan, preflight, results, settings, training
+from lvf import adapters, artifacts, dry_run, errors, lora, memory, models, plan, results, settings, training
 
 
 def parse_args(argv=None):
@@ -18,16 +18,8 @@ def main(argv=None):
     results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
     training.start_run(args, runtime)
 
-    if args.dry_run:  # counted unquantised: 4-bit storage does not change the parameter counts
-        model = lora.meta_model(args)
-        trainable, total = models.count_parameters(model)
-        planned = plan.announce_plan(args, runtime, method, model)
-        plan.announce_gpu_plan(args, runtime, method, model, lora.resolve_runtime)
-        record = results.build_results(args, runtime, method, trainable_params=trainable, total_params=total,
-                                       base_params=total - trainable, planned_memory=planned)
-        results.finish(record, runtime.output)
-        return preflight.report_and_exit_code(args, runtime, method, params=total - trainable, trainable=trainable,
-                                              planned_memory=planned)
+    if args.dry_run:
+        return dry_run.dry_run(args, runtime, method, lora.meta_model(args), lora.resolve_runtime)
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
     # read before the tokenizer, so a data error shows in milliseconds.

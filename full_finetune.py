@@ -6,7 +6,7 @@
 """
 
 import common
-from lvf import artifacts, errors, full, memory, models, plan, preflight, results, settings, training
+from lvf import artifacts, dry_run, errors, full, memory, models, plan, results, settings, training
 
 
 def parse_args(argv=None):
@@ -22,14 +22,7 @@ def main(argv=None):
 
     if args.dry_run:
         model = models.meta_model(models.model_config(args.model, args.trust_remote_code))
-        trainable, total = models.count_parameters(model)
-        planned = plan.announce_plan(args, runtime, method, model)
-        plan.announce_gpu_plan(args, runtime, method, model, full.resolve_runtime)
-        record = results.build_results(args, runtime, method, trainable_params=trainable, total_params=total,
-                                       base_params=total, planned_memory=planned)
-        results.finish(record, runtime.output)
-        return preflight.report_and_exit_code(args, runtime, method, params=total, trainable=trainable,
-                                              planned_memory=planned)
+        return dry_run.dry_run(args, runtime, method, model, full.resolve_runtime)
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
     # read before the tokenizer, so a data error shows in milliseconds.
