@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
-from lvf import base, checkpoints, errors, experiments, full, lora, results, scheduling, settings
+from lvf import base, checkpoints, defaults, errors, experiments, full, lora, results, scheduling, settings
 from lvf.scheduling import Run
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -165,7 +165,7 @@ def method_from_file(name, entry, where):
     ranks = tuple(int(rank) for rank in entry.get("ranks") or ())
     if ranks and entry["script"] != "finetune":
         raise errors.UsageError(f"{where}: ranks apply to LoRA (script: finetune) only")
-    own_rank = int(flags.get("lora_r", lora.DEFAULTS["lora_r"])) if entry["script"] == "finetune" else None
+    own_rank = int(flags.get("lora_r", defaults.LORA.lora_r)) if entry["script"] == "finetune" else None
     return Method(name=name, script=entry["script"], flags=tuple(command_line(flags)), learning_rates=rates,
                   ranks=tuple(sorted(set(ranks) - {own_rank})), rank=own_rank)
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from lvf import adapters, errors, lora, models, results, settings  # noqa: E402
+from lvf import adapters, defaults, errors, lora, models, results, settings  # noqa: E402
 
 CONTENDERS = ("ours", "trl", "writeup")  # trl and writeup run in bench/throughput_worker.py
 METHODS = ("lora", "full")
@@ -364,7 +364,7 @@ def main(argv=None):
         expected = expected_work(tokenizer, records, args.max_length)
         params = models.count_parameters(models.meta_model(models.model_config(model_source)))[1]
         lora_model = adapters.add_adapters(models.meta_model(models.model_config(model_source)),
-                                           lora.default_lora_config(), lora.DEFAULTS["lora_targets"])
+                                           lora.default_lora_config(), defaults.LORA.lora_targets)
         adapter_params = models.count_parameters(lora_model)[0]
         peak_size = 1024 if args.quick else 2048
         peaks = {name: matmul_peak(name, peak_size) for name in ("float32", "bfloat16")}

@@ -21,7 +21,7 @@ from peft import get_peft_model  # noqa: E402
 from transformers import TrainingArguments, default_data_collator  # noqa: E402
 
 import common  # noqa: E402
-from lvf import errors, full, lora, memory, models, results, settings, training, writeup  # noqa: E402
+from lvf import defaults, errors, full, lora, memory, models, results, settings, training, writeup  # noqa: E402
 
 CONTENDERS = ("trl", "writeup")
 METHODS = {"lora": lora, "full": full}  # each method as its script runs it
@@ -62,7 +62,7 @@ def shared_hyperparameters(args):
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
-        learning_rate=METHODS[args.method].DEFAULTS["learning_rate"],
+        learning_rate={"lora": defaults.LORA, "full": defaults.FULL}[args.method].learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=training.warmup_steps(args.steps),
         optim="adamw_torch",

@@ -9,13 +9,9 @@ import sys
 
 import torch
 
-from lvf import errors, results, settings
+from lvf import defaults, errors, results, settings
 
 METHOD = "full"
-# full_finetune.py's defaults where they differ from the shared flags' (the study and bench/ read them here too);
-# with the shared flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks
-# that). 4 examples a step in one micro-batch: the optimizer step in backward (below) cannot accumulate gradients.
-DEFAULTS = {"learning_rate": 1e-5, "batch_size": 4, "grad_accum": 1}
 # GPUs with less memory than this step the optimizer in backward by default: Llama 3 8B's fp32 weights, fp32
 # gradients and 8-bit AdamW states alone are 80.6 GB (docs/performance.md, "Full fine-tuning on one 80 GB GPU").
 IN_BACKWARD_BELOW_GIB = 100
@@ -28,7 +24,7 @@ def parse_args(argv=None, about=None):
     """full_finetune.py's Settings from argv (about: its --help description; the study and the bench parse
     without)."""
     parser = settings.evaluation_parser(about, METHOD, dtype_help=DTYPE_HELP)
-    group = settings.add_training_flags(parser, METHOD, **DEFAULTS)
+    group = settings.add_training_flags(parser, METHOD, **dataclasses.asdict(defaults.FULL))
     group.add_argument("--optim", default="auto",
                        help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch "
                             "under FSDP or DeepSpeed), else adamw_torch; the run says which it uses and why")

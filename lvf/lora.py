@@ -6,38 +6,32 @@ import dataclasses
 
 import torch
 
-from lvf import adapters, models, settings
+from lvf import adapters, defaults, models, settings
 
-# finetune.py's defaults where they differ from the shared flags' (the study, bench/ and the memory plan read
-# them here too); with the shared flags' they are experiments/llama3-8b-dolly.yaml's experiment
-# (tests/test_experiments.py checks that).
-DEFAULTS = {"learning_rate": 2e-4, "batch_size": 4, "grad_accum": 1,
-            "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_targets": "q_proj,k_proj,v_proj,o_proj",
-            "use_dora": False, "use_rslora": False, "init_lora_weights": "true"}
 OPTIMIZER = "adamw_torch"  # the adapters are small: plain AdamW, on every device
 
 
 def parse_args(argv=None, about=None):
     """finetune.py's Settings from argv (about: its --help description; the study and the bench parse without)."""
     parser = settings.evaluation_parser(about, "lora")
-    settings.add_training_flags(parser, "lora", learning_rate=DEFAULTS["learning_rate"],
-                                batch_size=DEFAULTS["batch_size"], grad_accum=DEFAULTS["grad_accum"])
+    settings.add_training_flags(parser, "lora", learning_rate=defaults.LORA.learning_rate,
+                                batch_size=defaults.LORA.batch_size, grad_accum=defaults.LORA.grad_accum)
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora-r", type=settings.positive_int, default=DEFAULTS["lora_r"], help="LoRA rank")
-    group.add_argument("--lora-alpha", type=settings.positive_float, default=DEFAULTS["lora_alpha"],
+    group.add_argument("--lora-r", type=settings.positive_int, default=defaults.LORA.lora_r, help="LoRA rank")
+    group.add_argument("--lora-alpha", type=settings.positive_float, default=defaults.LORA.lora_alpha,
                        help="LoRA alpha (scale alpha/r)")
-    group.add_argument("--lora-dropout", type=settings.dropout_rate, default=DEFAULTS["lora_dropout"],
+    group.add_argument("--lora-dropout", type=settings.dropout_rate, default=defaults.LORA.lora_dropout,
                        help="dropout on the LoRA input")
-    group.add_argument("--lora-targets", default=DEFAULTS["lora_targets"],
+    group.add_argument("--lora-targets", default=defaults.LORA.lora_targets,
                        help="comma-separated module names that get adapters, or all-linear (peft: every linear "
                             "layer but the output layer)")
     group.add_argument("--quantize", choices=["none", "4bit"], default="none",
                        help="4bit: QLoRA (NF4, double quantisation, bf16 compute; needs bitsandbytes)")
-    group.add_argument("--use-dora", action="store_true",
+    group.add_argument("--use-dora", action="store_true", default=defaults.LORA.use_dora,
                        help="DoRA (peft): also trains a magnitude per output feature of each adapted module")
-    group.add_argument("--use-rslora", action="store_true",
+    group.add_argument("--use-rslora", action="store_true", default=defaults.LORA.use_rslora,
                        help="rank-stabilised LoRA (peft): scale alpha/sqrt(r) instead of alpha/r")
-    group.add_argument("--init-lora-weights", choices=adapters.INIT_CHOICES, default=DEFAULTS["init_lora_weights"],
+    group.add_argument("--init-lora-weights", choices=adapters.INIT_CHOICES, default=defaults.LORA.init_lora_weights,
                        help="peft's adapter init: true (A random, B zero), gaussian (A normal with sd 1/r), pissa "
                             "(A, B from the weight's top-r singular vectors, subtracted from the weight), olora "
                             "(from a QR decomposition, likewise); pissa and olora not with --quantize 4bit")
@@ -57,10 +51,8 @@ def lora_config(args):
 
 
 def default_lora_config():
-    """The adapters this script adds when no LoRA flag is given."""
-    return adapters.lora_config(DEFAULTS["lora_r"], DEFAULTS["lora_alpha"], DEFAULTS["lora_dropout"],
-                                DEFAULTS["lora_targets"], use_dora=DEFAULTS["use_dora"],
-                                use_rslora=DEFAULTS["use_rslora"], init_lora_weights=DEFAULTS["init_lora_weights"])
+    """The adapters finetune.py adds when no LoRA flag is given."""
+    return lora_config(defaults.LORA)
 
 
 def resolve_runtime(args, device=None, gpu_bytes=None):

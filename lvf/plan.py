@@ -526,12 +526,10 @@ SINGLE_GPU_END = "<!-- memory-plan:end -->"
 
 
 def llama3_8b_lora_shape():
-    from lvf import adapters, models
+    from lvf import adapters, defaults, lora, models
 
     meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
-    # finetune.py's defaults: r=16, alpha 32, dropout 0.05 on q/k/v/o
-    config = adapters.lora_config(16, 32, 0.05, "q_proj,k_proj,v_proj,o_proj")
-    return ModelShape.from_model(adapters.add_adapters(meta, config, "q_proj,k_proj,v_proj,o_proj"))
+    return ModelShape.from_model(adapters.add_adapters(meta, lora.default_lora_config(), defaults.LORA.lora_targets))
 
 
 def single_gpu_rows():

@@ -56,9 +56,11 @@ def test_a_flag_overrides_its_file():
     assert full_finetune.parse_args(["--config", str(demo)]).learning_rate == 5e-5
 
 
-def test_the_gpu_file_is_the_scripts_defaults():
+def test_the_gpu_file_is_the_scripts_defaults_and_repeats_none_of_them():
     for module in SCRIPTS:
         assert as_dict(module.parse_args(["--config", str(GPU)])) == as_dict(module.parse_args([]))
+    # Each default lives in one place (lvf/settings.py, lvf/defaults.py): the file names the experiment only.
+    assert experiments.flag_values(GPU, ("shared", "training", *experiments.SCRIPT_SECTIONS)) == {}
 
 
 def write(tmp_path, text):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import finetune
-from lvf import adapters, lora, models
+from lvf import adapters, defaults, lora, models
 
 LLAMA_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -38,7 +38,7 @@ def llama_8b_shapes():
 
 def test_lora_and_dora_counts_follow_from_the_shapes(tmp_path, llama_8b_shapes):
     layers, shapes = llama_8b_shapes
-    rank = lora.DEFAULTS["lora_r"]
+    rank = defaults.LORA.lora_r
     # LoRA: A (r x in) and B (out x r) per adapted module; DoRA adds one magnitude per output feature.
     lora_params = layers * sum(rank * (fan_in + fan_out) for fan_in, fan_out in (shapes[name] for name in QKVO))
     magnitudes = layers * sum(shapes[name][1] for name in QKVO)
@@ -176,4 +176,4 @@ def test_report_groups_variants_apart_and_old_runs_with_the_defaults(tmp_path):
     plain = next(line for line in rows if line.startswith("| LoRA (DoRA False, rsLoRA False, init true) |"))
     assert "| 42, 43 |" in plain  # the old run and the one with the defaults named are one group
     assert set(report.SETTING_DEFAULTS) <= set(report.VARIANT_KEYS.split(","))
-    assert report.SETTING_DEFAULTS == {key: lora.DEFAULTS[key] for key in report.SETTING_DEFAULTS}
+    assert report.SETTING_DEFAULTS == {key: getattr(defaults.LORA, key) for key in report.SETTING_DEFAULTS}
