@@ -423,8 +423,8 @@ GPU_PLAN_BYTES = 80 * 10**9  # the GPU a dry run without one plans for: an 80 GB
 
 def announce_gpu_plan(settings, runtime, method, model, resolve_runtime):
     """On a machine without CUDA where the user did not ask for the CPU, a dry run also prints the plan of these
-    flags on one 80 GB GPU, resolved by the script's own resolve_runtime(settings, device, gpu_bytes): what the run
-    would need where it is meant to run. Returns that plan, or None."""
+    flags on one 80 GB GPU, resolved by the method's own resolve_runtime(settings, device, gpu_bytes) (lvf.lora's or
+    lvf.full's): what the run would need where it is meant to run. Returns that plan, or None."""
     if runtime.device != "cpu" or getattr(settings, "device", "auto") != "auto":
         return None
     _, on_gpu = resolve_runtime(settings, device="cuda", gpu_bytes=GPU_PLAN_BYTES)
