@@ -36,6 +36,9 @@ class FullDefaults:
     learning_rate: float = 1e-5
     batch_size: int = 4
     grad_accum: int = 1
+    # fp32 master weights, bf16 compute (autocast, on by default on CUDA): in bf16 weights most AdamW updates at
+    # lr 1e-5 are smaller than half a bf16 step of the weight and round away (README: memory per option).
+    dtype: str = "float32"
 
 
 LORA = LoraDefaults()

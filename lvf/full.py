@@ -24,7 +24,8 @@ def parse_args(argv=None, about=None):
     """full_finetune.py's Settings from argv (about: its --help description; the study and the bench parse
     without)."""
     parser = settings.evaluation_parser(about, METHOD, dtype_help=DTYPE_HELP)
-    group = settings.add_training_flags(parser, METHOD, **dataclasses.asdict(defaults.FULL))
+    group = settings.add_training_flags(parser, METHOD, learning_rate=defaults.FULL.learning_rate,
+                                        batch_size=defaults.FULL.batch_size, grad_accum=defaults.FULL.grad_accum)
     group.add_argument("--optim", default="auto",
                        help="Trainer optimizer; auto = paged_adamw_8bit on CUDA with bitsandbytes (adamw_torch "
                             "under FSDP or DeepSpeed), else adamw_torch; the run says which it uses and why")
@@ -33,9 +34,7 @@ def parse_args(argv=None, about=None):
                             "so no fp32 gradients are held (Llama 3 8B fits one 80 GB GPU); needs --grad-accum 1 "
                             "and one process, and clips no gradients. auto: on with a CUDA GPU below "
                             f"{IN_BACKWARD_BELOW_GIB} GiB, off on larger GPUs and on CPU")
-    # fp32 master weights, bf16 compute (autocast, on by default on CUDA): in bf16 weights most AdamW updates at
-    # lr 1e-5 are smaller than half a bf16 step of the weight and round away (README: memory per option).
-    parser.set_defaults(dtype="float32")
+    parser.set_defaults(dtype=defaults.FULL.dtype)
     return settings.parse(parser, argv, sections=("shared", "training", "full_finetune"))
 
 
