@@ -1,9 +1,11 @@
-"""What the three scripts share at the core of the experiment: Dolly-style records loaded and split,
-chat-template tokenization with the prompt masked, and perplexity with its bootstrap intervals.
+"""What the three scripts share at the core of the experiment: Dolly-style records loaded and split (a Hub
+dataset id checked in seconds), chat-template tokenization with the prompt masked, and perplexity with its
+bootstrap intervals.
 
-The rest of the kit (model resolution, the Trainer harness, results and exits) lives in lvf/, one module
-per job. `datasets` is imported only where a Hub id, .csv or .parquet file is read: it is slow to import
-and the JSON files every test and the demo use do not need it.
+The ground floor: it imports nothing of lvf/, which builds on it (model resolution, the Trainer harness, results
+and exits, one module per job); bad input is usage_error.UsageError, which both raise. `datasets` is imported
+only where a Hub id, .csv or .parquet file is read: it is slow to import and the JSON files every test and the
+demo use do not need it.
 """
 
 import hashlib
@@ -17,12 +19,13 @@ from pydoc_data.topics import topics as pydoc_topics
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from lvf import writeup
-from lvf.errors import UsageError
-from lvf.hub import ensure_hub_reachable
+from usage_error import UsageError
 
 PROJECT_DIR = Path(__file__).resolve().parent
 REQUIRED_FIELDS = ("instruction", "context", "response")
@@ -105,6 +108,36 @@ def load_records(source):
         ensure_hub_reachable(source, kind="dataset")
         rows = _load_table(source, None, source)
     return validate_records(rows, source, line_numbers)
+
+
+# Hub ids that fail in seconds: a cached copy is used as it is, otherwise one metadata request with a short time-out
+# tells a typo, a gated repository or no network apart before anything loads.
+
+
+def ensure_hub_reachable(repo_id, kind="model", timeout=5.0):
+    """Fails in seconds, not after the ~25-50 s network time-out, when a Hub id cannot be fetched:
+    one metadata request with a short time-out, which also catches a typo or a gated repo."""
+    if in_hub_cache(repo_id, kind):
+        return
+    if is_offline_mode():
+        raise UsageError(f"{kind} {repo_id!r} is not a local path and HF_HUB_OFFLINE=1 (not in the cache)")
+    try:
+        info = HfApi().repo_info(repo_id, repo_type=kind, timeout=timeout)
+    except GatedRepoError:
+        raise UsageError(f"{kind} {repo_id!r} is gated: accept its licence on the Hub, then log in") from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"{kind} {repo_id!r} not found on the Hub (or private: log in first)") from None
+    except Exception as error:  # connection refused, DNS, time-out, proxy: all mean "cannot reach"
+        raise UsageError(f"{kind} {repo_id!r} is not a local path and the Hub cannot be reached "
+                         f"({type(error).__name__})") from None
+    if info.gated and get_token() is None:
+        raise UsageError(f"{kind} {repo_id!r} is gated: accept its licence on the Hub, then log in "
+                         "(hf auth login, or set HF_TOKEN)")
+
+
+def in_hub_cache(repo_id, kind):
+    folder = Path(HF_HUB_CACHE) / f"{kind}s--{repo_id.replace('/', '--')}"
+    return folder.is_dir()
 
 
 def _load_table(name, data_files, source, config=None, split="train"):
@@ -595,47 +628,3 @@ def paired_bootstrap(run_a, run_b, seed=42, resamples=1000, level=0.95):
     low, high = float(np.percentile(diff, tail)), float(np.percentile(diff, 100 - tail))
     point = math.exp(nll_a.sum() / tok_a.sum()) - math.exp(nll_b.sum() / tok_b.sum())
     return {"difference": point, "ci95": [low, high], "examples": len(shared), "significant": not low <= 0 <= high}
-
-
-def seed_style_perplexity(model, tokenizer, records, batch_size=8, device=None, max_length=writeup.LENGTH):
-    """The write-up's number, reproduced to explain it: its examples (lvf.writeup: context dropped, two BOS on
-    Llama 3, padded to 512 with pad = eos, labels = input ids, so prompt and padding are scored) and exp of
-    Trainer's eval_loss, which weights each batch's mean loss by the batch's size. Never use it to compare
-    models."""
-    device = device or next(model.parameters()).device
-    rows = writeup.encode(tokenizer, records, max_length)
-    batch_losses, batch_sizes = [], []
-    model.eval()
-    with torch.no_grad(), no_autocast(device):
-        for first in range(0, len(rows), batch_size):
-            batch = {key: torch.tensor([row[key] for row in rows[first:first + batch_size]], device=device)
-                     for key in ("input_ids", "attention_mask", "labels")}
-            # labels = input_ids: padding (= eos) positions are targets too, as in the write-up; the batch's
-            # loss is the Trainer's, the mean over every target of the batch.
-            nll_sums, token_counts = sequence_nll(model, batch["input_ids"], batch["attention_mask"],
-                                                  labels=batch["labels"])
-            batch_losses.append(sum(nll_sums) / sum(token_counts))
-            batch_sizes.append(len(nll_sums))
-    return math.exp(batch_size_weighted_mean(batch_losses, batch_sizes))
-
-
-def batch_size_weighted_mean(batch_losses, batch_sizes):
-    """Trainer's eval_loss: each batch's mean loss repeated once per example, then averaged."""
-    return sum(loss * size for loss, size in zip(batch_losses, batch_sizes, strict=True)) / sum(batch_sizes)
-
-
-def evaluate_model(model, tokenizer, eval_examples, eval_records, settings, device, desc, general_examples=None):
-    """Held-out perplexity with its interval; the general text's (forgetting) when given, in general_*
-    fields; and the write-up's metric when --seed-style-metric asks."""
-    evaluation = evaluate_perplexity(model, eval_examples, tokenizer.pad_token_id, settings.eval_batch_size, device,
-                                     settings.seed, settings.bootstrap_resamples, desc=desc)
-    evaluation["eval_precision"] = eval_precision(model)
-    if general_examples:
-        general = evaluate_perplexity(model, general_examples, tokenizer.pad_token_id, settings.eval_batch_size,
-                                      device, settings.seed, settings.bootstrap_resamples, desc=f"{desc} (general)")
-        evaluation.update({f"general_{key}": general[key] for key in GENERAL_FIELDS})
-        evaluation["general_file"] = settings.general_file
-    if settings.seed_style_metric:
-        evaluation["seed_style_perplexity"] = seed_style_perplexity(model, tokenizer, eval_records,
-                                                                    settings.eval_batch_size, device)
-    return evaluation

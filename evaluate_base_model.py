@@ -9,14 +9,13 @@ adapter or model folder, recorded under the method that trained it.
 from pathlib import Path
 
 import common
-from lvf import adapters, artifacts, errors, memory, models, preflight, results, settings
+from lvf import adapters, artifacts, base, dry_run, errors, memory, models, results, scoring, settings
 
-METHOD = "base"
+METHOD = base.METHOD
 
 
 def parse_args(argv=None):
-    parser = settings.evaluation_parser(settings.description(__doc__), METHOD)
-    return settings.parse(parser, argv, sections=("shared", "evaluate_base_model"))
+    return base.parse_args(argv, about=settings.description(__doc__))
 
 
 def load_scored_model(args, artifact, source, runtime):
@@ -45,11 +44,8 @@ def main(argv=None):
                     trainable_params=0 if artifact is None else None)  # an artifact's training has its own results
 
     if args.dry_run:
-        _, total = models.count_parameters(models.meta_model(models.model_config(weights_from,
-                                                                                 args.trust_remote_code)))
-        record = results.build_results(args, runtime, method, **recorded, total_params=total, base_params=total)
-        results.finish(record, runtime.output)
-        return preflight.report_and_exit_code(args, runtime, method, params=total, trainable=0, model=weights_from)
+        model = models.meta_model(models.model_config(weights_from, args.trust_remote_code))
+        return dry_run.dry_run(args, runtime, method, model, model_name=weights_from, **recorded)
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     source = models.check_model_source(weights_from)
@@ -66,8 +62,8 @@ def main(argv=None):
         model = model.to(runtime.device)
 
     with memory.PhasePeak(runtime.device) as eval_peak:
-        evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
-                                           desc=f"evaluate {method}", general_examples=examples["general"])
+        evaluation = scoring.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
+                                            desc=f"evaluate {method}", general_examples=examples["general"])
     peak = results.process_peak_fields(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **evaluation, **recorded, total_params=total,

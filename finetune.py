@@ -4,114 +4,22 @@
     python finetune.py --config experiments/demo-cpu.yaml   # the CPU demo's settings (SmolLM2-135M)
 """
 
-import dataclasses
-
-import torch
-
 import common
-from lvf import adapters, artifacts, errors, memory, models, plan, preflight, results, settings, training
-
-# This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
-# flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that).
-DEFAULTS = {"learning_rate": 2e-4, "batch_size": 4, "grad_accum": 1,
-            "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_targets": "q_proj,k_proj,v_proj,o_proj",
-            "use_dora": False, "use_rslora": False, "init_lora_weights": "true"}
-OPTIMIZER = "adamw_torch"  # the adapters are small: plain AdamW, on every device
+from lvf import adapters, artifacts, dry_run, errors, lora, memory, models, plan, results, settings, training
 
 
 def parse_args(argv=None):
-    parser = settings.evaluation_parser(settings.description(__doc__), "lora")
-    settings.add_training_flags(parser, "lora", learning_rate=DEFAULTS["learning_rate"],
-                                batch_size=DEFAULTS["batch_size"], grad_accum=DEFAULTS["grad_accum"])
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora-r", type=settings.positive_int, default=DEFAULTS["lora_r"], help="LoRA rank")
-    group.add_argument("--lora-alpha", type=settings.positive_float, default=DEFAULTS["lora_alpha"],
-                       help="LoRA alpha (scale alpha/r)")
-    group.add_argument("--lora-dropout", type=settings.dropout_rate, default=DEFAULTS["lora_dropout"],
-                       help="dropout on the LoRA input")
-    group.add_argument("--lora-targets", default=DEFAULTS["lora_targets"],
-                       help="comma-separated module names that get adapters, or all-linear (peft: every linear "
-                            "layer but the output layer)")
-    group.add_argument("--quantize", choices=["none", "4bit"], default="none",
-                       help="4bit: QLoRA (NF4, double quantisation, bf16 compute; needs bitsandbytes)")
-    group.add_argument("--use-dora", action="store_true",
-                       help="DoRA (peft): also trains a magnitude per output feature of each adapted module")
-    group.add_argument("--use-rslora", action="store_true",
-                       help="rank-stabilised LoRA (peft): scale alpha/sqrt(r) instead of alpha/r")
-    group.add_argument("--init-lora-weights", choices=adapters.INIT_CHOICES, default=DEFAULTS["init_lora_weights"],
-                       help="peft's adapter init: true (A random, B zero), gaussian (A normal with sd 1/r), pissa "
-                            "(A, B from the weight's top-r singular vectors, subtracted from the weight), olora "
-                            "(from a QR decomposition, likewise); pissa and olora not with --quantize 4bit")
-    args = settings.parse(parser, argv, sections=("shared", "training", "finetune"))
-    if args.quantize == "4bit" and args.init_lora_weights in adapters.INITS_FROM_THE_WEIGHTS:
-        # peft's PiSSA refuses 4-bit weights; OLoRA would factor the dequantised weights, and a QLoRA adapter is
-        # scored again on its base loaded unquantised, where the init would find other factors.
-        parser.error(f"--init-lora-weights {args.init_lora_weights} changes the base weights it starts from; it "
-                     "cannot be combined with --quantize 4bit")
-    return args
-
-
-def lora_config(args):
-    return adapters.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
-                                use_dora=args.use_dora, use_rslora=args.use_rslora,
-                                init_lora_weights=args.init_lora_weights)
-
-
-def default_lora_config():
-    """The adapters this script adds when no LoRA flag is given."""
-    return adapters.lora_config(DEFAULTS["lora_r"], DEFAULTS["lora_alpha"], DEFAULTS["lora_dropout"],
-                                DEFAULTS["lora_targets"], use_dora=DEFAULTS["use_dora"],
-                                use_rslora=DEFAULTS["use_rslora"], init_lora_weights=DEFAULTS["init_lora_weights"])
-
-
-def resolve_runtime(args, device=None, gpu_bytes=None):
-    """With --dtype auto and bf16 autocast on, the frozen base is held in bf16 while training, as on CUDA
-    (where auto means bf16 anyway): it is never updated, and under autocast its matmuls run in bf16 either way.
-    On a CPU the auto dtype is fp32, and there autocast re-cast every frozen weight to bf16 at each step and
-    kept the copies for backward, and the residual stream stayed fp32 (bench/throughput.py measures the
-    difference). The adapters stay fp32 (peft); QLoRA keeps its own dtypes. Evaluation then scores the adapters
-    on the base in its own evaluation dtype (eval_dtype), as evaluate_base_model.py scores the base."""
-    method = "qlora" if args.quantize == "4bit" else "lora"
-    runtime = settings.training_runtime(args, method, optimizer=OPTIMIZER,
-                                        optimizer_reason="the adapters are small: plain AdamW on every device",
-                                        device=device)
-    if args.dtype == "auto" and runtime.bf16_autocast and args.quantize == "none" and runtime.dtype != torch.bfloat16:
-        runtime = dataclasses.replace(runtime, dtype=torch.bfloat16, eval_dtype=runtime.dtype)
-    return method, runtime
-
-
-def add_adapters(model, args):
-    model = adapters.add_adapters(model, lora_config(args), args.lora_targets)
-    # The saved adapter (final and checkpoints) names its base as the user did: a preset or Hub id, not the
-    # cache folder a preset resolves to.
-    model.peft_config["default"].base_model_name_or_path = args.model
-    return model
-
-
-def meta_model(args):
-    """The model as this run builds it, adapters included, on the meta device: for counts and the memory plan.
-    Built under a forked random state: peft draws its adapters' initial values on the CPU even for a meta base, and
-    the run's own adapters must get the same draws whether or not the plan was made first."""
-    with torch.random.fork_rng(devices=[]):
-        return add_adapters(models.meta_model(models.model_config(args.model, args.trust_remote_code)), args)
+    return lora.parse_args(argv, about=settings.description(__doc__))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    method, runtime = resolve_runtime(args)
+    method, runtime = lora.resolve_runtime(args)
     results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
     training.start_run(args, runtime)
 
-    if args.dry_run:  # counted unquantised: 4-bit storage does not change the parameter counts
-        model = meta_model(args)
-        trainable, total = models.count_parameters(model)
-        planned = plan.announce_plan(args, runtime, method, model)
-        plan.announce_gpu_plan(args, runtime, method, model, resolve_runtime)
-        record = results.build_results(args, runtime, method, trainable_params=trainable, total_params=total,
-                                       base_params=total - trainable, planned_memory=planned)
-        results.finish(record, runtime.output)
-        return preflight.report_and_exit_code(args, runtime, method, params=total - trainable, trainable=trainable,
-                                              planned_memory=planned)
+    if args.dry_run:
+        return dry_run.dry_run(args, runtime, method, lora.meta_model(args), lora.resolve_runtime)
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
     # read before the tokenizer, so a data error shows in milliseconds.
@@ -125,14 +33,14 @@ def main(argv=None):
     artifacts.write_origin(runtime.output_dir, method, args.model, runtime.experiment)  # what the checkpoints are
 
     # The memory plan, in one line; then the model: the base (4-bit for QLoRA), then the adapters.
-    planned = plan.announce_plan(args, runtime, method, meta_model(args))
+    planned = plan.announce_plan(args, runtime, method, lora.meta_model(args))
     with memory.PhasePeak(runtime.device) as load_peak:
         model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code, quantization,
                                   args.attn_implementation)
         models.pad_with_the_tokenizers_token(model, tokenizer)
         if quantization is not None:
             model = adapters.prepare_for_4bit_training(model)
-        model = add_adapters(model, args)
+        model = lora.add_adapters(model, args)
         if runtime.bf16_autocast and quantization is None:
             adapters.cast_adapter_inputs(model, enabled=False)
     trainable, total = models.count_parameters(model)

@@ -33,14 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
-import evaluate_base_model
-import finetune
-import full_finetune
-from lvf import checkpoints, errors, experiments, results, scheduling, settings
+from lvf import base, checkpoints, defaults, errors, experiments, full, lora, results, scheduling, settings
 from lvf.scheduling import Run
 
 PROJECT_DIR = Path(__file__).resolve().parent
-SCRIPTS = {"evaluate_base_model": evaluate_base_model, "finetune": finetune, "full_finetune": full_finetune}
+# Each script's parser, from the method it runs: the study checks its runs' command lines without importing a script.
+PARSERS = {"evaluate_base_model": base.parse_args, "finetune": lora.parse_args, "full_finetune": full.parse_args}
 TRAINING_SCRIPTS = ("finetune", "full_finetune")
 
 
@@ -167,7 +165,7 @@ def method_from_file(name, entry, where):
     ranks = tuple(int(rank) for rank in entry.get("ranks") or ())
     if ranks and entry["script"] != "finetune":
         raise errors.UsageError(f"{where}: ranks apply to LoRA (script: finetune) only")
-    own_rank = int(flags.get("lora_r", finetune.DEFAULTS["lora_r"])) if entry["script"] == "finetune" else None
+    own_rank = int(flags.get("lora_r", defaults.LORA.lora_r)) if entry["script"] == "finetune" else None
     return Method(name=name, script=entry["script"], flags=tuple(command_line(flags)), learning_rates=rates,
                   ranks=tuple(sorted(set(ranks) - {own_rank})), rank=own_rank)
 
@@ -192,12 +190,13 @@ def rate_name(rate):
 
 
 def script_path(script):
-    return str(Path(SCRIPTS[script].__file__).resolve())
+    return str(PROJECT_DIR / f"{script}.py")
 
 
-def script_of(run):
-    """The module of the script a Run runs (its name: evaluate_base_model, finetune, full_finetune)."""
-    return SCRIPTS[Path(run.script).stem]
+def run_settings(run):
+    """The Settings a Run's command line gives its script (evaluate_base_model, finetune, full_finetune), parsed by
+    the parser that script uses."""
+    return PARSERS[Path(run.script).stem](list(run.argv))
 
 
 def base_run(study):
@@ -240,7 +239,7 @@ def complete_results(run):
     found = scheduling.results_complete(run)
     if found is None:
         return None
-    expected = json.loads(json.dumps(settings.as_dict(script_of(run).parse_args(list(run.argv))), default=str))
+    expected = json.loads(json.dumps(settings.as_dict(run_settings(run)), default=str))
     recorded = found.get("config") or {}
     differ = sorted(key for key in expected if key not in WHERE_NOT_WHAT and key in recorded
                     and recorded[key] != expected[key])
@@ -424,7 +423,7 @@ def print_plan(study):
     stage 2 will add once the rates are picked."""
     first, later = sweep_runs(study), planned_second_stage(study)
     for run in first + later:
-        script_of(run).parse_args(list(run.argv))  # a bad flag in the study file stops here, with its line
+        run_settings(run)  # a bad flag in the study file stops here, with its line
     print(f"[study] {study.name}: results in {settings.display_path(study.study_dir)}, checkpoints and final "
           f"artifacts in {settings.display_path(study.outputs_dir)}")
     print(f"[study] stage 1: {len(first)} runs (the base model, then each method's learning rates at seed "

@@ -41,12 +41,10 @@ from transformers import (  # noqa: E402
 )
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy  # noqa: E402
 
-import finetune  # noqa: E402
-import full_finetune  # noqa: E402
-from lvf import adapters, memory, models, plan, results, settings, training  # noqa: E402
+from lvf import adapters, full, lora, memory, models, plan, results, settings, training  # noqa: E402
 
 GIB = 1024**3
-SCRIPTS = {"lora": finetune, "full": full_finetune}
+METHODS = {"lora": lora, "full": full}  # each method as its script runs it
 # Published single-GPU figures to compare with: torchtune, Llama 3.1 8B, batch 2, packed sequences of 2,048.
 REFERENCES = [
     {"source": "torchtune", "model": "Llama 3.1 8B", "method": "lora", "gpu": "RTX 4090",
@@ -118,7 +116,7 @@ def script_settings(args, method, output_dir):
             "--seed", str(args.seed), "--output-dir", str(output_dir)]
     if args.tiny:
         argv += ["--gradient-checkpointing", "on"]  # the CUDA default, exercised on the CPU too
-    return SCRIPTS[method].parse_args(argv)
+    return METHODS[method].parse_args(argv)
 
 
 def check_arguments(script_args, runtime, rows):
@@ -157,7 +155,7 @@ def build_model(args, method, script_args, runtime):
         model = AutoModelForCausalLM.from_config(config, dtype=runtime.dtype,
                                                  attn_implementation=script_args.attn_implementation)
     if method == "lora":
-        model = finetune.add_adapters(model, script_args)
+        model = lora.add_adapters(model, script_args)
         if runtime.bf16_autocast:  # as finetune.py: adapter inputs left to autocast
             adapters.cast_adapter_inputs(model, enabled=False)
     return model
@@ -232,7 +230,7 @@ def run_method(args, method, deadline):
     cuda = not args.tiny
     with tempfile.TemporaryDirectory(prefix="lvf-gpu-check-") as output_dir:
         script_args = script_settings(args, method, output_dir)
-        _, runtime = SCRIPTS[method].resolve_runtime(script_args)
+        _, runtime = METHODS[method].resolve_runtime(script_args)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         log(f"{method}: building the model ({'tiny' if args.tiny else 'Llama-3-8B'} architecture, {runtime.dtype})")

@@ -6,7 +6,7 @@
 One subprocess per contender and method, run one after the other: the scripts themselves for ours, and
 bench/throughput_worker.py for the others. All of them train SmolLM2-135M-Instruct (the `smollm2-135m` preset),
 loaded as the contender loads it (fp32 on a CPU; our LoRA holds its frozen base in bf16 where bf16 autocast is
-on, see finetune.resolve_runtime), on the same training records, with the same hyperparameters, for the same
+on, see lvf.lora.resolve_runtime), on the same training records, with the same hyperparameters, for the same
 number of optimizer steps: exactly one epoch over steps x batch x accumulation records.
 
   ours     finetune.py / full_finetune.py themselves; their figures are the ones their results JSON reports
@@ -38,8 +38,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import finetune  # noqa: E402
-from lvf import adapters, errors, models, results, settings  # noqa: E402
+from lvf import adapters, defaults, errors, lora, models, results, settings  # noqa: E402
 
 CONTENDERS = ("ours", "trl", "writeup")  # trl and writeup run in bench/throughput_worker.py
 METHODS = ("lora", "full")
@@ -365,7 +364,7 @@ def main(argv=None):
         expected = expected_work(tokenizer, records, args.max_length)
         params = models.count_parameters(models.meta_model(models.model_config(model_source)))[1]
         lora_model = adapters.add_adapters(models.meta_model(models.model_config(model_source)),
-                                           finetune.default_lora_config(), finetune.DEFAULTS["lora_targets"])
+                                           lora.default_lora_config(), defaults.LORA.lora_targets)
         adapter_params = models.count_parameters(lora_model)[0]
         peak_size = 1024 if args.quick else 2048
         peaks = {name: matmul_peak(name, peak_size) for name in ("float32", "bfloat16")}

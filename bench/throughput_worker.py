@@ -21,12 +21,10 @@ from peft import get_peft_model  # noqa: E402
 from transformers import TrainingArguments, default_data_collator  # noqa: E402
 
 import common  # noqa: E402
-import finetune  # noqa: E402
-import full_finetune  # noqa: E402
-from lvf import errors, memory, models, results, settings, training, writeup  # noqa: E402
+from lvf import defaults, errors, full, lora, memory, models, results, settings, training, writeup  # noqa: E402
 
 CONTENDERS = ("trl", "writeup")
-SCRIPTS = {"lora": finetune, "full": full_finetune}
+METHODS = {"lora": lora, "full": full}  # each method as its script runs it
 
 
 def parse_args(argv=None):
@@ -34,7 +32,7 @@ def parse_args(argv=None):
                                      formatter_class=settings.HelpFormatter)
     add = parser.add_argument
     add("--contender", choices=CONTENDERS, required=True)
-    add("--method", choices=tuple(SCRIPTS), required=True)
+    add("--method", choices=tuple(METHODS), required=True)
     add("--records", required=True, help="the training records, all of them used, in this order")
     add("--result", required=True, help="where the measurements go (JSON)")
     add("--workdir", required=True, help="the run's temporary folder (the Trainer's output_dir goes inside)")
@@ -52,10 +50,10 @@ def load_model(model_source, method, peft_yourself):
     """The model as our scripts load it: same dtype (fp32 on the CPU), SDPA; LoRA from finetune.py's defaults."""
     device = settings.resolve_device()
     model = models.load_model(model_source, settings.resolve_dtype("auto", device), device)
-    lora = finetune.default_lora_config() if method == "lora" else None
-    if lora is not None and peft_yourself:
-        model, lora = get_peft_model(model, lora), None
-    return model, lora
+    lora_config = lora.default_lora_config() if method == "lora" else None
+    if lora_config is not None and peft_yourself:
+        model, lora_config = get_peft_model(model, lora_config), None
+    return model, lora_config
 
 
 def shared_hyperparameters(args):
@@ -64,7 +62,7 @@ def shared_hyperparameters(args):
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
-        learning_rate=SCRIPTS[args.method].DEFAULTS["learning_rate"],
+        learning_rate={"lora": defaults.LORA, "full": defaults.FULL}[args.method].learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=training.warmup_steps(args.steps),
         optim="adamw_torch",
@@ -85,7 +83,7 @@ def trl_trainer(args, model_source, tokenizer, records):
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    model, lora = load_model(model_source, args.method, peft_yourself=False)
+    model, lora_config = load_model(model_source, args.method, peft_yourself=False)
     rows = [{"prompt": [{"role": "user", "content": common.user_turn(record)}],
              "completion": [{"role": "assistant", "content": record["response"]}]} for record in records]
     extra = {}
@@ -95,7 +93,7 @@ def trl_trainer(args, model_source, tokenizer, records):
     config = SFTConfig(**shared_hyperparameters(args), max_length=args.max_length, **extra)
     trainer = training.make_trainer_class(SFTTrainer)(model=model, args=config,
                                                     train_dataset=datasets.Dataset.from_list(rows),
-                                                    processing_class=tokenizer, peft_config=lora)
+                                                    processing_class=tokenizer, peft_config=lora_config)
     input_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     return trainer, {"input_tokens": input_tokens, "train_examples": len(trainer.train_dataset)}
 

@@ -1,6 +1,6 @@
 """The kit's pieces, one module per job: settings (flags and what a run resolves), models, adapters, training
 (the Trainer harness), memory (peaks per phase, training's breakdown), results (schema, provenance, atomic
-writes), errors (how a script ends), hub."""
+writes), errors (how a script ends)."""
 
 import logging
 

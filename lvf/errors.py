@@ -5,13 +5,11 @@ import os
 import signal
 import sys
 
+from usage_error import UsageError  # defined below common.py, which raises it too
+
 RESULTS_ELSEWHERE_EXIT_STATUS = 3  # the run finished, but its results are not where --output said (1 is a traceback)
 USAGE_EXIT_STATUS = 2
 SIGNAL_EXIT_STATUS = 130  # after SIGINT or SIGTERM, whether or not a checkpoint was saved; no results file
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit status 2, no traceback."""
 
 
 class ResultsWrittenElsewhere(Exception):

@@ -19,7 +19,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import common
 from lvf.errors import UsageError
-from lvf.hub import ensure_hub_reachable
 
 DEFAULT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 
@@ -123,7 +122,7 @@ def check_model_source(name, need_weights=True):
         return resolved
     if resolved.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", resolved):
         raise UsageError(f"model not found: {name} (neither a local folder nor a Hub id)")
-    ensure_hub_reachable(resolved, kind="model")
+    common.ensure_hub_reachable(resolved, kind="model")
     return resolved
 
 

@@ -423,8 +423,8 @@ GPU_PLAN_BYTES = 80 * 10**9  # the GPU a dry run without one plans for: an 80 GB
 
 def announce_gpu_plan(settings, runtime, method, model, resolve_runtime):
     """On a machine without CUDA where the user did not ask for the CPU, a dry run also prints the plan of these
-    flags on one 80 GB GPU, resolved by the script's own resolve_runtime(settings, device, gpu_bytes): what the run
-    would need where it is meant to run. Returns that plan, or None."""
+    flags on one 80 GB GPU, resolved by the method's own resolve_runtime(settings, device, gpu_bytes) (lvf.lora's or
+    lvf.full's): what the run would need where it is meant to run. Returns that plan, or None."""
     if runtime.device != "cpu" or getattr(settings, "device", "auto") != "auto":
         return None
     _, on_gpu = resolve_runtime(settings, device="cuda", gpu_bytes=GPU_PLAN_BYTES)
@@ -526,12 +526,10 @@ SINGLE_GPU_END = "<!-- memory-plan:end -->"
 
 
 def llama3_8b_lora_shape():
-    from lvf import adapters, models
+    from lvf import adapters, defaults, lora, models
 
     meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
-    # finetune.py's defaults: r=16, alpha 32, dropout 0.05 on q/k/v/o
-    config = adapters.lora_config(16, 32, 0.05, "q_proj,k_proj,v_proj,o_proj")
-    return ModelShape.from_model(adapters.add_adapters(meta, config, "q_proj,k_proj,v_proj,o_proj"))
+    return ModelShape.from_model(adapters.add_adapters(meta, lora.default_lora_config(), defaults.LORA.lora_targets))
 
 
 def single_gpu_rows():

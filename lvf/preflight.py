@@ -23,7 +23,7 @@ from huggingface_hub import get_token
 from huggingface_hub.constants import is_offline_mode
 
 import common
-from lvf import hub, models
+from lvf import models
 from lvf import settings as kit_settings
 
 BLOCKED_EXIT_STATUS = 4  # the pre-flight found a problem (2 is bad input, 3 results written elsewhere)
@@ -221,7 +221,7 @@ def hub_model_id(name):
 def hub_findings(settings, model):
     findings = []
     repo_id = hub_model_id(model)
-    cached = repo_id is not None and hub._in_hub_cache(repo_id, "model")
+    cached = repo_id is not None and common.in_hub_cache(repo_id, "model")
     if repo_id is None:
         if model not in models.MODEL_PRESETS and not Path(model).exists():
             findings.append(problem(f"model not found: {model} is neither a local folder nor a Hub id: pass --model "
@@ -231,7 +231,7 @@ def hub_findings(settings, model):
         findings.append(problem(f"model {repo_id} is not in the Hub cache and HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE "
                                 "to download it, or pass --model with a local folder"))
     elif cached:
-        findings.append(ok(f"model {repo_id}: in the Hub cache ({hub.HF_HUB_CACHE})"))
+        findings.append(ok(f"model {repo_id}: in the Hub cache ({common.HF_HUB_CACHE})"))
     if repo_id is not None and not (is_offline_mode() and cached):
         token = get_token() is not None
         if repo_id.startswith(GATED_PREFIXES) and not token:
@@ -251,14 +251,14 @@ def data_findings(settings, method):
     for source in read_sources(settings, method):
         flag = "--eval-file" if source == eval_file else "--dataset"
         if is_hub_dataset(source):
-            if is_offline_mode() and not hub._in_hub_cache(source, "dataset"):
+            if is_offline_mode() and not common.in_hub_cache(source, "dataset"):
                 findings.append(problem(f"{flag} {source} is not in the Hub cache and HF_HUB_OFFLINE=1: unset "
                                         f"HF_HUB_OFFLINE to download it, or pass {flag} FILE.jsonl"))
         elif not Path(source).is_file():
             findings.append(problem(f"{flag} {source}: file not found: pass {flag} with a .json, .jsonl, .csv or "
                                     ".parquet file or a Hub dataset id"))
     general = getattr(settings, "general_file", "")
-    if general == "wikitext-2" and is_offline_mode() and not hub._in_hub_cache("Salesforce/wikitext", "dataset"):
+    if general == "wikitext-2" and is_offline_mode() and not common.in_hub_cache("Salesforce/wikitext", "dataset"):
         findings.append(problem(common.general_text_unavailable(
             general, "dataset Salesforce/wikitext is not in the Hub cache and HF_HUB_OFFLINE=1")))
     elif general and general not in ("wikitext-2", "python-docs") and not Path(general).is_file():
@@ -286,8 +286,8 @@ def planned_writes(method, params, trainable, settings, runtime, model=None, opt
     """
     writes = []
     repo_id = hub_model_id(model or settings.model)
-    if repo_id is not None and not hub._in_hub_cache(repo_id, "model"):
-        writes.append(Write(f"the {repo_id} download", Path(hub.HF_HUB_CACHE), 2 * params))
+    if repo_id is not None and not common.in_hub_cache(repo_id, "model"):
+        writes.append(Write(f"the {repo_id} download", Path(common.HF_HUB_CACHE), 2 * params))
     if not is_training(method):
         return writes
     if method in ("lora", "qlora"):

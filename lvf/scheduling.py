@@ -207,11 +207,13 @@ def connect_ray(ray, workers, address, cpus_per_run):
     if ray.is_initialized():
         return
     import lvf
+    import usage_error
 
     # Ray's workers import this module to run the runs. They have the study's working directory on their path,
     # not the study's own path, and workers that `ray start` started have neither: Ray ships them this package.
-    # (The runs' scripts must be at the same path on every machine: docs/study-engine.md.)
-    shipped = {"py_modules": [lvf]}
+    # (The runs' scripts must be at the same path on every machine: docs/study-engine.md.) lvf.errors imports
+    # usage_error, which lives beside common.py.
+    shipped = {"py_modules": [lvf, usage_error]}
     if address is not None:
         ray.init(address=address, runtime_env=shipped)
     elif workers is None:  # "local": a new instance, even where `ray start` ran

@@ -28,7 +28,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import common
 from common import IGNORE_INDEX
-from lvf import preflight
+from lvf import preflight, scoring
 from lvf.artifacts import ORIGIN_FILE
 from lvf.checkpoints import latest_checkpoint
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
@@ -510,15 +510,15 @@ def without_mixed_precision_wrapper(trainer):
 
 
 def evaluate_trained(model, trainer, tokenizer, examples, eval_records, settings, runtime, label):
-    """The trained model scored: the held-out set (and the general text) as common.evaluate_model scores every
+    """The trained model scored: the held-out set (and the general text) as lvf.scoring.evaluate_model scores every
     method, under its own phase peak; then the kept checkpoint's validation loss, token-weighted like the test
     figure, which is what a learning-rate sweep compares (the Trainer's eval_loss weights each batch's mean by its
     size, not by its tokens). Every rank evaluates the whole set (under FSDP and DeepSpeed the forwards gather the
     weights collectively); the main process writes. Returns (fields, the evaluation's PhasePeak)."""
     device = trainer.args.device  # this rank's
     with PhasePeak(runtime.device) as eval_peak:
-        fields = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, settings, device,
-                                       desc=f"evaluate {label}", general_examples=examples["general"])
+        fields = scoring.evaluate_model(model, tokenizer, examples["eval"], eval_records, settings, device,
+                                        desc=f"evaluate {label}", general_examples=examples["general"])
     validation = common.evaluate_perplexity(model, examples["validation"], tokenizer.pad_token_id,
                                             settings.eval_batch_size, device, settings.seed,
                                             settings.bootstrap_resamples, desc=f"validate {label}")

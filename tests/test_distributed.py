@@ -11,7 +11,7 @@ import pytest
 
 import common
 import finetune
-from lvf import models
+from lvf import lora, models
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
@@ -56,7 +56,7 @@ def test_lora_on_two_processes_writes_one_result_with_global_counts(tmp_path, ti
     examples, _ = common.tokenize_splits(tokenizer, parsed.max_length, train=train_records, eval=eval_records)
     assert len(examples["train"]) == 8
     trainable, total = models.count_parameters(
-        finetune.add_adapters(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), parsed))
+        lora.add_adapters(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), parsed))
     assert (ddp["trainable_params"], ddp["total_params"]) == (trainable, total)
     assert ddp["base_params"] == total - trainable
     assert ddp["train_examples"] == 8 and ddp["optimizer_steps"] == 2  # the examples split over 2 processes

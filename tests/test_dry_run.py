@@ -6,6 +6,7 @@ import json
 import evaluate_base_model
 import finetune
 import full_finetune
+from lvf import full, lora
 
 BASE = 8_030_261_248
 
@@ -60,7 +61,7 @@ def test_the_memory_plans_meta_model_leaves_the_runs_random_draws_alone():
     torch.manual_seed(42)
     expected = torch.rand(3)
     torch.manual_seed(42)
-    finetune.meta_model(args)
+    lora.meta_model(args)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -70,14 +71,14 @@ def test_a_dry_run_without_a_gpu_also_plans_the_8b_defaults_on_an_80_gb_gpu(caps
     from lvf import models, plan
 
     args = full_finetune.parse_args([])
-    method, runtime = full_finetune.resolve_runtime(args)
+    method, runtime = full.resolve_runtime(args)
     if runtime.device != "cpu":
         return  # a machine with a GPU plans against its own
     model = models.meta_model(models.model_config(args.model))
-    planned = plan.announce_gpu_plan(args, runtime, method, model, full_finetune.resolve_runtime)
+    planned = plan.announce_gpu_plan(args, runtime, method, model, full.resolve_runtime)
     if importlib.util.find_spec("bitsandbytes") is not None:
         assert planned["setup"]["step_in_backward"] and planned["setup"]["optimizer"] == "paged_adamw_8bit"
     assert planned["total"] <= 70 * 2**30 and planned["fits"] is True
     assert "on one 80 GB CUDA GPU these flags would plan" in capsys.readouterr().err
     assert plan.announce_gpu_plan(full_finetune.parse_args(["--device", "cpu"]), runtime, method, model,
-                                  full_finetune.resolve_runtime) is None  # the CPU asked for: no GPU plan
+                                  full.resolve_runtime) is None  # the CPU asked for: no GPU plan

@@ -15,6 +15,7 @@ from test_writeup import writeup_perplexity_by_hand
 from transformers import LlamaForCausalLM
 
 import common
+from lvf import writeup
 
 VOCAB = 500
 
@@ -75,7 +76,7 @@ def test_write_up_metric_is_unchanged_by_block_scoring(monkeypatch, llama3_token
     model = LlamaForCausalLM(tiny_llama_config(hidden_size=16, intermediate_size=32)).eval()
     monkeypatch.setattr(common, "LOGITS_BLOCK", 16)
     recorder = LogitsRecorder(model.lm_head)
-    blockwise = common.seed_style_perplexity(model, llama3_tokenizer, records, batch_size=2, max_length=40)
+    blockwise = writeup.seed_style_perplexity(model, llama3_tokenizer, records, batch_size=2, max_length=40)
     assert recorder.largest <= 16 * model.config.vocab_size
     # The whole-batch way: the model's own loss over labels = input ids, batch by batch.
     expected = writeup_perplexity_by_hand(model, llama3_tokenizer, records, batch_size=2, max_length=40)

@@ -95,10 +95,10 @@ def test_a_checkpoint_folder_finds_its_run_origin(trained, tiny_llama_dir):
 
 def test_adapter_names_a_preset_base_by_its_preset_name_not_a_cache_path():
     import finetune
-    from lvf import models
+    from lvf import lora, models
 
     args = finetune.parse_args(["--model", "llama3-8b-instruct"])
-    model = finetune.add_adapters(models.meta_model(models.model_config(args.model)), args)
+    model = lora.add_adapters(models.meta_model(models.model_config(args.model)), args)
     assert model.peft_config["default"].base_model_name_or_path == "llama3-8b-instruct"
 
 
@@ -116,12 +116,11 @@ def test_lora_trained_and_scored_in_bf16_weights_runs_to_the_end(tmp_path, tiny_
 def test_scoring_on_another_base_leaves_the_trained_adapters_config_alone(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    import finetune
-    from lvf import adapters
+    from lvf import adapters, lora
 
     trained = adapters.add_adapters(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
-                                    finetune.default_lora_config(), "q_proj")
-    trained.peft_config["default"].base_model_name_or_path = "smollm2-135m"  # as finetune.add_adapters names it
+                                    lora.default_lora_config(), "q_proj")
+    trained.peft_config["default"].base_model_name_or_path = "smollm2-135m"  # as lora.add_adapters names it
     scored = adapters.on_another_base(trained, AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
     assert trained.peft_config["default"].base_model_name_or_path == "smollm2-135m"  # what its save records
     assert not any(parameter.requires_grad for parameter in scored.parameters())

@@ -12,7 +12,7 @@ import evaluate_base_model
 import finetune
 import full_finetune
 import study
-from lvf import errors, experiments, settings
+from lvf import errors, experiments, full, lora, settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((PROJECT_DIR / "experiments").glob("*.yaml"))
@@ -42,7 +42,7 @@ def test_each_shipped_file_parses_for_every_script(path):
         planned = study.parse_args(["--config", str(path), "--dry-run"])
         assert planned.methods and planned.seeds
         for run in study.sweep_runs(planned):  # each run's command is one its script accepts
-            study.script_of(run).parse_args(list(run.argv))
+            study.run_settings(run)
 
 
 def test_a_flag_overrides_its_file():
@@ -56,9 +56,11 @@ def test_a_flag_overrides_its_file():
     assert full_finetune.parse_args(["--config", str(demo)]).learning_rate == 5e-5
 
 
-def test_the_gpu_file_is_the_scripts_defaults():
+def test_the_gpu_file_is_the_scripts_defaults_and_repeats_none_of_them():
     for module in SCRIPTS:
         assert as_dict(module.parse_args(["--config", str(GPU)])) == as_dict(module.parse_args([]))
+    # Each default lives in one place (lvf/settings.py, lvf/defaults.py): the file names the experiment only.
+    assert experiments.flag_values(GPU, ("shared", "training", *experiments.SCRIPT_SECTIONS)) == {}
 
 
 def write(tmp_path, text):
@@ -93,7 +95,7 @@ def test_the_results_record_the_file_and_go_to_its_folder(tmp_path, monkeypatch)
     assert record["experiment"] == "my-exp" and record["config"]["lora_r"] == 8
     assert record["config_file"] == {"file": path, "name": "my-exp", "contents": experiments.load(path)}
     assert record["trainable_params"] == 13_631_488 // 2
-    _, runtime = finetune.resolve_runtime(finetune.parse_args(["--config", path]))
+    _, runtime = lora.resolve_runtime(finetune.parse_args(["--config", path]))
     assert runtime.output == tmp_path / "results" / "my-exp" / "lora.json"
     assert runtime.output_dir == tmp_path / "outputs" / "my-exp" / "lora"
 
@@ -108,18 +110,18 @@ def tracked_files():
 def test_the_8b_defaults_write_outside_the_committed_demo_and_over_no_tracked_file():
     tracked = tracked_files()
     demo_folders = [PROJECT_DIR / "results" / name for name in ("demo-cpu", "study-cpu")]
+    resolved = {"base": lambda args: settings.evaluation_runtime(args, "base"),
+                "lora": lambda args: lora.resolve_runtime(args)[1], "full": lambda args: full.resolve_runtime(args)[1]}
     for module, method in ((evaluate_base_model, "base"), (finetune, "lora"), (full_finetune, "full")):
         args = module.parse_args([])
-        runtime = (settings.evaluation_runtime(args, method) if module is evaluate_base_model
-                   else module.resolve_runtime(args)[1])
+        runtime = resolved[method](args)
         assert runtime.output.parent == PROJECT_DIR / "results" / "Meta-Llama-3-8B-Instruct--databricks-dolly-15k"
         for written in (runtime.output, runtime.output_dir):
             if written is not None:
                 assert not any(Path(written).resolve().is_relative_to(folder.resolve()) for folder in demo_folders)
                 assert Path(written).resolve() not in tracked
         with_file = module.parse_args(["--config", str(GPU)])
-        runtime = (settings.evaluation_runtime(with_file, method) if module is evaluate_base_model
-                   else module.resolve_runtime(with_file)[1])
+        runtime = resolved[method](with_file)
         assert runtime.output == PROJECT_DIR / "results" / "llama3-8b-dolly" / f"{method}.json"
         assert runtime.output.resolve() not in tracked
 

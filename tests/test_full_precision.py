@@ -1,6 +1,6 @@
 """Full fine-tuning keeps its updates: at lr 1e-5 an AdamW step is far below half a bf16 step of a typical weight,
 so weights held in bf16 lose most of them. The default on CUDA is fp32 master weights with bf16 autocast and paged
-8-bit AdamW; on GPUs below full_finetune.IN_BACKWARD_BELOW_GIB the optimizer steps in backward, so that no fp32
+8-bit AdamW; on GPUs below full.IN_BACKWARD_BELOW_GIB the optimizer steps in backward, so that no fp32
 gradients are held (docs/performance.md, "Full fine-tuning on one 80 GB GPU")."""
 
 import dataclasses
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import full_finetune
-from lvf import errors, settings, training
+from lvf import errors, full, settings, training
 
 GIB = 2**30
 
@@ -19,9 +19,9 @@ GIB = 2**30
 def cuda_default_runtime(monkeypatch, gpu_gib, argv=()):
     """What full_finetune.py resolves on a CUDA machine with one GPU of gpu_gib GiB, worked out on this one."""
     monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
-    monkeypatch.setattr(full_finetune, "gpu_memory_bytes", lambda: gpu_gib * GIB)
+    monkeypatch.setattr(full, "gpu_memory_bytes", lambda: gpu_gib * GIB)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    return full_finetune.resolve_runtime(full_finetune.parse_args(list(argv)))[1]
+    return full.resolve_runtime(full_finetune.parse_args(list(argv)))[1]
 
 
 def training_arguments_here(runtime):
@@ -44,7 +44,7 @@ def test_larger_gpus_and_cpus_keep_the_step_after_backward(monkeypatch):
         torch.float32, "paged_adamw_8bit", False)
     assert training_arguments_here(runtime).max_grad_norm == 1.0
     monkeypatch.undo()
-    runtime = full_finetune.resolve_runtime(full_finetune.parse_args([]))[1]
+    runtime = full.resolve_runtime(full_finetune.parse_args([]))[1]
     assert (runtime.device, runtime.optimizer, runtime.optimizer_in_backward) == ("cpu", "adamw_torch", False)
 
 
@@ -56,7 +56,7 @@ def test_gradient_accumulation_with_the_step_in_backward_is_refused_with_the_fix
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(errors.UsageError, match="single process"):
         monkeypatch.setattr(settings, "resolve_device", lambda: "cpu")
-        full_finetune.resolve_runtime(full_finetune.parse_args(["--optim-in-backward", "on"]))
+        full.resolve_runtime(full_finetune.parse_args(["--optim-in-backward", "on"]))
 
 
 def test_the_step_in_backward_is_the_optimizers_own_step_and_frees_every_gradient():

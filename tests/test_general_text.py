@@ -98,8 +98,8 @@ def test_general_sources_read_text_and_jsonl_and_python_docs_offline(tmp_path):
 
 
 def test_wikitext_offline_is_one_clear_line(monkeypatch):
-    monkeypatch.setattr("lvf.hub.is_offline_mode", lambda: True)
-    monkeypatch.setattr("lvf.hub._in_hub_cache", lambda *a: False)
+    monkeypatch.setattr("common.is_offline_mode", lambda: True)
+    monkeypatch.setattr("common.in_hub_cache", lambda *a: False)
     with pytest.raises(errors.UsageError, match="Salesforce/wikitext.*HF_HUB_OFFLINE") as caught:
         common.load_general_text("wikitext-2")
     assert "\n" not in str(caught.value)
@@ -113,10 +113,8 @@ def test_text_too_short_for_one_block_is_a_usage_error(llama3_tokenizer):
 def test_general_text_that_cannot_be_had_says_it_is_the_forgetting_text_and_how_to_replace_it(tmp_path, monkeypatch):
     """Offline and not in the cache, WikiText-2 stops the run: the message says what that text is for and names both
     ways on (another file, or none)."""
-    from lvf import hub
-
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
-    monkeypatch.setattr(hub, "is_offline_mode", lambda: True)
+    monkeypatch.setattr(common, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(common, "is_offline_mode", lambda: True)
     with pytest.raises(errors.UsageError) as raised:
         common.load_general_text("wikitext-2")
     message = str(raised.value)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import finetune
-from lvf import adapters, models
+from lvf import adapters, defaults, lora, models
 
 LLAMA_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -38,15 +38,15 @@ def llama_8b_shapes():
 
 def test_lora_and_dora_counts_follow_from_the_shapes(tmp_path, llama_8b_shapes):
     layers, shapes = llama_8b_shapes
-    rank = finetune.DEFAULTS["lora_r"]
+    rank = defaults.LORA.lora_r
     # LoRA: A (r x in) and B (out x r) per adapted module; DoRA adds one magnitude per output feature.
-    lora = layers * sum(rank * (fan_in + fan_out) for fan_in, fan_out in (shapes[name] for name in QKVO))
+    lora_params = layers * sum(rank * (fan_in + fan_out) for fan_in, fan_out in (shapes[name] for name in QKVO))
     magnitudes = layers * sum(shapes[name][1] for name in QKVO)
-    assert (lora, magnitudes) == (13_631_488, 32 * (4096 + 1024 + 1024 + 4096))  # 327,680
+    assert (lora_params, magnitudes) == (13_631_488, 32 * (4096 + 1024 + 1024 + 4096))  # 327,680
     plain = dry_run(tmp_path)
     dora = dry_run(tmp_path, "--use-dora")
-    assert plain["trainable_params"] == lora
-    assert dora["trainable_params"] == lora + magnitudes
+    assert plain["trainable_params"] == lora_params
+    assert dora["trainable_params"] == lora_params + magnitudes
     assert dora["total_params"] == plain["total_params"] + magnitudes
     assert dora["config"]["use_dora"] is True and plain["config"]["use_dora"] is False
 
@@ -64,15 +64,15 @@ def test_scaling_and_init_leave_the_counts_as_lora(tmp_path, flags):
 def test_the_flags_reach_peft(tiny_model):
     args = finetune.parse_args(["--use-dora", "--use-rslora", "--init-lora-weights", "gaussian",
                                 "--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj"])
-    config = finetune.lora_config(args)
+    config = lora.lora_config(args)
     assert (config.use_dora, config.use_rslora, config.init_lora_weights) == (True, True, "gaussian")
     model = adapters.add_adapters(tiny_model, config, "q_proj")
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha/sqrt(r), not alpha/r = 2
     assert layer.lora_magnitude_vector["default"].weight.shape == (layer.out_features,)
-    defaults = finetune.lora_config(finetune.parse_args([]))
+    defaults = lora.lora_config(finetune.parse_args([]))
     assert (defaults.use_dora, defaults.use_rslora, defaults.init_lora_weights) == (False, False, True)
-    assert defaults == finetune.default_lora_config()
+    assert defaults == lora.default_lora_config()
 
 
 def test_inits_that_change_the_base_are_refused_with_4bit(capsys):
@@ -176,4 +176,4 @@ def test_report_groups_variants_apart_and_old_runs_with_the_defaults(tmp_path):
     plain = next(line for line in rows if line.startswith("| LoRA (DoRA False, rsLoRA False, init true) |"))
     assert "| 42, 43 |" in plain  # the old run and the one with the defaults named are one group
     assert set(report.SETTING_DEFAULTS) <= set(report.VARIANT_KEYS.split(","))
-    assert report.SETTING_DEFAULTS == {key: finetune.DEFAULTS[key] for key in report.SETTING_DEFAULTS}
+    assert report.SETTING_DEFAULTS == {key: getattr(defaults.LORA, key) for key in report.SETTING_DEFAULTS}

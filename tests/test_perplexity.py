@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_llama_config
 
 import common
-from lvf import errors
+from lvf import errors, writeup
 
 
 class ToyCausalLM(torch.nn.Module):
@@ -174,5 +174,5 @@ def test_seed_style_metric_matches_a_hand_computation_with_two_bos_and_size_weig
         batch_means.append(float(torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))))
     expected = math.exp((2 * batch_means[0] + 1 * batch_means[1]) / 3)  # Trainer: weighted by batch size
-    got = common.seed_style_perplexity(model, llama3_tokenizer, records, batch_size=2, max_length=length)
+    got = writeup.seed_style_perplexity(model, llama3_tokenizer, records, batch_size=2, max_length=length)
     assert got == pytest.approx(expected, rel=1e-5)

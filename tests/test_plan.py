@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 
 import finetune
 import full_finetune
-from lvf import models, plan
+from lvf import full, lora, models, plan
 
 GIB = 2**30
 N = 8_030_261_248  # Llama-3-8B's parameters
@@ -35,7 +35,7 @@ def full_shape():
 @pytest.fixture(scope="module")
 def lora_shape():
     meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
-    return plan.ModelShape.from_model(finetune.add_adapters(meta, finetune.parse_args([])))
+    return plan.ModelShape.from_model(lora.add_adapters(meta, finetune.parse_args([])))
 
 
 def cuda_defaults(method, **changes):
@@ -116,21 +116,21 @@ def test_activations_follow_the_formula(full_shape):
 
 
 def cuda_runtime(module, args, method):
-    """The runtime the script resolves on CUDA, resolved here on the CPU: CUDA's auto dtype, autocast,
-    checkpointing and optimizer, and (full fine-tuning) whether it steps in backward on the GPU that
+    """The runtime the method (module: lvf.lora or lvf.full) resolves on CUDA, resolved here on the CPU: CUDA's auto
+    dtype, autocast, checkpointing and optimizer, and (full fine-tuning) whether it steps in backward on the GPU that
     plan.cuda_device stands in for."""
     _, runtime = module.resolve_runtime(args)
     optimizer = runtime.optimizer
     if method == "full" and args.optim == "auto":
-        optimizer = full_finetune.default_optimizer("cuda")
+        optimizer = full.default_optimizer("cuda")
     dtype = torch.bfloat16 if args.dtype == "auto" else runtime.dtype
     runtime = dataclasses.replace(runtime, device="cuda", dtype=dtype, bf16_autocast=True,
                                   gradient_checkpointing=True, optimizer=optimizer, eval_dtype=None)
     if method == "full":
         gpu_bytes = plan.cuda_device()[0]
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(full_finetune, "gpu_memory_bytes", lambda: gpu_bytes)
-            in_backward = full_finetune.use_optimizer_in_backward(args, runtime)
+            patch.setattr(full, "gpu_memory_bytes", lambda: gpu_bytes)
+            in_backward = full.use_optimizer_in_backward(args, runtime)
         runtime = dataclasses.replace(runtime, optimizer_in_backward=in_backward)
     return runtime
 
@@ -141,7 +141,7 @@ def test_a_plan_above_the_gpu_warns_and_names_flags_that_fit(monkeypatch, full_s
     meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
     argv = ["--optim-in-backward", "off"]  # fp32 gradients for every weight
     args = full_finetune.parse_args(argv)
-    planned = plan.announce_plan(args, cuda_runtime(full_finetune, args, "full"), "full", meta)  # what scripts call
+    planned = plan.announce_plan(args, cuda_runtime(full, args, "full"), "full", meta)  # what scripts call
     printed = capsys.readouterr().err
     assert planned["fits"] is False and planned["device_total_bytes"] == stand_in_gpu
     assert planned["total"] == plan.plan_memory(full_shape, cuda_defaults("full", step_in_backward=False))["total"]
@@ -153,15 +153,15 @@ def test_a_plan_above_the_gpu_warns_and_names_flags_that_fit(monkeypatch, full_s
     for flags in single_gpu:  # each suggestion, run through the script's own flags, is planned to fit
         assert flags in printed
         changed = full_finetune.parse_args([*argv, *flags.split()])  # the user's command line, then the change
-        again = plan.plan_for_run(changed, cuda_runtime(full_finetune, changed, "full"), "full", meta)
+        again = plan.plan_for_run(changed, cuda_runtime(full, changed, "full"), "full", meta)
         assert again["fits"] is True, flags
 
 
 def test_lora_on_a_small_gpu_is_pointed_to_qlora(monkeypatch):
     monkeypatch.setattr(plan, "cuda_device", lambda: (20 * GIB, "stand-in 20 GiB GPU"))
     args = finetune.parse_args([])
-    meta = finetune.add_adapters(models.meta_model(models.model_config(models.DEFAULT_MODEL)), args)
-    planned = plan.plan_for_run(args, cuda_runtime(finetune, args, "lora"), "lora", meta)
+    meta = lora.add_adapters(models.meta_model(models.model_config(models.DEFAULT_MODEL)), args)
+    planned = plan.plan_for_run(args, cuda_runtime(lora, args, "lora"), "lora", meta)
     assert planned["fits"] is False and "--quantize 4bit" in planned["suggestions"]
 
 
@@ -190,7 +190,7 @@ def test_the_qlora_plans_weights_are_what_bitsandbytes_holds(tiny_llama_64_dir):
 
     model = models.load_model(str(tiny_llama_64_dir), torch.bfloat16, "cpu",
                               quantization_config=models.four_bit_config("cuda"))
-    model = finetune.add_adapters(adapters.prepare_for_4bit_training(model), finetune.parse_args([]))
+    model = lora.add_adapters(adapters.prepare_for_4bit_training(model), finetune.parse_args([]))
     held = {}
     for parameter in model.parameters():
         state = getattr(parameter, "quant_state", None)
@@ -199,7 +199,7 @@ def test_the_qlora_plans_weights_are_what_bitsandbytes_holds(tiny_llama_64_dir):
         for tensor in tensors:
             held[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
     config = models.model_config(str(tiny_llama_64_dir))
-    meta = finetune.add_adapters(models.meta_model(config), finetune.parse_args([]))
+    meta = lora.add_adapters(models.meta_model(config), finetune.parse_args([]))
     planned = plan.plan_memory(plan.ModelShape.from_model(meta), cuda_defaults("qlora"))
     assert planned["weights"] == sum(held.values())
 
@@ -235,10 +235,10 @@ def test_the_default_on_an_80_gb_gpu_steps_in_backward_and_fits(monkeypatch, ful
     follows it, and fits; on a larger GPU it steps after backward, and is planned so."""
     args = full_finetune.parse_args([])
     monkeypatch.setattr(plan, "cuda_device", lambda: (80 * 10**9, "stand-in 80 GB GPU"))
-    small = cuda_runtime(full_finetune, args, "full")
+    small = cuda_runtime(full, args, "full")
     meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
     assert small.optimizer_in_backward and plan.setup_for_run(args, small, "full").step_in_backward
     assert plan.plan_for_run(args, small, "full", meta)["fits"] is True
     monkeypatch.setattr(plan, "cuda_device", lambda: (150 * 10**9, "stand-in 150 GB GPU"))
-    large = cuda_runtime(full_finetune, args, "full")
+    large = cuda_runtime(full, args, "full")
     assert not large.optimizer_in_backward and not plan.setup_for_run(args, large, "full").step_in_backward

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from test_readme_commands import expanded_lines, script_invocations
 
+import common
 import evaluate_base_model
 import finetune
 import full_finetune
-from lvf import errors, hub, models, preflight, settings
+from lvf import errors, full, lora, models, preflight, settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SCRIPTS = {"finetune.py": finetune, "full_finetune.py": full_finetune, "evaluate_base_model.py": evaluate_base_model}
@@ -41,10 +42,10 @@ def dry_run_findings(script, arguments):
         method, runtime = "base", settings.evaluation_runtime(args, "base")
         model = models.meta_model(models.model_config(args.model))
     else:
-        method, runtime = module.resolve_runtime(args)
+        method, runtime = (lora if module is finetune else full).resolve_runtime(args)
         model = models.meta_model(models.model_config(args.model))
         if module is finetune:
-            model = finetune.add_adapters(model, args)
+            model = lora.add_adapters(model, args)
     trainable, total = models.count_parameters(model)
     return preflight.preflight(args, runtime, method, params=total - trainable if module is finetune else total,
                                trainable=trainable)
@@ -62,7 +63,7 @@ def downloaded(tmp_path, monkeypatch):
     for folder in ("models--meta-llama--Meta-Llama-3-8B-Instruct", "datasets--databricks--databricks-dolly-15k",
                    "datasets--Salesforce--wikitext"):
         (cache / folder).mkdir(parents=True)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(common, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(preflight, "get_token", lambda: "hf_" + "x" * 30)
     monkeypatch.setattr(preflight, "is_offline_mode", lambda: False)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**13, 0, 10**13))
@@ -109,11 +110,11 @@ def hide(monkeypatch, *packages):
 
 def test_without_bitsandbytes_full_fine_tuning_says_which_optimizer_and_why(monkeypatch):
     monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
-    monkeypatch.setattr(full_finetune, "gpu_memory_bytes", lambda: 80 * 10**9)  # an 80 GB GPU, stood in for
-    _, with_it = full_finetune.resolve_runtime(full_finetune.parse_args(["--dry-run"]))
+    monkeypatch.setattr(full, "gpu_memory_bytes", lambda: 80 * 10**9)  # an 80 GB GPU, stood in for
+    _, with_it = full.resolve_runtime(full_finetune.parse_args(["--dry-run"]))
     assert with_it.optimizer == "paged_adamw_8bit" and "bitsandbytes" in with_it.optimizer_reason
     hide(monkeypatch, "bitsandbytes")
-    _, runtime = full_finetune.resolve_runtime(full_finetune.parse_args([]))
+    _, runtime = full.resolve_runtime(full_finetune.parse_args([]))
     assert runtime.optimizer == "adamw_torch"
     assert "without bitsandbytes" in runtime.optimizer_reason and "pip install bitsandbytes" in runtime.optimizer_reason
     assert runtime.record()["optimizer_reason"] == runtime.optimizer_reason  # recorded in the results
@@ -125,22 +126,22 @@ def test_without_bitsandbytes_full_fine_tuning_says_which_optimizer_and_why(monk
     assert found[0] == ("bitsandbytes missing: paged 8-bit AdamW needs it: pip install bitsandbytes, or pass "
                         f"--optim adamw_torch to train with plain AdamW ({16 * params / 1e9:.1f} GB for this model)")
     # Chosen knowingly, plain AdamW is no problem.
-    _, chosen = full_finetune.resolve_runtime(full_finetune.parse_args(["--optim", "adamw_torch", "--dry-run"]))
+    _, chosen = full.resolve_runtime(full_finetune.parse_args(["--optim", "adamw_torch", "--dry-run"]))
     assert chosen.optimizer_reason == "--optim" and problems(preflight.package_findings(args, chosen, "full")) == []
 
 
 def test_packages_the_plan_names_are_problems_when_missing(monkeypatch):
     hide(monkeypatch, "bitsandbytes", "flash_attn", "datasets")
     qlora = finetune.parse_args(["--quantize", "4bit", "--attn-implementation", "flash_attention_2", "--dry-run"])
-    method, runtime = finetune.resolve_runtime(qlora)
+    method, runtime = lora.resolve_runtime(qlora)
     found = problems(preflight.package_findings(qlora, runtime, method))
     assert found[0].startswith("bitsandbytes missing: --quantize 4bit") and "pip install bitsandbytes" in found[0]
     assert found[1].startswith("flash-attn missing") and "--attn-implementation sdpa" in found[1]
     assert found[2].startswith("datasets missing: --dataset databricks/databricks-dolly-15k and --general-file "
                                "wikitext-2") and "pip install datasets" in found[2]
-    full = full_finetune.parse_args(["--optim", "paged_adamw_8bit", "--dry-run"])
-    _, runtime = full_finetune.resolve_runtime(full)
-    assert problems(preflight.package_findings(full, runtime, "full"))[0].startswith(
+    full_args = full_finetune.parse_args(["--optim", "paged_adamw_8bit", "--dry-run"])
+    _, runtime = full.resolve_runtime(full_args)
+    assert problems(preflight.package_findings(full_args, runtime, "full"))[0].startswith(
         "bitsandbytes missing: --optim paged_adamw_8bit needs it")
 
 
@@ -157,7 +158,7 @@ def test_a_gated_model_needs_a_hub_token(downloaded, monkeypatch):
 
 
 def test_offline_data_and_general_text_name_their_flags(tmp_path, monkeypatch):
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # nothing cached; the tests run with HF_HUB_OFFLINE=1
+    monkeypatch.setattr(common, "HF_HUB_CACHE", str(tmp_path))  # nothing cached; the tests run with HF_HUB_OFFLINE=1
     args = evaluate_base_model.parse_args(["--dry-run"])
     found = problems(preflight.data_findings(args, "base"))
     assert found[0].startswith("--dataset databricks/databricks-dolly-15k is not in the Hub cache")
@@ -169,15 +170,15 @@ def test_offline_data_and_general_text_name_their_flags(tmp_path, monkeypatch):
 
 def test_planned_writes_follow_the_documented_rule(downloaded, tmp_path):
     params, trainable = 8_030_261_248, 13_631_488
-    lora = finetune.parse_args(["--output-dir", str(tmp_path / "lora"), "--dry-run"])
-    _, runtime = finetune.resolve_runtime(lora)
-    [checkpoints] = preflight.planned_writes("lora", params + trainable, trainable, lora, runtime)  # model cached
+    lora_args = finetune.parse_args(["--output-dir", str(tmp_path / "lora"), "--dry-run"])
+    _, runtime = lora.resolve_runtime(lora_args)
+    [checkpoints] = preflight.planned_writes("lora", params + trainable, trainable, lora_args, runtime)  # model cached
     per_checkpoint = 4 * trainable + 2 * 4 * trainable  # fp32 adapters and AdamW's two fp32 moments
     assert checkpoints.bytes == preflight.CHECKPOINTS_AT_ONCE * per_checkpoint + 4 * trainable
-    full = full_finetune.parse_args(["--model", "not-cached/model", "--output-dir", str(tmp_path / "full"),
-                                     "--optim", "paged_adamw_8bit"])
-    _, runtime = full_finetune.resolve_runtime(full)
-    download, checkpoints = preflight.planned_writes("full", params, params, full, runtime)
+    full_args = full_finetune.parse_args(["--model", "not-cached/model", "--output-dir", str(tmp_path / "full"),
+                                          "--optim", "paged_adamw_8bit"])
+    _, runtime = full.resolve_runtime(full_args)
+    download, checkpoints = preflight.planned_writes("full", params, params, full_args, runtime)
     assert download.bytes == 2 * params and download.folder == Path(downloaded)
     assert checkpoints.bytes == preflight.CHECKPOINTS_AT_ONCE * (4 + 2) * params + 4 * params
 
@@ -196,7 +197,7 @@ def test_too_little_disk_names_the_folder_and_the_flag(tmp_path, monkeypatch):
 
 def test_the_memory_plan_against_the_gpu(tmp_path):
     args = full_finetune.parse_args(["--dry-run", "--device", "cpu"])
-    _, runtime = full_finetune.resolve_runtime(args)
+    _, runtime = full.resolve_runtime(args)
     [over] = preflight.memory_findings(runtime, "full", {"total": 90 * 10**9, "device_total_bytes": 80 * 10**9})
     assert over.level == "problem" and "90.0 GB, the GPU has 80.0 GB" in over.text and "FSDP" in over.text
     [fits] = preflight.memory_findings(runtime, "full", {"total": 70 * 10**9, "device_total_bytes": 80 * 10**9})
@@ -207,12 +208,12 @@ def test_report_and_exit_code_prints_and_returns_the_status(downloaded, tmp_path
     args = full_finetune.parse_args(["--model", "smollm2-135m", "--dataset", "data/demo.jsonl", "--general-file",
                                      "python-docs", "--device", "cpu", "--output-dir", str(tmp_path / "out"),
                                      "--dry-run"])
-    _, runtime = full_finetune.resolve_runtime(args)
+    _, runtime = full.resolve_runtime(args)
     assert preflight.report_and_exit_code(args, runtime, "full", params=10**6, trainable=10**6) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "pre-flight: nothing blocks this run"
     blocked = full_finetune.parse_args(["--model", "smollm2-135m", "--dataset", "missing.jsonl", "--device", "cpu",
                                         "--general-file", "", "--dry-run"])
-    _, runtime = full_finetune.resolve_runtime(blocked)
+    _, runtime = full.resolve_runtime(blocked)
     assert preflight.report_and_exit_code(blocked, runtime, "full") == preflight.BLOCKED_EXIT_STATUS
     printed = capsys.readouterr().out
     assert "PROBLEM  --dataset missing.jsonl: file not found" in printed
@@ -229,7 +230,7 @@ def test_on_cuda_the_gpu_is_named_and_the_memory_plan_compared_with_it(monkeypat
     monkeypatch.setattr(cuda, "get_device_properties", lambda index: Properties(80 * 2**30))
     monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
     args = full_finetune.parse_args(["--dry-run"])
-    _, runtime = full_finetune.resolve_runtime(args)
+    _, runtime = full.resolve_runtime(args)
     [gpu] = preflight.device_findings(args, runtime, "full")
     assert gpu.level == "ok" and gpu.text.startswith("CUDA GPU: NVIDIA H100 80GB HBM3, 80.0 GiB (2 visible")
     [over] = preflight.memory_findings(runtime, "full", {"total": 90 * 10**9})  # the GPU's size read from torch

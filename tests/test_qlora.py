@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import finetune
-from lvf import adapters, errors, models
+from lvf import adapters, errors, lora, models
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 
@@ -47,7 +47,7 @@ def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, 
     # Packed 4-bit weights hold two parameters per byte; the counts must be the unquantised model's.
     unquantised = AutoModelForCausalLM.from_pretrained(tiny_llama_64_dir)
     base_params = sum(parameter.numel() for parameter in unquantised.parameters())
-    trainable, total = models.count_parameters(finetune.add_adapters(unquantised, finetune.parse_args(args)))
+    trainable, total = models.count_parameters(lora.add_adapters(unquantised, finetune.parse_args(args)))
     assert result["base_params"] == base_params == total - trainable
     assert (result["trainable_params"], result["total_params"]) == (trainable, total)
 
@@ -59,7 +59,7 @@ def test_4bit_preparation_keeps_embeddings_and_norms_in_fp32_and_results_say_so(
     model = models.load_model(str(tiny_llama_64_dir), torch.bfloat16, "cpu", quantization_config=quantization)
     assert models.dtype_by_part(model)["embed_tokens"] == "bfloat16"
     model = adapters.prepare_for_4bit_training(model)
-    model = finetune.add_adapters(model, finetune.parse_args([]))
+    model = lora.add_adapters(model, finetune.parse_args([]))
     assert models.dtype_by_part(model) == {
         "linear_4bit": "nf4", "embed_tokens": "float32", "input_layernorm": "float32",
         "post_attention_layernorm": "float32", "norm": "float32", "lora_A": "float32", "lora_B": "float32"}

@@ -63,10 +63,10 @@ def test_saving_an_adapter_whose_base_is_a_preset_name_does_not_warn(tiny_llama_
 import finetune
 from peft import get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
-from lvf import adapters
+from lvf import adapters, lora
 model = adapters.add_adapters(AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r}),
-                              finetune.default_lora_config(), "q_proj")
-model.peft_config["default"].base_model_name_or_path = "smollm2-135m"  # as finetune.add_adapters names it
+                              lora.default_lora_config(), "q_proj")
+model.peft_config["default"].base_model_name_or_path = "smollm2-135m"  # as lora.add_adapters names it
 get_peft_model_state_dict(model)
 print("saved")
 """

@@ -42,7 +42,7 @@ def test_seed_style_perplexity_is_the_writeups_metric(llama3_tokenizer, demo_rec
     # Batches of 2, 2 and 1: weighting by batch size differs from the plain mean of batch means.
     expected = writeup_perplexity_by_hand(model, llama3_tokenizer, demo_records, batch_size=2)
     # Scored block by block (bounded logits), so sums run in another order: equal to float rounding.
-    assert common.seed_style_perplexity(model, llama3_tokenizer, demo_records, batch_size=2) == pytest.approx(
+    assert writeup.seed_style_perplexity(model, llama3_tokenizer, demo_records, batch_size=2) == pytest.approx(
         expected, rel=1e-6)
 
 
