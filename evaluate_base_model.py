@@ -30,6 +30,7 @@ def load_scored_model(args, artifact, source, runtime):
 
 
 def main(argv=None):
+    memory.use_expandable_segments()  # before anything initialises CUDA
     args = parse_args(argv)
     artifact = artifacts.inspect_folder(args.model)  # None: a base model (Hub id, preset or plain folder)
     method = METHOD if artifact is None else artifact.method
@@ -52,6 +53,7 @@ def main(argv=None):
         return preflight.report_and_exit_code(args, runtime, method, params=total, trainable=0, model=weights_from)
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
+    preflight.stop_if_blocked(args, runtime, METHOD, model=weights_from)  # the GPU, its driver and host memory
     source = models.check_model_source(weights_from)
     # With --eval-file only that file is read; before the tokenizer, so a data error shows in milliseconds.
     records = common.load_splits(args, training=False)

@@ -120,6 +120,7 @@ def resolve_runtime(args, device=None, gpu_bytes=None):
 
 
 def main(argv=None):
+    memory.use_expandable_segments()  # before anything initialises CUDA
     args = parse_args(argv)
     _, runtime = resolve_runtime(args)
     results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
@@ -139,6 +140,7 @@ def main(argv=None):
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
     # read before the tokenizer, so a data error shows in milliseconds.
+    preflight.stop_if_blocked(args, runtime, METHOD)  # the GPU, its driver and host memory, as the dry run checks
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
     records = common.load_splits(args)  # train, validation, eval

@@ -369,3 +369,16 @@ def test_a_gated_model_whose_licence_this_token_has_not_accepted_is_a_problem(do
     monkeypatch.setattr(preflight, "is_offline_mode", lambda: True)
     assert preflight.info(f"Hub access to {args.model}: not asked of the Hub (HF_HUB_OFFLINE=1)") in (
         preflight.hub_findings(args, args.model))
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_a_real_run_stops_at_its_start_on_what_the_pre_flight_finds(script, monkeypatch, tmp_path):
+    """The GPU checks run before any data or weights load: a stood-in problem stops the run in one line."""
+    monkeypatch.setattr(preflight, "gpu_findings", lambda *args: [preflight.problem("bf16: stood in")])
+    monkeypatch.setattr(preflight, "host_memory_findings", lambda *args: [])
+    monkeypatch.setattr(preflight.common, "load_splits", lambda *args, **kwargs: pytest.fail("data loaded"))
+    arguments = ["--config", "experiments/demo-cpu.yaml", "--output", str(tmp_path / "out.json")]
+    if script != "evaluate_base_model.py":
+        arguments += ["--output-dir", str(tmp_path / "run")]
+    with pytest.raises(errors.UsageError, match="^bf16: stood in$"):
+        SCRIPTS[script].main(arguments)
