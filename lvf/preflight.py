@@ -270,7 +270,7 @@ def hub_access_findings(repo_id, cached):
         hub.ensure_hub_reachable(repo_id, "model")
     except UsageError as error:
         return [problem(str(error))]
-    return [ok(f"Hub access to {repo_id}: this token can download it")]
+    return [ok(f"Hub access to {repo_id}: it can be downloaded (asked of the Hub)")]
 
 
 def data_findings(settings, method):
