@@ -129,10 +129,28 @@ def ensure_hub_reachable(repo_id, kind="model", timeout=5.0):
         raise UsageError(f"{kind} {repo_id!r} not found on the Hub (or private: log in first)") from None
     except Exception as error:  # connection refused, DNS, time-out, proxy: all mean "cannot reach"
         raise UsageError(f"{kind} {repo_id!r} is not a local path and the Hub cannot be reached "
-                         f"({type(error).__name__})") from None
+                         f"({type(error).__name__}): check the network, or pass a local folder") from None
     if info.gated and get_token() is None:
         raise UsageError(f"{kind} {repo_id!r} is gated: accept its licence on the Hub, then log in "
                          "(hf auth login, or set HF_TOKEN)")
+    if info.gated:
+        check_gated_access(repo_id, kind)
+
+
+def check_gated_access(repo_id, kind="model"):
+    """Raises UsageError unless this token may download the gated repo_id (auth_check: GatedRepoError when its
+    licence is not accepted for this account, or the request is pending; repo_info answers for a gated repository
+    whether or not its licence was accepted). GatedRepoError is a RepositoryNotFoundError, hence the order of the
+    handlers."""
+    try:
+        HfApi().auth_check(repo_id, repo_type=kind)
+    except GatedRepoError:
+        raise UsageError(f"{kind} {repo_id} is gated and this Hub token has no access to it: accept its licence "
+                         f"on https://huggingface.co/{repo_id} with the account you logged in with (hf auth whoami), "
+                         "wait for the approval, then run again") from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"{kind} {repo_id} not found on the Hub (or private: log in with an account that can "
+                         "read it: hf auth login)") from None
 
 
 def in_hub_cache(repo_id, kind):

@@ -9,7 +9,7 @@ adapter or model folder, recorded under the method that trained it.
 from pathlib import Path
 
 import common
-from lvf import adapters, artifacts, base, dry_run, errors, memory, models, results, scoring, settings
+from lvf import adapters, artifacts, base, dry_run, errors, memory, models, preflight, results, scoring, settings
 
 METHOD = base.METHOD
 
@@ -29,6 +29,7 @@ def load_scored_model(args, artifact, source, runtime):
 
 
 def main(argv=None):
+    memory.use_expandable_segments()  # before anything initialises CUDA
     args = parse_args(argv)
     artifact = artifacts.inspect_folder(args.model)  # None: a base model (Hub id, preset or plain folder)
     method = METHOD if artifact is None else artifact.method
@@ -48,6 +49,7 @@ def main(argv=None):
         return dry_run.dry_run(args, runtime, method, model, model_name=weights_from, **recorded)
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
+    preflight.stop_if_blocked(args, runtime, METHOD, model=weights_from)  # the GPU, its driver and host memory
     source = models.check_model_source(weights_from)
     # With --eval-file only that file is read; before the tokenizer, so a data error shows in milliseconds.
     records = common.load_splits(args, training=False)

@@ -5,7 +5,7 @@
 """
 
 import common
-from lvf import adapters, artifacts, dry_run, errors, lora, memory, models, plan, results, settings, training
+from lvf import adapters, artifacts, dry_run, errors, lora, memory, models, plan, preflight, results, settings, training
 
 
 def parse_args(argv=None):
@@ -13,6 +13,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    memory.use_expandable_segments()  # before anything initialises CUDA
     args = parse_args(argv)
     method, runtime = lora.resolve_runtime(args)
     results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
@@ -23,6 +24,7 @@ def main(argv=None):
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
     # read before the tokenizer, so a data error shows in milliseconds.
+    preflight.stop_if_blocked(args, runtime, method)  # the GPU, its driver and host memory, as the dry run checks
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None

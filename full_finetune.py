@@ -6,7 +6,7 @@
 """
 
 import common
-from lvf import artifacts, dry_run, errors, full, memory, models, plan, results, settings, training
+from lvf import artifacts, dry_run, errors, full, memory, models, plan, preflight, results, settings, training
 
 
 def parse_args(argv=None):
@@ -14,6 +14,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    memory.use_expandable_segments()  # before anything initialises CUDA
     args = parse_args(argv)
     method, runtime = full.resolve_runtime(args)
     results.check_outputs(runtime, writes_model=not args.dry_run)  # before any data or model is loaded
@@ -26,6 +27,7 @@ def main(argv=None):
 
     # Inputs. Everything that can be wrong with them fails here, in seconds, before the model loads; the data is
     # read before the tokenizer, so a data error shows in milliseconds.
+    preflight.stop_if_blocked(args, runtime, method)  # the GPU, its driver and host memory, as the dry run checks
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
     records = common.load_splits(args)  # train, validation, eval

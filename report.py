@@ -353,7 +353,7 @@ def fmt_perplexity(summary):
 def results_table(groups, seed, resamples):
     header = ("| method | model | data | seeds | perplexity: mean ± sd over seeds (95% CI) | write-up's metric "
               "| trainable params | peak memory (whole run) | training peak = weights + gradients + optimizer + other "
-              "| training step time | train tokens/s (steps) | artifact |")
+              "| training steps' time | train tokens/s (steps) | artifact |")
     lines = [header, "|" + " --- |" * 12]
     for group in groups:
         run = group.runs[0]

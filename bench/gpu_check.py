@@ -8,7 +8,9 @@ batch and step count) and runtime (dtype, bf16 autocast, gradient checkpointing,
 fine-tuning paged 8-bit AdamW when bitsandbytes imports, else the Trainer's adamw_torch), through the kit's
 Trainer pieces (lvf.training: TrainingArguments, collator, MeasuredTrainer), less validation and checkpoints.
 Each row is 2,048 random token ids with no padding, the shape packing produces. Weights are random, so the
-losses say only that training runs and changes the model, nothing about quality.
+losses say only that training runs and changes the model, nothing about quality. A method whose memory plan
+(lvf.plan, computed on the meta device first) exceeds this GPU is skipped with that reason, not failed: full
+fine-tuning's fp32 weights alone exceed a 24 GB card.
 
 Imports torch, transformers, tokenizers, peft and accelerate only (no datasets, no bitsandbytes required), runs
 under transformers 5.17 as well as the pinned version, and never uses the network.
@@ -147,11 +149,12 @@ def random_rows(vocab_size, batch_size, sequence_length, steps, seed):
             for _ in range(steps) for ids in batch]
 
 
-def build_model(args, method, script_args, runtime):
-    """Random weights, built directly on the device, with the script's own adapters for LoRA."""
+def build_model(args, method, script_args, runtime, device=None):
+    """Random weights, built directly on the device (or on `device`: meta, for the plan), with the script's own
+    adapters for LoRA."""
     config = LlamaConfig(**TINY_CONFIG) if args.tiny else models.model_config(models.DEFAULT_MODEL)
     training.seed_everything(args.seed)
-    with torch.device(runtime.device):
+    with torch.device(device or runtime.device):
         model = AutoModelForCausalLM.from_config(config, dtype=runtime.dtype,
                                                  attn_implementation=script_args.attn_implementation)
     if method == "lora":
@@ -203,6 +206,15 @@ def planned_memory(args, method, script_args, runtime, model):
     return plan.plan_memory(plan.ModelShape.from_model(model), setup, total_bytes, name)
 
 
+def skip_reason(planned):
+    """Why a method is not run on this GPU: its plan (computed on the meta device, before anything is built on the
+    GPU) exceeds the GPU's memory. None when it fits, or when there is no GPU to compare with."""
+    if planned.get("fits") is not False:
+        return None
+    return (f"skipped: the plan needs {plan.gib(planned['total'])} GiB, more than this GPU's "
+            f"{plan.gib(planned['device_total_bytes'])} GiB ({planned['device_name']})")
+
+
 def probe_parameter(model, method):
     """A trainable tensor to watch: LoRA's B of the first q_proj (starts at zero), or full's first q_proj."""
     for name, param in model.named_parameters():
@@ -231,14 +243,19 @@ def run_method(args, method, deadline):
     with tempfile.TemporaryDirectory(prefix="lvf-gpu-check-") as output_dir:
         script_args = script_settings(args, method, output_dir)
         _, runtime = METHODS[method].resolve_runtime(script_args)
+        planned = planned_memory(args, method, script_args, runtime,
+                                 build_model(args, method, script_args, runtime, device="meta"))
+        log(f"{method}: {plan.format_plan(planned)}")
+        reason = skip_reason(planned)
+        if reason is not None:
+            log(f"{method}: {reason}")
+            return {"skipped": reason, "planned_memory": planned}
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         log(f"{method}: building the model ({'tiny' if args.tiny else 'Llama-3-8B'} architecture, {runtime.dtype})")
         model = build_model(args, method, script_args, runtime)
         model_memory = torch.cuda.memory_allocated() if cuda else None
         trainable, total = models.count_parameters(model)
-        planned = planned_memory(args, method, script_args, runtime, model)
-        log(f"{method}: {plan.format_plan(planned)}")
         total_steps = args.warmup_steps + args.steps
         rows = random_rows(model.config.vocab_size, args.batch_size, args.sequence_length, total_steps, args.seed)
         arguments = check_arguments(script_args, runtime, len(rows))
@@ -330,6 +347,10 @@ def print_comparison(report):
         if "error" in result:
             print(f"| {method} | {this_run} | failed: {result['error'][:80]} | | | |")
             continue
+        if "skipped" in result:
+            print(f"| {method} | {this_run} | {result['skipped']} | | {result['planned_memory']['total'] / GIB:.1f} "
+                  "| |")
+            continue
         tokens, peak = result["tokens_per_second"], result.get("train_peak_memory_gib")
         planned = result["planned_memory"]["total"] / GIB
         hours = result.get("estimated_epoch_hours")
@@ -389,8 +410,13 @@ def main(argv=None):
     write_report(args.output, report)
     print_comparison(report)
     print(f"\nwrote {args.output} in {report['total_seconds']:.0f} s")
-    failed = [m for m, r in report["results"].items() if "error" in r or not all(map(math.isfinite, r["losses"]))]
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if failed_methods(report) else 0)
+
+
+def failed_methods(report):
+    """The methods that failed or trained to a non-finite loss; one skipped for want of memory has not failed."""
+    return [method for method, result in report["results"].items() if "skipped" not in result and (
+        "error" in result or not all(map(math.isfinite, result["losses"])))]
 
 
 if __name__ == "__main__":

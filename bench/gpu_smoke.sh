@@ -5,7 +5,8 @@
 # random ~480M-parameter Llama saved locally, bf16 and gradient checkpointing, each writing its results JSON under
 # $OUT; then bench/gpu_check.py (the 8B-architecture throughput and memory table).
 #
-#   python bench/gpu_smoke.py prepare .gpu-smoke   # first, where the registries are: wheels + tokenizer (~53 MiB)
+#   pip install --no-deps llama-models             # first, where the registries are: the Llama 3 tokenizer's source
+#   python bench/gpu_smoke.py prepare .gpu-smoke   # then: wheels + tokenizer (~53 MiB); without it the run stops at once
 #   bash bench/gpu_smoke.sh                        # on the GPU machine, with .gpu-smoke carried beside the code
 #   bash bench/gpu_smoke.sh --cpu-dry              # the same steps on the CPU: tiny model, few steps, no wheels
 #
@@ -17,6 +18,10 @@ PREPARED=${PREPARED:-.gpu-smoke}
 OUT=${OUT:-outputs/gpu-smoke}
 CPU_DRY=0
 [ "${1:-}" = "--cpu-dry" ] && CPU_DRY=1
+if [ "$CPU_DRY" = 0 ] && { [ ! -d "$PREPARED/wheels" ] || [ ! -d "$PREPARED/tokenizer" ]; }; then
+  echo "gpu_smoke.sh: $PREPARED/wheels and $PREPARED/tokenizer are needed: first run, where PyPI can be reached, pip install --no-deps llama-models && python bench/gpu_smoke.py prepare $PREPARED, then carry $PREPARED beside the code (or run bash bench/gpu_smoke.sh --cpu-dry)" >&2
+  exit 2
+fi
 WORK=$(mktemp -d -t lvf-gpu-smoke-XXXXXX)
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

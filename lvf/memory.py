@@ -15,6 +15,7 @@ the CUDA peaks, and recorded apart (phase_paged_bytes).
 """
 
 import ctypes
+import os
 import re
 import resource
 import sys
@@ -24,9 +25,31 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+# CUDA's caching allocator is configured by PYTORCH_ALLOC_CONF (torch 2.13's name, read first) or its deprecated
+# name PYTORCH_CUDA_ALLOC_CONF (read when the first is unset, with a warning; the only one older torch reads).
+ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
 _peak_before_resets = {"cpu": 0, "cuda": 0}
+
+
+def use_expandable_segments():
+    """A script's first step: CUDA's allocator grows segments in place (expandable_segments:True) unless the user
+    configured the allocator. A real run's batches vary in length, and with fixed segments the freed blocks of one
+    shape fragment the memory the next needs: what the plan leaves free of the GPU is then not all usable. Set
+    before anything initialises CUDA (the allocator reads its configuration once, when it starts); both names, so
+    torch 2.13 finds it under the one it reads first, without a deprecation warning, and older torch too. Returns
+    the configuration the run has (recorded in the results as cuda_allocator_config)."""
+    if not any(os.environ.get(name) for name in ALLOCATOR_VARIABLES):
+        for name in ALLOCATOR_VARIABLES:
+            os.environ[name] = EXPANDABLE_SEGMENTS
+    return allocator_config()
+
+
+def allocator_config():
+    """The configuration CUDA's caching allocator reads: the first of ALLOCATOR_VARIABLES that is set, or None."""
+    return next((os.environ[name] for name in ALLOCATOR_VARIABLES if os.environ.get(name)), None)
 
 
 def release_freed_memory():

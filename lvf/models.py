@@ -229,12 +229,16 @@ def check_attention_implementation(name):
 
 
 def load_model(source, dtype, device, trust_remote_code=False, quantization_config=None, attn_implementation="sdpa"):
+    """The weights, on the device they are used on: read onto the CPU by from_pretrained, then moved to this
+    process's GPU here, as the Trainer would move them at its start, so that the scripts' load phase
+    (lvf.memory.PhasePeak) measures them where they land. 4-bit weights are quantised straight onto the GPU;
+    under FSDP or DeepSpeed the weights stay where they are read and the wrapper places them."""
     if quantization_config is None and receives_weights_by_broadcast():
         return empty_model(source, dtype, trust_remote_code, attn_implementation)
     device_map = None
     if quantization_config is not None and device == "cuda":
         device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # bitsandbytes quantises on this rank's GPU
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=dtype,
         attn_implementation=attn_implementation,
@@ -243,6 +247,17 @@ def load_model(source, dtype, device, trust_remote_code=False, quantization_conf
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
+    if device == "cuda" and device_map is None and not sharded_by_a_wrapper():
+        # This process's GPU: accelerate has set it to the local rank by the time the scripts load the model
+        # (they build the Trainer's arguments first), which is the device the Trainer would move the model to.
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    return model
+
+
+def sharded_by_a_wrapper():
+    """FSDP or DeepSpeed under accelerate launch: they place the weights themselves (the Trainer leaves them)."""
+    return "true" in (os.environ.get("ACCELERATE_USE_FSDP", "").lower(),
+                      os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower())
 
 
 def receives_weights_by_broadcast():

@@ -573,13 +573,77 @@ def single_gpu_table(full_shape=None, lora_shape=None):
     return lines
 
 
+FULL_PLAN_START = "<!-- full-plan:start -->"
+FULL_PLAN_END = "<!-- full-plan:end -->"
+
+
+def full_default_setup():
+    """full_finetune.py's default on a GPU below 100 GiB: single_gpu_rows()'s row that steps in backward."""
+    return next(setup for _, setup in single_gpu_rows() if setup.method == "full" and setup.step_in_backward)
+
+
+def full_default_table(full_shape=None):
+    """docs/performance.md's breakdown of full fine-tuning's default plan: each part at the peak, with how it is
+    counted, then every moment's total."""
+    shape = full_shape or llama3_8b_shape()
+    planned = plan_memory(shape, full_default_setup())
+    lines = ["| part | how | GiB |", "| --- | --- | ---: |",
+             f"| fp32 weights | 4N | {gib(planned['weights'])} |",
+             f"| paged 8-bit AdamW states | two 8-bit moments (2 bytes a weight) and two fp32 block constants per 256 "
+             f"weights; the embedding's {shape.embedding:,} weights get 32-bit states (8 bytes each), as the Trainer "
+             f"gives `nn.Embedding` | {gib(planned['optimizer_states'])} |",
+             f"| autocast's bf16 copies of the linear and `lm_head` weights | 2 bytes x {shape.linear:,}, all held at "
+             f"the end of the forward pass (the cache is cleared when the forward returns) | "
+             f"{gib(planned['autocast_copies'])} |",
+             f"| activations | the checkpointed residual stream and the logits (the formula above) | "
+             f"{gib(planned['activations'])} |",
+             f"| **peak ({planned['peak_at']})** | | **{gib(planned['total'])}** |"]
+    lines += [f"| total at another moment ({name}) | | {gib(moment['total'])} |"
+              for name, moment in planned["moments"].items() if name != planned["peak_at"]]
+    return lines
+
+
+README_GPU_SIZES_GB = (16, 24, 32, 40, 48, 80, 141)  # the GPU memory sizes cards are sold with, in GB
+
+
+def smallest_gpu_words(total_bytes):
+    """The README's "fits" words for a plan: the smallest of README_GPU_SIZES_GB at least as large (in bytes, as
+    the pre-flight compares a plan with the GPU's total memory)."""
+    size = next((size for size in README_GPU_SIZES_GB if size * GB >= total_bytes), None)
+    if size is None:
+        return f"more than one {README_GPU_SIZES_GB[-1]} GB GPU (docs/multi-gpu.md)"
+    return f"a{'n' if str(size).startswith('8') else ''} {size} GB GPU or larger"
+
+
+def readme_needs(full_shape=None, lora_shape=None):
+    """{run: (memory plan, fits)} of the README's "What each run needs" table, for Llama 3 8B at the defaults:
+    zero-shot scoring holds the bf16 weights and one batch (the batch not planned)."""
+    full_shape = full_shape or llama3_8b_shape()
+    lora_shape = lora_shape or llama3_8b_lora_shape()
+    weights = dtype_bytes(torch.bfloat16) * full_shape.parameters
+    needs = {"zero-shot": (f"{gib(weights)} GiB of bf16 weights + one batch", smallest_gpu_words(weights))}
+    labels = {"lora": "LoRA", "qlora": "QLoRA (`--quantize 4bit`)"}
+    for _, setup in single_gpu_rows():
+        if setup.method in labels and labels[setup.method] not in needs:
+            planned = plan_memory(lora_shape, setup)
+            needs[labels[setup.method]] = (f"{gib(planned['total'])} GiB", smallest_gpu_words(planned["total"]))
+    planned = plan_memory(full_shape, full_default_setup())
+    needs["full fine-tuning"] = (f"{gib(planned['total'])} GiB", smallest_gpu_words(planned["total"]))
+    return needs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Memory plans, computed (no GPU, no weights).")
     parser.add_argument("--multi-gpu-table", action="store_true",
                         help="print docs/multi-gpu.md's table: Llama 3 8B under configs/fsdp_full_8b.yaml")
     parser.add_argument("--single-gpu-table", action="store_true",
                         help="print docs/performance.md's table: Llama 3 8B on one GPU, each method and scheme")
+    parser.add_argument("--full-default-table", action="store_true",
+                        help="print docs/performance.md's breakdown of full fine-tuning's default plan")
     args = parser.parse_args(argv)
+    if args.full_default_table:
+        print("\n".join(full_default_table()))
+        return 0
     if args.multi_gpu_table:
         print("\n".join(multi_gpu_table()))
         return 0

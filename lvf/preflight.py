@@ -4,20 +4,27 @@
 text; a problem's line names the flag or command that fixes it. `print_findings` shows them, `exit_status` is 0
 only when no finding is a problem, and `report_and_exit_code` does all three for a script's dry run.
 
-Nothing here loads weights or touches the network: packages are looked up with importlib.util.find_spec, the
-Hub login with huggingface_hub.get_token() (present or not; it is not checked against the Hub), the Hub cache
-and free disk on the file system, the GPU through torch.cuda.
+Nothing here loads weights: packages are looked up with importlib.util.find_spec, the Hub login with
+huggingface_hub.get_token(), the Hub cache and free disk on the file system, host memory with psutil, the GPU
+through torch.cuda and the driver's own version through libcuda (cuDriverGetVersion, no NVML needed). The
+network is asked only for a Hub model that is not cached yet (common.ensure_hub_reachable: repo_info, then
+auth_check for a gated one), never with HF_HUB_OFFLINE=1.
+
+A real run checks the same GPU, driver and host memory at its start (`stop_if_blocked`).
 """
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import os
+import platform
 import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from huggingface_hub import get_token
 from huggingface_hub.constants import is_offline_mode
@@ -25,6 +32,7 @@ from huggingface_hub.constants import is_offline_mode
 import common
 from lvf import models
 from lvf import settings as kit_settings
+from lvf.errors import UsageError
 
 BLOCKED_EXIT_STATUS = 4  # the pre-flight found a problem (2 is bad input, 3 results written elsewhere)
 TRAINING_METHODS = ("lora", "qlora", "full")
@@ -74,7 +82,8 @@ def preflight(settings, runtime, method, planned_memory=None, planned_writes_byt
     model: the weights the run loads when they are not settings.model (a saved adapter's base).
     """
     model = model or settings.model
-    findings = [*device_findings(settings, runtime, method), *plan_findings(settings, runtime, method)]
+    findings = [*device_findings(settings, runtime, method), *gpu_findings(settings, runtime, method),
+                *plan_findings(settings, runtime, method)]
     findings += package_findings(settings, runtime, method, params)
     findings += hub_findings(settings, model)
     findings += data_findings(settings, method)
@@ -83,6 +92,7 @@ def preflight(settings, runtime, method, planned_memory=None, planned_writes_byt
         planned_writes_bytes = planned_writes(method, params, trainable, settings, runtime, model, state_bytes)
     findings += disk_findings(planned_writes_bytes)
     findings += memory_findings(runtime, method, planned_memory)
+    findings += host_memory_findings(runtime, method, params)
     return findings
 
 
@@ -237,12 +247,30 @@ def hub_findings(settings, model):
         if repo_id.startswith(GATED_PREFIXES) and not token:
             findings.append(problem(f"no Hub token: {repo_id} is gated: accept its licence on "
                                     f"https://huggingface.co/{repo_id}, then run hf auth login (or set HF_TOKEN)"))
-        elif token:
-            findings.append(ok("Hub token: present (hf auth login or HF_TOKEN; not checked against the Hub here)"))
+            return findings
+        if token:
+            findings.append(ok("Hub token: present (hf auth login or HF_TOKEN)"))
         else:
             findings.append(info(f"no Hub token: enough for a public model such as {repo_id}; a gated or private one "
                                  "needs hf auth login"))
+    if repo_id is not None:
+        findings += hub_access_findings(repo_id, cached)
     return findings
+
+
+def hub_access_findings(repo_id, cached):
+    """Whether the weights can be downloaded with this token, asked of the Hub (common.ensure_hub_reachable:
+    repo_info with a short time-out, then auth_check for a gated repository, whose repo_info answers whether or
+    not the licence was accepted). Only for weights not cached yet, which the run will download; offline, a note."""
+    if is_offline_mode():
+        return [info(f"Hub access to {repo_id}: not asked of the Hub (HF_HUB_OFFLINE=1)")]
+    if cached:
+        return []
+    try:
+        common.ensure_hub_reachable(repo_id, "model")
+    except UsageError as error:
+        return [problem(str(error))]
+    return [ok(f"Hub access to {repo_id}: it can be downloaded (asked of the Hub)")]
 
 
 def data_findings(settings, method):
@@ -265,6 +293,151 @@ def data_findings(settings, method):
         findings.append(problem(f"--general-file {general}: file not found: pass --general-file FILE, "
                                 "--general-file python-docs (offline) or --general-file '' to skip forgetting"))
     return findings
+
+
+# --------------------------------------------------------------------------- the GPU: driver, kernels, bf16
+
+
+def driver_cuda_version():
+    """(major, minor) of the newest CUDA the installed NVIDIA driver supports, read from the driver itself
+    (libcuda's cuDriverGetVersion, which needs neither cuInit nor NVML); None where no driver is installed.
+    torch 2.13 has no Python call for it."""
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        library = ctypes.CDLL(name)
+        version = ctypes.c_int(0)
+        if library.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def version_tuple(text):
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def runs_on(device_cc, arch):
+    """Whether torch's kernels built for `arch` (an entry of torch.cuda.get_arch_list(), e.g. sm_80 or
+    compute_90) run on a GPU of compute capability device_cc (e.g. 86): machine code (sm_XY) runs on the same major
+    version from minor Y up; PTX (compute_XY) is compiled by the driver for any GPU from XY up. Arch-specific
+    builds (sm_90a, sm_100f) run on their own capability alone."""
+    match = re.fullmatch(r"(sm|compute)_(\d+)([a-z]?)", arch)
+    if match is None:
+        return False
+    kind, code_cc, suffix = match.group(1), int(match.group(2)), match.group(3)
+    if suffix:
+        return device_cc == code_cc
+    if kind == "compute":
+        return device_cc >= code_cc
+    return device_cc // 10 == code_cc // 10 and device_cc >= code_cc
+
+
+def torch_cuda_builds(fits):
+    """The CUDA versions of this torch release's published builds (torch.cuda.PYTORCH_RELEASES_CODE_CC, torch
+    2.13) for this machine's architecture whose compute capabilities satisfy fits(version, capabilities)."""
+    table = getattr(torch.cuda, "PYTORCH_RELEASES_CODE_CC", {})
+    host = "aarch64" if platform.machine().lower() == "aarch64" else "x86_64"
+    return [cuda for cuda, by_host in sorted(table.items(), key=lambda item: version_tuple(item[0]))
+            if fits(version_tuple(cuda), by_host.get(host, set()))]
+
+
+def reinstall_command(cuda):
+    """pip's command for this torch release built for CUDA `cuda` (e.g. 12.6)."""
+    return (f"pip install torch=={torch.__version__.split('+')[0]} --index-url "
+            f"https://download.pytorch.org/whl/cu{cuda.replace('.', '')}")
+
+
+def needs_bf16(settings, runtime, method):
+    """The bf16 the run would use, as the flags that turn it off: autocast and bf16 weights (QLoRA's bf16 compute
+    has no flag: gpu_findings says to leave out --quantize 4bit)."""
+    flags = []
+    if runtime.bf16_autocast and is_training(method):
+        flags.append("--bf16-autocast off")
+    if torch.bfloat16 in (runtime.dtype, runtime.eval_dtype):
+        flags.append("--dtype float32")
+        if getattr(settings, "eval_dtype", None) not in (None, "float32"):
+            flags.append("--eval-dtype float32")
+    return flags
+
+
+def gpu_findings(settings, runtime, method):
+    """The NVIDIA driver against torch's CUDA build, the GPU's compute capability against the kernels torch was
+    built with (torch.cuda.get_arch_list()), and bf16 where the run would use it: each a one-line problem naming
+    the fix, before a run that would die at its first kernel. Nothing is said with --device cpu."""
+    if getattr(settings, "device", "auto") == "cpu" or torch.version.cuda is None:
+        return []
+    findings = []
+    build = version_tuple(torch.version.cuda)
+    driver = driver_cuda_version()
+    if driver is not None and driver[0] < build[0]:
+        older = torch_cuda_builds(lambda cuda, _: cuda <= driver)
+        fix = f", or {reinstall_command(older[-1])}" if older else ""
+        findings.append(problem(f"NVIDIA driver: it runs CUDA up to {driver[0]}.{driver[1]}; torch "
+                                f"{torch.__version__} is built for CUDA {torch.version.cuda}: install an NVIDIA "
+                                f"driver for CUDA {build[0]}.0 or newer{fix}"))
+    elif driver is not None and runtime.device == "cuda":
+        findings.append(ok(f"NVIDIA driver: runs CUDA up to {driver[0]}.{driver[1]} (torch's build: CUDA "
+                           f"{torch.version.cuda})"))
+    if runtime.device != "cuda":
+        return findings
+    index = torch.cuda.current_device()
+    name = torch.cuda.get_device_name(index)
+    major, minor = torch.cuda.get_device_capability(index)
+    device_cc = 10 * major + minor
+    arch_list = torch.cuda.get_arch_list()
+    if arch_list and not any(runs_on(device_cc, arch) for arch in arch_list):
+        builds = torch_cuda_builds(lambda _, ccs: any(runs_on(device_cc, f"sm_{cc}") for cc in ccs))
+        fix = reinstall_command(builds[-1]) if builds else "install a torch build for it (https://pytorch.org)"
+        findings.append(problem(f"GPU kernels: the {name} is sm_{device_cc}; torch {torch.__version__} (CUDA "
+                                f"{torch.version.cuda}) has kernels for {' '.join(arch_list)} only: {fix}, or run "
+                                "on a newer GPU"))
+    elif arch_list:
+        findings.append(ok(f"GPU kernels: torch's CUDA {torch.version.cuda} build runs on the {name} (sm_{device_cc})"))
+    flags = needs_bf16(settings, runtime, method)
+    if (flags or method == "qlora") and not torch.cuda.is_bf16_supported(including_emulation=False):
+        fix = "leave out --quantize 4bit (QLoRA computes in bf16) and " if method == "qlora" else ""
+        findings.append(problem(f"bf16: the {name} (sm_{device_cc}) has no native bf16, which this run uses: {fix}"
+                                f"pass {' '.join(flags)} (float32 throughout: slower, twice the memory), or run on "
+                                "an sm_80 or newer GPU"))
+    return findings
+
+
+# --------------------------------------------------------------------------- host memory
+
+
+def host_memory_findings(runtime, method, params):
+    """RAM to load the weights: from_pretrained reads them onto the CPU in the run's dtype (for full fine-tuning
+    fp32 master weights), and only then do they move to the GPU; the 4-bit weights of QLoRA are quantised
+    straight onto the GPU. Compared with psutil's available memory."""
+    if params is None or (method == "qlora" and runtime.device == "cuda"):
+        return []
+    needed = params * torch.empty((), dtype=runtime.dtype).element_size()
+    available = psutil.virtual_memory().available
+    where = "on the CPU before they move to the GPU" if runtime.device == "cuda" else "on the CPU"
+    what = (f"loading the weights in {kit_settings.dtype_name(runtime.dtype)} takes about {gigabytes(needed)} of "
+            f"RAM ({params:,} parameters, read {where})")
+    if needed > available:
+        return [problem(f"host memory: {what}; {gigabytes(available)} is available: free memory, or run on a "
+                        "machine with more RAM")]
+    return [ok(f"host memory: {what}; {gigabytes(available)} is available")]
+
+
+# --------------------------------------------------------------------------- a real run's start
+
+
+def stop_if_blocked(settings, runtime, method, model=None):
+    """A real run's start, before any data or weights load: the GPU, driver and host memory checks of the dry
+    run; raises UsageError with every problem's line. model: the weights loaded when not settings.model."""
+    params = None
+    if not (method == "qlora" and runtime.device == "cuda"):
+        config = models.model_config(model or settings.model, getattr(settings, "trust_remote_code", False))
+        params = models.count_parameters(models.meta_model(config))[1]
+    found = [finding.text for finding in [*gpu_findings(settings, runtime, method),
+                                          *host_memory_findings(runtime, method, params)]
+             if finding.level == "problem"]
+    if found:
+        raise UsageError("; and ".join(found))
 
 
 # --------------------------------------------------------------------------- disk

@@ -2,11 +2,12 @@
 
 import importlib.util
 import json
+import os
 
 import evaluate_base_model
 import finetune
 import full_finetune
-from lvf import full, lora
+from lvf import full, lora, memory
 
 BASE = 8_030_261_248
 
@@ -82,3 +83,17 @@ def test_a_dry_run_without_a_gpu_also_plans_the_8b_defaults_on_an_80_gb_gpu(caps
     assert "on one 80 GB CUDA GPU these flags would plan" in capsys.readouterr().err
     assert plan.announce_gpu_plan(full_finetune.parse_args(["--device", "cpu"]), runtime, method, model,
                                   full.resolve_runtime) is None  # the CPU asked for: no GPU plan
+
+
+def test_each_script_sets_expandable_segments_unless_the_user_configured_the_allocator_and_records_it(
+        tmp_path, monkeypatch):
+    for module in (evaluate_base_model, finetune, full_finetune):
+        for name in memory.ALLOCATOR_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        assert run(module, tmp_path)["cuda_allocator_config"] == "expandable_segments:True"
+        assert all(os.environ[name] == "expandable_segments:True" for name in memory.ALLOCATOR_VARIABLES)
+        # The user's own setting, under either name, is kept and recorded.
+        monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+        assert run(module, tmp_path)["cuda_allocator_config"] == "max_split_size_mb:512"
+        assert "PYTORCH_ALLOC_CONF" not in os.environ

@@ -11,8 +11,10 @@ import sys
 import pytest
 
 import common
+from lvf import plan, settings
 
-pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
+sys.path.insert(0, str(common.PROJECT_DIR / "bench"))
+import gpu_check  # noqa: E402
 
 GPU_IMAGE_TRANSFORMERS = common.PROJECT_DIR / ".venv-tf517"  # see requirements-tf517.txt and the Makefile
 # Make `import datasets` and `import bitsandbytes` fail, as on a machine without them, then run the script.
@@ -35,6 +37,7 @@ def run_tiny_check(tmp_path, python_path):
     return json.loads(output.read_text())
 
 
+@pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 @pytest.mark.parametrize("transformers_version", ["pinned", "5.17.0"])
 def test_tiny_gpu_check_trains_with_the_kits_trainer_and_reports(transformers_version, tmp_path):
     python_path = None
@@ -90,3 +93,25 @@ def test_tiny_gpu_check_trains_with_the_kits_trainer_and_reports(transformers_ve
 def common_transformers_pin():
     pins = (common.PROJECT_DIR / "requirements.txt").read_text().splitlines()
     return next(line.split("==")[1] for line in pins if line.startswith("transformers=="))
+
+
+def test_on_a_24_gb_gpu_full_fine_tuning_is_skipped_by_its_plan_not_failed(monkeypatch):
+    """A 24 GB card stood in for: full fine-tuning's plan exceeds it before anything is built on it."""
+    card = 24 * 10**9
+    monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
+    monkeypatch.setattr(plan, "cuda_device", lambda: (card, "NVIDIA L4"))
+    monkeypatch.setattr(gpu_check.METHODS["full"], "gpu_memory_bytes", lambda: card)
+    args = gpu_check.parse_args([])
+    script_args = gpu_check.script_settings(args, "full", "unused")
+    _, runtime = gpu_check.METHODS["full"].resolve_runtime(script_args)
+    planned = gpu_check.planned_memory(args, "full", script_args, runtime,
+                                       gpu_check.build_model(args, "full", script_args, runtime, device="meta"))
+    reason = gpu_check.skip_reason(planned)
+    assert reason == (f"skipped: the plan needs {plan.gib(planned['total'])} GiB, more than this GPU's "
+                      f"{plan.gib(card)} GiB (NVIDIA L4)")
+    assert planned["weights"] == 4 * 8_030_261_248  # fp32 master weights alone exceed the card
+    report = {"results": {"full": {"skipped": reason, "planned_memory": planned},
+                          "lora": {"losses": [2.0, 1.5]}}}
+    assert gpu_check.failed_methods(report) == []
+    report["results"]["lora"] = {"error": "OutOfMemoryError: CUDA out of memory"}
+    assert gpu_check.failed_methods(report) == ["lora"]

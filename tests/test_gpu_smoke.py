@@ -58,3 +58,15 @@ def test_cpu_dry_run_goes_through_every_step(tmp_path):
     assert "4/4 runs wrote a finite perplexity" in result.stdout
     for name in (*gpu_smoke.RUNS, "gpu_check"):
         assert (tmp_path / f"{name}.json").is_file(), name
+
+
+def test_without_the_prepared_folder_it_says_in_one_line_what_to_run(tmp_path):
+    """A fresh clone has no .gpu-smoke: the script stops at once, before any step, naming the command."""
+    env = {**os.environ, "PREPARED": str(tmp_path / "missing"), "OUT": str(tmp_path / "out")}
+    result = subprocess.run(["bash", str(common.PROJECT_DIR / "bench" / "gpu_smoke.sh")], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert f"python bench/gpu_smoke.py prepare {tmp_path / 'missing'}" in line
+    assert "pip install --no-deps llama-models" in line and "--cpu-dry" in line
+    assert not (tmp_path / "out").exists()  # nothing ran

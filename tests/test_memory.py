@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from test_training_levers import features
 from transformers import LlamaForCausalLM, TrainingArguments
 
-from lvf import memory, results, training
+from lvf import memory, models, results, training
 
 MB = 2**20
 
@@ -133,3 +133,28 @@ def test_other_is_never_negative_it_says_why_it_is_missing():
     parts = breakdown.breakdown(train_peak_bytes=1_000)  # a peak that missed memory the parts count
     assert parts["other"] is None and "exceed the measured training peak" in parts["other_unavailable"]
     assert breakdown.breakdown(train_peak_bytes=None)["other_unavailable"] == "the training peak was not measured"
+
+
+def test_on_cuda_the_weights_land_on_the_gpu_inside_the_load_phase(monkeypatch):
+    """from_pretrained reads the weights onto the CPU; load_model (called inside each script's load PhasePeak) moves
+    them to this process's GPU, so the load phase's CUDA peak counts them, not the Trainer's later move. Stand-ins
+    for the loaded model and the GPU: the device they are moved to is recorded."""
+
+    class Loaded:
+        device = "cpu"
+
+        def to(self, device):
+            self.device = device
+            return self
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: Loaded())
+    monkeypatch.setattr(models.torch.cuda, "current_device", lambda: 1)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert models.load_model("some/model", torch.bfloat16, "cuda").device == torch.device("cuda", 1)
+    assert models.load_model("some/model", torch.float32, "cpu").device == "cpu"
+    four_bit = models.load_model("some/model", torch.bfloat16, "cuda", quantization_config=object())
+    assert four_bit.device == "cpu"  # stand-in: bitsandbytes puts 4-bit weights on the GPU as it reads them
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(models, "receives_weights_by_broadcast", lambda: False)  # local rank 0 reads them
+    assert models.load_model("some/model", torch.bfloat16, "cuda").device == "cpu"  # FSDP places them

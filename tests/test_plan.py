@@ -242,3 +242,47 @@ def test_the_default_on_an_80_gb_gpu_steps_in_backward_and_fits(monkeypatch, ful
     monkeypatch.setattr(plan, "cuda_device", lambda: (150 * 10**9, "stand-in 150 GB GPU"))
     large = cuda_runtime(full, args, "full")
     assert not large.optimizer_in_backward and not plan.setup_for_run(args, large, "full").step_in_backward
+
+
+def test_the_readme_needs_table_follows_the_plan(full_shape, lora_shape):
+    """Each run's memory plan and smallest GPU in the README's "What each run needs" table, computed."""
+    rows = {}
+    for line in (PROJECT_DIR / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("zero-shot", "LoRA", "QLoRA (`--quantize 4bit`)", "full fine-tuning"):
+            rows[cells[0]] = (cells[1], cells[2])
+    assert rows == plan.readme_needs(full_shape, lora_shape)
+    # The words follow the comparison the pre-flight makes: bytes of the plan against the GPU's bytes.
+    assert plan.smallest_gpu_words(22.0 * 2**30) == "a 24 GB GPU or larger"
+    assert plan.smallest_gpu_words(24 * 10**9 + 1) == "a 32 GB GPU or larger"
+    assert plan.smallest_gpu_words(68.9 * 2**30) == "an 80 GB GPU or larger"
+
+
+def test_the_full_fine_tuning_breakdown_in_the_performance_doc_is_the_plans(full_shape):
+    text = (PROJECT_DIR / "docs" / "performance.md").read_text()
+    block = re.search(re.escape(plan.FULL_PLAN_START) + r"\n(.*?)\n" + re.escape(plan.FULL_PLAN_END), text, re.S)
+    assert block is not None, "docs/performance.md lacks the breakdown of full fine-tuning's plan"
+    assert block.group(1) == "\n".join(plan.full_default_table(full_shape))
+
+
+def plan_figures(full_shape, lora_shape):
+    """Every part and total the plan computes for the docs' runs, in GiB as the docs write them."""
+    figures = set()
+    for _, setup in plan.single_gpu_rows():
+        planned = plan.plan_memory(full_shape if setup.method == "full" else lora_shape, setup)
+        for moment in planned["moments"].values():
+            figures |= {plan.gib(value) for value in moment.values() if value is not None}
+        figures.add(plan.gib(planned["paged_optimizer_states"]))
+    return figures | {needs.split(" GiB")[0] for needs, _ in plan.readme_needs(full_shape, lora_shape).values()}
+
+
+def test_planned_figures_in_the_docs_prose_are_computed_by_the_plan(full_shape, lora_shape):
+    """A sentence that speaks of a plan and gives a figure in GiB gives one lvf.plan computes: a figure typed by
+    hand, such as 66.0 GiB for full fine-tuning from before the embedding's fp32 states were counted, fails here."""
+    typed, computed = [], plan_figures(full_shape, lora_shape)
+    for name in ("README.md", "docs/performance.md", "docs/cpu-results.md"):
+        for sentence in re.split(r"(?<=[.:;])\s", (PROJECT_DIR / name).read_text()):
+            if "plan" in sentence and "|" not in sentence:
+                typed += [(name, figure) for figure in re.findall(r"(\d+\.\d) GiB", sentence)
+                          if figure not in computed]
+    assert typed == []

@@ -4,8 +4,11 @@ problem line naming its fix."""
 import importlib.util
 from collections import namedtuple
 from pathlib import Path
+from types import SimpleNamespace
 
+import httpx2
 import pytest
+from huggingface_hub.errors import GatedRepoError
 from test_readme_commands import expanded_lines, script_invocations
 
 import common
@@ -21,6 +24,7 @@ EXPECTED_GPU_COMMANDS = {("finetune.py", GPU), ("finetune.py", (*GPU, "--quantiz
                          ("full_finetune.py", GPU), ("evaluate_base_model.py", GPU)}
 NO_CUDA = "no CUDA GPU: this run would"
 DiskUsage = namedtuple("DiskUsage", "total used free")
+VirtualMemory = namedtuple("VirtualMemory", "total available")
 
 
 def readme_gpu_commands():
@@ -67,6 +71,7 @@ def downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight, "get_token", lambda: "hf_" + "x" * 30)
     monkeypatch.setattr(preflight, "is_offline_mode", lambda: False)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**13, 0, 10**13))
+    monkeypatch.setattr(preflight.psutil, "virtual_memory", lambda: VirtualMemory(10**12, 10**12))
     return cache
 
 
@@ -235,3 +240,146 @@ def test_on_cuda_the_gpu_is_named_and_the_memory_plan_compared_with_it(monkeypat
     assert gpu.level == "ok" and gpu.text.startswith("CUDA GPU: NVIDIA H100 80GB HBM3, 80.0 GiB (2 visible")
     [over] = preflight.memory_findings(runtime, "full", {"total": 90 * 10**9})  # the GPU's size read from torch
     assert over.level == "problem" and f"the GPU has {80 * 2**30 / 1e9:.1f} GB" in over.text
+
+
+def cuda_machine(monkeypatch, name, capability, bf16, driver=(13, 0), build="13.0",
+                 arch_list=("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")):
+    """torch.cuda's answers and the driver's stood in for: a GPU of this capability under torch's CUDA build
+    (PyPI's torch 2.13.0 is CUDA 13.0, built for sm_75 to sm_120)."""
+    cuda = preflight.torch.cuda
+    monkeypatch.setattr(preflight.torch.version, "cuda", build)
+    monkeypatch.setattr(preflight, "driver_cuda_version", lambda: driver)
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda, "get_device_name", lambda index=None: name)
+    monkeypatch.setattr(cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(cuda, "get_arch_list", lambda: list(arch_list))
+    monkeypatch.setattr(cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
+
+
+def gpu_problems(script, arguments=()):
+    module = SCRIPTS[script]
+    args = module.parse_args([*arguments, "--dry-run"])
+    if module is evaluate_base_model:
+        method, runtime = "base", settings.evaluation_runtime(args, "base")
+    else:
+        method, runtime = (lora if module is finetune else full).resolve_runtime(args, gpu_bytes=80 * 10**9)
+    return problems(preflight.gpu_findings(args, runtime, method))
+
+
+def test_an_h100_under_torchs_cuda_13_build_passes(monkeypatch):
+    cuda_machine(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), bf16=True)
+    for script in SCRIPTS:
+        assert gpu_problems(script) == []
+    args = finetune.parse_args(["--dry-run"])
+    method, runtime = lora.resolve_runtime(args)
+    found = preflight.gpu_findings(args, runtime, method)
+    assert preflight.ok("NVIDIA driver: runs CUDA up to 13.0 (torch's build: CUDA 13.0)") in found
+    assert preflight.ok("GPU kernels: torch's CUDA 13.0 build runs on the NVIDIA H100 80GB HBM3 (sm_90)") in found
+
+
+def test_a_v100_is_refused_by_a_cuda_13_build_with_the_build_that_runs_on_it(monkeypatch):
+    cuda_machine(monkeypatch, "Tesla V100-SXM2-32GB", (7, 0), bf16=False)
+    [kernels, *_] = gpu_problems("finetune.py")
+    assert kernels.startswith("GPU kernels: the Tesla V100-SXM2-32GB is sm_70; torch ")
+    version = preflight.torch.__version__.split("+")[0]
+    # torch's own table of its release's builds: the CUDA 12.6 one still has sm_70 kernels.
+    assert f"pip install torch=={version} --index-url https://download.pytorch.org/whl/cu126" in kernels
+    # An sm_86 card runs sm_80 machine code; PTX (compute_XY) runs on anything newer.
+    cuda_machine(monkeypatch, "NVIDIA RTX A6000", (8, 6), bf16=True, arch_list=("sm_80", "sm_90"))
+    assert gpu_problems("finetune.py") == []
+    cuda_machine(monkeypatch, "NVIDIA RTX A6000", (8, 6), bf16=True, arch_list=("sm_90", "compute_80"))
+    assert gpu_problems("finetune.py") == []
+
+
+def test_a_driver_older_than_torchs_cuda_build_is_a_problem_naming_the_fix(monkeypatch):
+    cuda_machine(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0), bf16=True, driver=(12, 8))
+    [driver] = gpu_problems("full_finetune.py")
+    assert driver.startswith("NVIDIA driver: it runs CUDA up to 12.8; torch ")
+    assert "install an NVIDIA driver for CUDA 13.0 or newer, or pip install torch==" in driver
+    assert driver.endswith("https://download.pytorch.org/whl/cu126")  # the newest build this driver runs
+    # Such a driver leaves torch without a GPU (is_available() is False): the driver line still says why.
+    monkeypatch.setattr(settings, "resolve_device", lambda: "cpu")
+    assert gpu_problems("full_finetune.py") == [driver]
+    assert gpu_problems("full_finetune.py", ["--device", "cpu"]) == []  # the CPU, asked for knowingly
+
+
+def test_a_t4_has_no_bf16_and_each_script_names_the_flags_that_turn_it_off(monkeypatch):
+    cuda_machine(monkeypatch, "Tesla T4", (7, 5), bf16=False)
+    [lora] = gpu_problems("finetune.py")
+    assert lora.startswith("bf16: the Tesla T4 (sm_75) has no native bf16, which this run uses: pass "
+                           "--bf16-autocast off --dtype float32 ")
+    [full] = gpu_problems("full_finetune.py")  # fp32 weights already; bf16 autocast is the CUDA default
+    assert "pass --bf16-autocast off (" in full
+    [base] = gpu_problems("evaluate_base_model.py")
+    assert "pass --dtype float32 (" in base
+    [qlora] = gpu_problems("finetune.py", ["--quantize", "4bit"])
+    assert "no native bf16, which this run uses: leave out --quantize 4bit (QLoRA computes in bf16) and pass " in qlora
+    assert gpu_problems("finetune.py", ["--bf16-autocast", "off", "--dtype", "float32"]) == []
+
+
+def test_host_memory_for_loading_is_computed_from_the_parameters_and_compared_with_psutil(monkeypatch):
+    params = models.count_parameters(models.meta_model(models.model_config(models.DEFAULT_MODEL)))[1]
+    monkeypatch.setattr(preflight.psutil, "virtual_memory", lambda: VirtualMemory(64 * 10**9, 20 * 10**9))
+    monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
+    monkeypatch.setattr(full, "gpu_memory_bytes", lambda: 80 * 10**9)
+    args = full_finetune.parse_args(["--dry-run"])
+    _, runtime = full.resolve_runtime(args)
+    [full_load] = preflight.host_memory_findings(runtime, "full", params)
+    assert full_load.level == "problem"
+    assert full_load.text.startswith(
+        f"host memory: loading the weights in float32 takes about {4 * params / 1e9:.1f} GB "
+                                f"of RAM ({params:,} parameters, read on the CPU before they move to the GPU); "
+                                "20.0 GB is available")
+    _, lora_runtime = lora.resolve_runtime(finetune.parse_args(["--dry-run"]))
+    assert preflight.host_memory_findings(lora_runtime, "lora", params)[0].level == "ok"  # bf16: 16.1 GB
+    assert preflight.host_memory_findings(lora_runtime, "qlora", params) == []  # quantised straight onto the GPU
+    # A real run stops at its start with the same line (stood-in GPU checks pass).
+    monkeypatch.setattr(preflight, "gpu_findings", lambda *args: [])
+    with pytest.raises(errors.UsageError, match=r"^host memory: loading the weights in float32 takes about 32\.1 GB"):
+        preflight.stop_if_blocked(args, runtime, "full")
+
+
+def gated(message="Access to model meta-llama/Meta-Llama-3-8B-Instruct is restricted"):
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/meta-llama/Meta-Llama-3-8B-Instruct/auth-check")
+    return GatedRepoError(message, response=httpx2.Response(403, request=request))
+
+
+def test_a_gated_model_whose_licence_this_token_has_not_accepted_is_a_problem(downloaded, monkeypatch, tmp_path):
+    """repo_info answers for a gated repository whether or not the licence was accepted: auth_check says."""
+    monkeypatch.setattr(common, "HF_HUB_CACHE", str(tmp_path / "empty"))  # not cached: the run would download it
+    monkeypatch.setattr(common, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(common, "get_token", preflight.get_token)  # the fixture's login
+    monkeypatch.setattr(common.HfApi, "repo_info", lambda self, *args, **kwargs: SimpleNamespace(gated="manual"))
+
+    def refused(self, repo_id, repo_type=None, token=None, write=False):
+        raise gated()
+
+    monkeypatch.setattr(common.HfApi, "auth_check", refused)
+    args = evaluate_base_model.parse_args(["--dry-run"])
+    [found] = problems(preflight.hub_findings(args, args.model))
+    assert found.startswith("model meta-llama/Meta-Llama-3-8B-Instruct is gated and this Hub token has no access "
+                            "to it: accept its licence on https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct")
+    with pytest.raises(errors.UsageError, match="is gated and this Hub token has no access"):
+        common.ensure_hub_reachable(args.model)  # the real run's check, before the tokenizer downloads
+    monkeypatch.setattr(common.HfApi, "auth_check", lambda self, *args, **kwargs: None)
+    granted = preflight.hub_findings(args, args.model)
+    assert problems(granted) == []
+    assert preflight.ok(f"Hub access to {args.model}: it can be downloaded (asked of the Hub)") in granted
+    # Offline the Hub is not asked: a note says so.
+    monkeypatch.setattr(preflight, "is_offline_mode", lambda: True)
+    assert preflight.info(f"Hub access to {args.model}: not asked of the Hub (HF_HUB_OFFLINE=1)") in (
+        preflight.hub_findings(args, args.model))
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_a_real_run_stops_at_its_start_on_what_the_pre_flight_finds(script, monkeypatch, tmp_path):
+    """The GPU checks run before any data or weights load: a stood-in problem stops the run in one line."""
+    monkeypatch.setattr(preflight, "gpu_findings", lambda *args: [preflight.problem("bf16: stood in")])
+    monkeypatch.setattr(preflight, "host_memory_findings", lambda *args: [])
+    monkeypatch.setattr(preflight.common, "load_splits", lambda *args, **kwargs: pytest.fail("data loaded"))
+    arguments = ["--config", "experiments/demo-cpu.yaml", "--output", str(tmp_path / "out.json")]
+    if script != "evaluate_base_model.py":
+        arguments += ["--output-dir", str(tmp_path / "run")]
+    with pytest.raises(errors.UsageError, match="^bf16: stood in$"):
+        SCRIPTS[script].main(arguments)

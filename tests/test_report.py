@@ -102,6 +102,7 @@ def test_table_check_and_plot(tmp_path, results_dir):
     assert rows[2].startswith("| Zero-shot (base) |") and rows[4].startswith("| Full fine-tuning |")
     assert "1.84 M (1.35%)" in text and "7.0 MiB" in text and "513.0 MiB" in text
     assert "| 5.0 min | 150.0 |" in rows[4] and "7.0 min" not in text  # the steps' time, not train()'s wall time
+    assert "| training steps' time | train tokens/s (steps) |" in rows[0]  # their total, not one step's time
     assert "| 1,234 |" in text  # the write-up's metric column
     assert "+0.000" in row(rows, "| LoRA − Full fine-tuning")  # identical per-example NLL
     assert "| 2.0 GiB = 512.0 MiB + 512.0 MiB + 1.0 GiB + 0 B |" in rows[4]  # full: training peak, its parts
