@@ -26,6 +26,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import shlex
 import shutil
 import statistics
@@ -508,6 +509,10 @@ def left_by_stage_one(study, costs):
     return left
 
 
+def same_disk(folder, other):
+    return os.stat(preflight.nearest_existing(folder)).st_dev == os.stat(preflight.nearest_existing(other)).st_dev
+
+
 def stage_disk(study, number, runs, costs, left_before=0):
     """The pre-flight's disk findings (lvf.preflight.disk_findings) for one stage: its peak with --workers runs at
     once (study_plan.stage_peak_bytes), plus what earlier stages leave, less what its runs hold there already,
@@ -516,8 +521,12 @@ def stage_disk(study, number, runs, costs, left_before=0):
     peak = study_plan.stage_peak_bytes(costs, study.workers)
     held = sum(checkpoints.folder_bytes(run.output_dir) for run in runs
                if run.output_dir is not None and Path(run.output_dir).is_dir())
-    free = shutil.disk_usage(preflight.nearest_existing(study.outputs_dir)).free
-    fits = study_plan.most_workers_within(costs, free - left_before + held, study.workers)
+    outputs_disk = preflight.nearest_existing(study.outputs_dir)
+    download = next((size_of(run)["download"] for run in runs if run.output_dir is not None), None)
+    download = download if number == 1 else None  # the base model's run, first in stage 1, downloads it
+    beside = download.bytes if download and same_disk(download.folder, outputs_disk) else 0
+    free = shutil.disk_usage(outputs_disk).free
+    fits = study_plan.most_workers_within(costs, free - beside - left_before + held, study.workers)
     fixes = [f"pass --workers {fits} ({preflight.gigabytes(study_plan.stage_peak_bytes(costs, fits))} at its peak)"
              ] if 0 < fits < study.workers else []
     fixes += ["leave out --keep-checkpoints"] if study.keep_checkpoints else []
@@ -526,8 +535,7 @@ def stage_disk(study, number, runs, costs, left_before=0):
                               f"{study.workers}" + (f" (and {preflight.gigabytes(left_before)} stage 1 leaves)"
                                                     if left_before else ""),
                               study.outputs_dir, max(0, left_before + peak - held))]
-    download = next((size_of(run)["download"] for run in runs if run.output_dir is not None), None)
-    if number == 1 and download is not None:
+    if download is not None:
         writes.insert(0, download)
     return preflight.disk_findings(writes, fixes={**preflight.FIXES, "checkpoints": " or ".join(fixes)},
                                    writer=f"stage {number}")
