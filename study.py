@@ -265,6 +265,7 @@ def run_stage(study, runs, final_models="kept"):
     finished runs keep their results JSON and final model, not their checkpoints (unless --keep-checkpoints)."""
     print("[study] " + scheduling.plan_summary(runs, complete_results, final_models=final_models,
                                                keep_checkpoints=study.keep_checkpoints), file=sys.stderr)
+
     def prune(run):  # as soon as a run finishes, so that a stage holds the checkpoints of running runs only
         if run.output_dir is not None and not study.keep_checkpoints:
             checkpoints.prune_outputs(run.output_dir, keep_final=True)

@@ -90,7 +90,8 @@ def test_the_gpu_study_has_the_rank_axis_and_its_dry_run_counts_it(gpu_study_dry
     assert min(ranks) <= 1 and max(ranks) >= 256 and method["flags"]["lora_targets"] == "all-linear"
     # Every other rank at every seed, and at the smallest and largest rank the middle rate's two neighbours.
     added = len(ranks) * len(seeds) + 2 * 2
-    assert (f"the rank axis (lora-all-linear at ranks {', '.join(map(str, ranks))}, beside its own 16) adds "
+    assert (f"the rank axis (lora-all-linear at ranks {', '.join(map(str, ranks))}, beside its own "
+            f"{method['flags']['lora_r']}) adds "
             f"{added} of these runs: {added * 1.0:.1f} GPU-hours") in output
 
 
