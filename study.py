@@ -570,6 +570,8 @@ def describe_costs(costs):
 
 def time_line(study, costs, epoch_hours, timed_on):
     """The stage's GPU-hours of training from gpu_check's epoch times, or why there is no figure."""
+    if all(cost.done for cost in costs):
+        return "time: every training run of this stage is finished already"
     if epoch_hours is None:
         return f"time: unknown: {timed_on}"
     gpu_hours, wall_hours = study_plan.stage_hours(costs, study.workers)
@@ -579,7 +581,9 @@ def time_line(study, costs, epoch_hours, timed_on):
                 f"full fine-tuning of {models.DEFAULT_MODEL} on {study_plan.DEFAULT_DATASET} at the scripts' "
                 "defaults only")
     lora = f"{finetune.DEFAULTS['lora_targets']} at rank {finetune.DEFAULTS['lora_r']}"
-    return (f"time: {gpu_hours:,.1f} GPU-hours of training, about {wall_hours:,.1f} h with --workers "
+    to_run = sum(not cost.done for cost in costs)
+    return (f"time: {gpu_hours:,.1f} GPU-hours of training for the {to_run} training run(s) not finished yet, "
+            f"about {wall_hours:,.1f} h with --workers "
             f"{study.workers} (one GPU a run; from {settings.display_path(study.gpu_check)}'s epoch times on "
             f"{timed_on}, every LoRA run at the speed of its LoRA row, {lora}: more adapters train slower; "
             "evaluation not counted)")
@@ -621,9 +625,10 @@ def print_plan(study):
         if method.ranks:
             names = {rank_method_name(method, rank) for rank in method.ranks}
             axis = [cost for cost in later_costs if cost.family in names]
-            gpu_hours, _ = study_plan.stage_hours(axis, study.workers)
-            hours = (f"{gpu_hours:,.1f} GPU-hours" if gpu_hours is not None
-                     else f"GPU-hours unknown ({timed_on if epoch_hours is None else 'no estimate for them'})")
+            if epoch_hours is None or any(cost.hours is None for cost in axis):
+                hours = f"GPU-hours unknown ({timed_on if epoch_hours is None else 'no estimate for them'})"
+            else:  # finished or not: what the axis costs the study
+                hours = f"{sum(cost.hours for cost in axis):,.1f} GPU-hours of training"
             print(f"  the rank axis ({method.name} at ranks {', '.join(map(str, method.ranks))}, beside its own "
                   f"{method.rank}) adds {len(axis)} of these runs: {hours}")
     return preflight.exit_status(first_disk + later_disk)

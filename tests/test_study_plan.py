@@ -78,7 +78,7 @@ def test_the_gpu_study_times_its_stages_from_gpu_check(gpu_study_dry_run):
     lora_sweeps = sum(len(m["learning_rates"]) for m in contents["methods"].values() if m["script"] == "finetune")
     full_sweeps = sum(len(m["learning_rates"]) for m in contents["methods"].values() if m["script"] != "finetune")
     # One epoch each (the scripts' default): 1 h a LoRA run, 2 h a full one in the gpu_check file above.
-    assert f"time: {lora_sweeps * 1.0 + full_sweeps * 2.0:.1f} GPU-hours of training" in "\n".join(
+    assert f"time: {lora_sweeps * 1.0 + full_sweeps * 2.0:.1f} GPU-hours of training for the " in "\n".join(
         stage_lines(output, 1))
 
 
@@ -92,7 +92,7 @@ def test_the_gpu_study_has_the_rank_axis_and_its_dry_run_counts_it(gpu_study_dry
     added = len(ranks) * len(seeds) + 2 * 2
     assert (f"the rank axis (lora-all-linear at ranks {', '.join(map(str, ranks))}, beside its own "
             f"{method['flags']['lora_r']}) adds "
-            f"{added} of these runs: {added * 1.0:.1f} GPU-hours") in output
+            f"{added} of these runs: {added * 1.0:.1f} GPU-hours of training") in output
 
 
 def test_without_gpu_check_figures_the_time_says_how_to_get_them(tmp_path):
