@@ -23,17 +23,37 @@ at the smallest and largest rank.
 """
 
 import argparse
+import functools
 import json
 import math
+import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 import common
-from lvf import base, checkpoints, defaults, errors, experiments, full, lora, results, scheduling, settings
+from lvf import (
+    base,
+    checkpoints,
+    defaults,
+    errors,
+    experiments,
+    full,
+    lora,
+    models,
+    plan,
+    preflight,
+    results,
+    scheduling,
+    settings,
+    study_plan,
+)
 from lvf.scheduling import Run
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -73,9 +93,12 @@ def parse_args(argv=None):
     parser.add_argument("--keep-final-models", action="store_true",
                         help="keep full fine-tuning's final model at every learning rate (default: at the picked "
                              "rate only; each is the size of the model's fp32 weights)")
+    parser.add_argument("--gpu-check", type=Path, default=PROJECT_DIR / "bench" / "results" / "gpu_check.json",
+                        metavar="FILE.json",
+                        help="bench/gpu_check.py's report, whose epoch times estimate the study's GPU-hours")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the runs the study would make, each command checked by its script's parser; "
-                             "runs nothing, writes nothing")
+                        help="print the runs the study would make, each command checked by its script's parser, "
+                             "and each stage's disk at its peak and GPU-hours; runs nothing, writes nothing")
     args = parser.parse_args(own)
     return StudySettings.from_file(args, passed)
 
@@ -108,6 +131,7 @@ class StudySettings:
     workers: int
     cpus_per_run: int
     ray_address: str | None
+    gpu_check: Path
     dry_run: bool
     contents: dict = field(repr=False, default=None)
 
@@ -135,7 +159,7 @@ class StudySettings:
                    flags=tuple(passed), train_flags=tuple(shlex.split(args.train_flags)),
                    keep_checkpoints=args.keep_checkpoints, keep_final_models=args.keep_final_models,
                    workers=args.workers, cpus_per_run=args.cpus_per_run, ray_address=args.ray_address,
-                   dry_run=args.dry_run, contents=contents)
+                   gpu_check=args.gpu_check, dry_run=args.dry_run, contents=contents)
 
 
 def path_for_the_scripts(path):
@@ -255,12 +279,16 @@ def run_stage(study, runs, final_models="kept"):
     finished runs keep their results JSON and final model, not their checkpoints (unless --keep-checkpoints)."""
     print("[study] " + scheduling.plan_summary(runs, complete_results, final_models=final_models,
                                                keep_checkpoints=study.keep_checkpoints), file=sys.stderr)
+
+    def prune(run):  # as soon as a run finishes, so that a stage holds the checkpoints of running runs only
+        if run.output_dir is not None and not study.keep_checkpoints:
+            checkpoints.prune_outputs(run.output_dir, keep_final=True)
+
     found = scheduling.run_stage(runs, workers=study.workers, address=study.ray_address,
-                                 cpus_per_run=study.cpus_per_run, finished=complete_results, cwd=PROJECT_DIR)
-    if not study.keep_checkpoints:
-        for run in runs:
-            if run.output_dir is not None:
-                checkpoints.prune_outputs(run.output_dir, keep_final=True)
+                                 cpus_per_run=study.cpus_per_run, finished=complete_results, cwd=PROJECT_DIR,
+                                 when_finished=prune)
+    for run in runs:  # and those finished by an earlier invocation
+        prune(run)
     return {Path(run.results_path): found[run.name] for run in runs}
 
 
@@ -418,22 +446,206 @@ def planned_second_stage(study):
                                      for method in study.methods})
 
 
+# --------------------------------------------------------------------------- the plan: disk and time
+
+
+RATE_SEED_AND_PATHS = ("--learning-rate", "--seed", "--output", "--output-dir")
+
+
+def without_flags(argv, flags):
+    """argv less the given flags and their values."""
+    kept, skip = [], False
+    for word in argv:
+        if not skip and word not in flags:
+            kept.append(word)
+        skip = not skip and word in flags
+    return tuple(kept)
+
+
+def plan_device(run_settings):
+    """Where a run is planned: where it resolves here; without a CUDA GPU here, a run on --device auto is planned
+    as on one 80 GB CUDA GPU (plan.GPU_PLAN_BYTES), as the scripts' dry runs print beside their own plan."""
+    if torch.cuda.is_available() or getattr(run_settings, "device", "auto") != "auto":
+        return None, None
+    return "cuda", plan.GPU_PLAN_BYTES
+
+
+@functools.cache
+def run_size(script, argv):
+    """What a training run writes, by the pre-flight's rule (lvf.preflight.checkpoint_and_final_bytes) for the
+    model as its script builds it on the meta device, with the memory plan's optimizer states: {checkpoint, final,
+    download (the pre-flight's Write, or None), settings, method, gpu_plan}. Cached by argv less the rate, seed and
+    paths: a method's runs at one rank are one size."""
+    args = PARSERS[script](list(argv))
+    module = lora if script == "finetune" else full
+    device, gpu_bytes = plan_device(args)
+    method, runtime = module.resolve_runtime(args, device=device, gpu_bytes=gpu_bytes)
+    model = (lora.meta_model(args) if script == "finetune"
+             else models.meta_model(models.model_config(args.model, args.trust_remote_code)))
+    trainable, total = models.count_parameters(model)
+    params = total - trainable if script == "finetune" else total  # the frozen base, or every weight
+    states = None
+    if method == "full":
+        shape, setup = plan.ModelShape.from_model(model), plan.setup_for_run(args, runtime, method)
+        states = plan.plan_memory(shape, setup)["optimizer_states"]
+    checkpoint, final = preflight.checkpoint_and_final_bytes(method, params, trainable, runtime, states)
+    download = [write for write in preflight.planned_writes(method, params, trainable, args, runtime)
+                if "download" in write.what]
+    return {"checkpoint": checkpoint, "final": final, "download": download[0] if download else None,
+            "settings": args, "method": method, "gpu_plan": device is not None}
+
+
+def size_of(run):
+    return run_size(Path(run.script).stem, without_flags(run.argv, RATE_SEED_AND_PATHS))
+
+
+def run_cost(study, run, epoch_hours=None):
+    """The run's disk while it trains and once finished (study_plan.RunCost), and its hours from gpu_check's."""
+    size = size_of(run)
+    training = preflight.CHECKPOINTS_AT_ONCE * size["checkpoint"] + size["final"]
+    return study_plan.RunCost(family=run.name.split("/")[0], training_bytes=training,
+                              kept_bytes=training if study.keep_checkpoints else size["final"],
+                              hours=study_plan.training_hours(size["settings"], size["method"], epoch_hours),
+                              done=complete_results(run) is not None)
+
+
+def left_by_stage_one(study, costs):
+    """What stage 1 leaves on disk for stage 2: each run's kept part, less full fine-tuning's final models at the
+    rates not picked (drop_unpicked_full_models, which deletes those runs' checkpoints too) unless
+    --keep-final-models. Every rate of a sweep is one size, so which one is picked does not matter here."""
+    full = {method.name for method in study.methods if method.script == "full_finetune"}
+    left, counted = 0, set()
+    for cost in costs:
+        if cost.family in full and not study.keep_final_models:
+            if cost.family in counted:
+                continue
+            counted.add(cost.family)
+        left += cost.kept_bytes
+    return left
+
+
+def same_disk(folder, other):
+    return os.stat(preflight.nearest_existing(folder)).st_dev == os.stat(preflight.nearest_existing(other)).st_dev
+
+
+def stage_disk(study, number, runs, costs, left_before=0):
+    """The pre-flight's disk findings (lvf.preflight.disk_findings) for one stage: its peak with --workers runs at
+    once (study_plan.stage_peak_bytes), plus what earlier stages leave, less what its runs hold there already,
+    against the free disk; stage 1 adds the model's download when it is not in the Hub cache. A problem names the
+    most --workers that fit."""
+    peak = study_plan.stage_peak_bytes(costs, study.workers)
+    held = sum(checkpoints.folder_bytes(run.output_dir) for run in runs
+               if run.output_dir is not None and Path(run.output_dir).is_dir())
+    outputs_disk = preflight.nearest_existing(study.outputs_dir)
+    download = next((size_of(run)["download"] for run in runs if run.output_dir is not None), None)
+    download = download if number == 1 else None  # the base model's run, first in stage 1, downloads it
+    beside = download.bytes if download and same_disk(download.folder, outputs_disk) else 0
+    free = shutil.disk_usage(outputs_disk).free
+    fits = study_plan.most_workers_within(costs, free - beside - left_before + held, study.workers)
+    fixes = [f"pass --workers {fits} ({preflight.gigabytes(study_plan.stage_peak_bytes(costs, fits))} at its peak)"
+             ] if 0 < fits < study.workers else []
+    fixes += ["leave out --keep-checkpoints"] if study.keep_checkpoints else []
+    fixes.append("pass --outputs-dir on a larger disk")
+    writes = [preflight.Write(f"stage {number}'s checkpoints and final models at their peak with --workers "
+                              f"{study.workers}" + (f" (and {preflight.gigabytes(left_before)} stage 1 leaves)"
+                                                    if left_before else ""),
+                              study.outputs_dir, max(0, left_before + peak - held))]
+    if download is not None:
+        writes.insert(0, download)
+    return preflight.disk_findings(writes, fixes={**preflight.FIXES, "checkpoints": " or ".join(fixes)},
+                                   writer=f"stage {number}")
+
+
+def stage_costs(study, runs, epoch_hours=None):
+    return [run_cost(study, run, epoch_hours) for run in runs if run.output_dir is not None]
+
+
+def stages_disk(study, first, later, first_costs, later_costs):
+    """Both stages' disk findings, before stage 1 starts (stage 2 as planned_second_stage)."""
+    return (stage_disk(study, 1, first, first_costs),
+            stage_disk(study, 2, later, later_costs, left_by_stage_one(study, first_costs)))
+
+
+def refuse_what_the_disk_cannot_hold(*findings):
+    """Stops the study before a stage whose disk peak exceeds the free disk, with the pre-flight's line."""
+    for finding in (finding for group in findings for finding in group):
+        if finding.level == "problem":
+            raise errors.UsageError(finding.text)
+
+
+def describe_costs(costs):
+    """Per method (and rank): its runs, what each holds while it trains, and what it keeps."""
+    families = {}
+    for cost in costs:
+        families.setdefault(cost.family, []).append(cost)
+    return "; ".join(f"{family} {len(group)} x {preflight.gigabytes(group[0].training_bytes)} while training, "
+                     f"{preflight.gigabytes(group[0].kept_bytes)} kept" for family, group in families.items())
+
+
+def time_line(study, costs, epoch_hours, timed_on):
+    """The stage's GPU-hours of training from gpu_check's epoch times, or why there is no figure."""
+    if all(cost.done for cost in costs):
+        return "time: every training run of this stage is finished already"
+    if epoch_hours is None:
+        return f"time: unknown: {timed_on}"
+    gpu_hours, wall_hours = study_plan.stage_hours(costs, study.workers)
+    if gpu_hours is None:
+        untimed = sorted({cost.family for cost in costs if cost.hours is None and not cost.done})
+        return (f"time: unknown for {', '.join(untimed)}: {settings.display_path(study.gpu_check)} times LoRA and "
+                f"full fine-tuning of {models.DEFAULT_MODEL} on {study_plan.DEFAULT_DATASET} at the scripts' "
+                "defaults only")
+    timed_lora = f"{defaults.LORA.lora_targets} at rank {defaults.LORA.lora_r}"
+    to_run = sum(not cost.done for cost in costs)
+    return (f"time: {gpu_hours:,.1f} GPU-hours of training for the {to_run} training run(s) not finished yet, "
+            f"about {wall_hours:,.1f} h with --workers "
+            f"{study.workers} (one GPU a run; from {settings.display_path(study.gpu_check)}'s epoch times on "
+            f"{timed_on}, every LoRA run at the speed of its LoRA row, {timed_lora}: more adapters train slower; "
+            "evaluation not counted)")
+
+
+def print_stage_plan(study, costs, disk, epoch_hours, timed_on):
+    print(f"  disk per run: {describe_costs(costs)}")
+    for finding in disk:
+        print(f"  {preflight.LABELS[finding.level]}  {finding.text}")
+    print(f"  {time_line(study, costs, epoch_hours, timed_on)}")
+
+
 def print_plan(study):
-    """What --dry-run prints: every run of stage 1 with its command (checked by its script's parser), and what
-    stage 2 will add once the rates are picked."""
+    """What --dry-run prints: every run of stage 1 with its command (checked by its script's parser), what stage 2
+    will add once the rates are picked, and per stage its disk at its peak against the free disk and its
+    GPU-hours. Returns the pre-flight's exit status: not 0 when a stage would be refused for its disk."""
     first, later = sweep_runs(study), planned_second_stage(study)
     for run in first + later:
         run_settings(run)  # a bad flag in the study file stops here, with its line
+    epoch_hours, timed_on = study_plan.read_gpu_check(study.gpu_check)
+    first_costs, later_costs = stage_costs(study, first, epoch_hours), stage_costs(study, later, epoch_hours)
+    first_disk, later_disk = stages_disk(study, first, later, first_costs, later_costs)
     print(f"[study] {study.name}: results in {settings.display_path(study.study_dir)}, checkpoints and final "
           f"artifacts in {settings.display_path(study.outputs_dir)}")
+    if any(size_of(run)["gpu_plan"] for run in first + later if run.output_dir is not None):
+        print("[study] no CUDA GPU here: each run's disk is planned as on one 80 GB CUDA GPU (its optimizer and "
+              "dtypes there), as the scripts' dry runs plan")
     print(f"[study] stage 1: {len(first)} runs (the base model, then each method's learning rates at seed "
           f"{study.seeds[0]}):")
     for run in first:
         shown = [settings.display_path(word) if word.startswith(str(PROJECT_DIR)) else word for word in run.argv]
         print(f"  python {Path(run.script).name} {shlex.join(shown)}")
+    print_stage_plan(study, first_costs, first_disk, epoch_hours, timed_on)
     print(f"[study] stage 2, at each method's picked rate: about {len(later)} runs (seeds "
           f"{', '.join(map(str, study.seeds[1:]))}; other ranks at every seed; the picked rate's neighbours at the "
           "smallest and largest rank)")
+    print_stage_plan(study, later_costs, later_disk, epoch_hours, timed_on)
+    for method in study.methods:
+        if method.ranks:
+            names = {rank_method_name(method, rank) for rank in method.ranks}
+            axis = [cost for cost in later_costs if cost.family in names]
+            if epoch_hours is None or any(cost.hours is None for cost in axis):
+                hours = f"GPU-hours unknown ({timed_on if epoch_hours is None else 'no estimate for them'})"
+            else:  # finished or not: what the axis costs the study
+                hours = f"{sum(cost.hours for cost in axis):,.1f} GPU-hours of training"
+            print(f"  the rank axis ({method.name} at ranks {', '.join(map(str, method.ranks))}, beside its own "
+                  f"{method.rank}) adds {len(axis)} of these runs: {hours}")
+    return preflight.exit_status(first_disk + later_disk)
 
 
 def main(argv=None):
@@ -441,14 +653,20 @@ def main(argv=None):
     if study.dry_run:
         return print_plan(study)
     start = time.perf_counter()
-    print(f"[study] {study.name}: {len(sweep_runs(study))} runs in stage 1, about {len(planned_second_stage(study))} "
-          f"in stage 2; results in {settings.display_path(study.study_dir)}", file=sys.stderr)
-    run_stage(study, sweep_runs(study), final_models="kept until the rates are picked")
+    first, later = sweep_runs(study), planned_second_stage(study)
+    print(f"[study] {study.name}: {len(first)} runs in stage 1, about {len(later)} in stage 2; results in "
+          f"{settings.display_path(study.study_dir)}", file=sys.stderr)
+    # Both stages' disk before anything runs (stage 2's again before it starts): not days into the study.
+    first_costs = stage_costs(study, first)
+    refuse_what_the_disk_cannot_hold(*stages_disk(study, first, later, first_costs, stage_costs(study, later)))
+    run_stage(study, first, final_models="kept until the rates are picked")
     summary = summarize(study)  # every method's sweep is finished now, so each has its picked rate
     picked = {method.name: summary["methods"][method.name]["picked_learning_rate"] for method in study.methods}
     drop_unpicked_full_models(study, picked)
     write_summary(study, summary, start)
-    run_stage(study, second_stage_runs(study, picked))
+    second = second_stage_runs(study, picked)
+    refuse_what_the_disk_cannot_hold(stage_disk(study, 2, second, stage_costs(study, second)))
+    run_stage(study, second)
     write_summary(study, summarize(study), start)
     print(f"[study] wrote {settings.display_path(study.study_dir / 'summary.json')} in "
           f"{math.ceil((time.perf_counter() - start) / 60)} min")

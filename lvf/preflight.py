@@ -463,18 +463,23 @@ def planned_writes(method, params, trainable, settings, runtime, model=None, opt
         writes.append(Write(f"the {repo_id} download", Path(common.HF_HUB_CACHE), 2 * params))
     if not is_training(method):
         return writes
-    if method in ("lora", "qlora"):
-        final = 4 * trainable
-        checkpoint = final + 8 * trainable
-    else:
-        weight_bytes = torch.empty((), dtype=runtime.dtype).element_size()
-        final = weight_bytes * params
-        state = optimizer_state_bytes or (2 * params if "8bit" in (runtime.optimizer or "")
-                                          else 2 * weight_bytes * params)
-        checkpoint = final + state
+    checkpoint, final = checkpoint_and_final_bytes(method, params, trainable, runtime, optimizer_state_bytes)
     writes.append(Write(f"{CHECKPOINTS_AT_ONCE} checkpoints and the final model", Path(runtime.output_dir),
                         CHECKPOINTS_AT_ONCE * checkpoint + final))
     return writes
+
+
+def checkpoint_and_final_bytes(method, params, trainable, runtime, optimizer_state_bytes=None):
+    """(one checkpoint, the final model) of a training run, in bytes, by planned_writes' rule (the study plans
+    its stages' disk with it too)."""
+    if method in ("lora", "qlora"):
+        final = 4 * trainable
+        return final + 8 * trainable, final
+    weight_bytes = torch.empty((), dtype=runtime.dtype).element_size()
+    final = weight_bytes * params
+    state = optimizer_state_bytes or (2 * params if "8bit" in (runtime.optimizer or "")
+                                      else 2 * weight_bytes * params)
+    return final + state, final
 
 
 def nearest_existing(folder):
@@ -487,8 +492,9 @@ def nearest_existing(folder):
 FIXES = {"download": "set HF_HOME to a folder on a larger disk", "checkpoints": "pass --output-dir on a larger disk"}
 
 
-def disk_findings(writes):
-    """Free space of each file system written to, against the sum of what goes there."""
+def disk_findings(writes, fixes=None, writer="the run"):
+    """Free space of each file system written to, against the sum of what goes there. fixes: {word in a Write's
+    `what`: the fix a problem names} (default FIXES, the scripts' flags); writer: who writes (a study's stage)."""
     if writes is None:
         return [info("disk: not estimated (no parameter count)")]
     by_device = {}
@@ -503,10 +509,10 @@ def disk_findings(writes):
         free = shutil.disk_usage(existing).free
         what = " and ".join(f"{write.what} {gigabytes(write.bytes)} in {write.folder}" for write in group)
         if needed > free:
-            fixes = [fix for key, fix in FIXES.items() if any(key in write.what for write in group)]
-            findings.append(problem(f"disk: {existing} has {gigabytes(free)} free; the run writes about "
+            named = [fix for key, fix in (fixes or FIXES).items() if any(key in write.what for write in group)]
+            findings.append(problem(f"disk: {existing} has {gigabytes(free)} free; {writer} writes about "
                                     f"{gigabytes(needed)} there ({what}): free space, or "
-                                    f"{' or '.join(fixes) or 'write elsewhere'}"))
+                                    f"{' or '.join(named) or 'write elsewhere'}"))
         else:
             findings.append(ok(f"disk: {gigabytes(free)} free at {existing} for about {gigabytes(needed)} ({what})"))
     return findings or [ok("disk: the run writes nothing large")]

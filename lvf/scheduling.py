@@ -197,8 +197,13 @@ def execute(run, cwd=None):
         return found, None
 
 
-def run_serial(runs, cwd):
-    return {run.name: execute(run, cwd) for run in runs}
+def run_serial(runs, cwd, when_finished):
+    outcomes = {}
+    for run in runs:
+        outcomes[run.name] = execute(run, cwd)
+        if outcomes[run.name][0] is not None:
+            when_finished(run)
+    return outcomes
 
 
 def connect_ray(ray, workers, address, cpus_per_run):
@@ -222,7 +227,7 @@ def connect_ray(ray, workers, address, cpus_per_run):
         ray.init(address="local", num_cpus=workers * cpus_per_run, runtime_env=shipped, include_dashboard=False)
 
 
-def run_with_ray(runs, workers, address, gpus_per_run, cpus_per_run, cwd, max_retries):
+def run_with_ray(runs, workers, address, gpus_per_run, cpus_per_run, cwd, max_retries, when_finished):
     # Ray prints every worker's output here, prefixed with the run's name; by default it also folds lines that
     # look alike across workers into one, which would hide one of two runs' progress. Read when Ray is imported.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -250,6 +255,8 @@ def run_with_ray(runs, workers, address, gpus_per_run, cpus_per_run, cwd, max_re
             except ray.exceptions.RayError as error:
                 last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
                 outcomes[run.name] = (None, f"{type(error).__name__} after {max_retries} retries: {last_line}")
+            if outcomes[run.name][0] is not None:
+                when_finished(run)
 
     try:
         while queue or in_flight:
@@ -285,7 +292,7 @@ def keep_results_here(run, results):
 
 
 def run_stage(runs, workers=1, engine="auto", address=None, gpus_per_run=None, cpus_per_run=1,
-              finished=results_complete, cwd=None, max_retries=3):
+              finished=results_complete, cwd=None, max_retries=3, when_finished=None):
     """Runs every run not finished yet and returns {run.name: results} for all of them once all are finished:
     the stage's barrier. Runs that fail do not stop the others; one StageFailed then names them all.
 
@@ -294,7 +301,8 @@ def run_stage(runs, workers=1, engine="auto", address=None, gpus_per_run=None, c
     `ray start` started on this machine). gpus_per_run: GPUs per run (None: 1 where Ray sees GPUs, else 0);
     a Run's own `gpus` wins. cpus_per_run: Ray's CPU count per run (it sets the run's OMP_NUM_THREADS to it).
     finished(run): the run's results when complete, else None (it may raise UsageError, e.g. for results made
-    with other flags); asked before anything runs. cwd: the runs' working directory."""
+    with other flags); asked before anything runs. cwd: the runs' working directory. when_finished(run): called here
+    as each run finishes, while the others go on (the study deletes the run's checkpoints there)."""
     runs = list(runs)
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
@@ -307,10 +315,12 @@ def run_stage(runs, workers=1, engine="auto", address=None, gpus_per_run=None, c
     if not pending:
         return results
     chosen = choose_engine(engine, workers, address)
+    when_finished = when_finished or (lambda run: None)
     if chosen == "serial":
-        outcomes = run_serial(pending, cwd)
+        outcomes = run_serial(pending, cwd, when_finished)
     else:
-        outcomes = run_with_ray(pending, workers, address, gpus_per_run, cpus_per_run, cwd, max_retries)
+        outcomes = run_with_ray(pending, workers, address, gpus_per_run, cpus_per_run, cwd, max_retries,
+                                when_finished)
     failures = {}
     for run in pending:
         found, why = outcomes[run.name]
