@@ -32,12 +32,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import common
 import evaluate_base_model
 import finetune
 import full_finetune
 from lvf import checkpoints, errors, experiments, results, scheduling, settings
 from lvf.scheduling import Run
+from lvf.statistics import paired_difference
 
 PROJECT_DIR = Path(__file__).resolve().parent
 SCRIPTS = {"evaluate_base_model": evaluate_base_model, "finetune": finetune, "full_finetune": full_finetune}
@@ -326,10 +326,10 @@ def pick_rate(sweep):
 def compared_to_base(base, run):
     """Per run: test improvement (base minus tuned perplexity) and forgetting on general text (tuned minus
     base), each with a paired bootstrap interval over the examples. report.py pools runs across seeds."""
-    learned = common.paired_bootstrap(base["per_example"], run["per_example"])
+    learned = paired_difference(base["per_example"], run["per_example"])
     forgot = None
     if base.get("general_per_example") and run.get("general_per_example"):
-        forgot = common.paired_bootstrap(run["general_per_example"], base["general_per_example"])
+        forgot = paired_difference(run["general_per_example"], base["general_per_example"])
     return {"improvement_over_base": learned, "forgetting": forgot}
 
 
