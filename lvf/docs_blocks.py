@@ -56,10 +56,10 @@ def block_lines(text, name):
 # --------------------------------------------------------------------------- the committed files (report.py --check)
 
 
-def git(*args):
-    """git's stdout, or None outside a git checkout (an unpacked archive, or no git installed)."""
+def git(folder, *args):
+    """git's stdout in folder, or None outside a git checkout (an unpacked archive, or no git installed)."""
     try:
-        out = subprocess.run(["git", "-C", str(PROJECT_DIR), *args], capture_output=True, timeout=30)
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout if out.returncode == 0 else None
@@ -69,8 +69,8 @@ def git(*args):
 def committed_inputs(results_root, readme):
     """(results root, README text) as committed at HEAD, so that `make test` checks what the repository ships, not
     a local run (a script's output, `make demo`) that rewrote results/ or the README. Yields the working tree's
-    own files outside a git checkout, or for a README outside the repository."""
-    top = git("rev-parse", "--show-toplevel")
+    own files outside a git checkout, or for results outside the README's repository."""
+    top = git(Path(readme).resolve().parent, "rev-parse", "--show-toplevel")
     try:
         root = Path(top.decode().strip()).resolve()
         readme_rel = Path(readme).resolve().relative_to(root).as_posix()
@@ -78,11 +78,11 @@ def committed_inputs(results_root, readme):
     except (AttributeError, ValueError):
         yield Path(results_root), Path(readme).read_text(encoding="utf-8")
         return
-    listing = git("ls-tree", "-r", "--name-only", "HEAD", results_rel + "/") or b""
+    listing = git(root, "ls-tree", "-r", "--name-only", "HEAD", results_rel + "/") or b""
     with tempfile.TemporaryDirectory() as folder:
         for name in listing.decode().splitlines():
             if name.endswith(".json"):
                 target = Path(folder, Path(name).relative_to(results_rel))
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(git("show", f"HEAD:{name}"))
-        yield Path(folder), (git("show", f"HEAD:{readme_rel}") or b"").decode("utf-8")
+                target.write_bytes(git(root, "show", f"HEAD:{name}"))
+        yield Path(folder), (git(root, "show", f"HEAD:{readme_rel}") or b"").decode("utf-8")

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 
 import finetune
 import full_finetune
-from lvf import models, plan
+from lvf import docs_blocks, docs_tables, models, plan
 
 GIB = 2**30
 N = 8_030_261_248  # Llama-3-8B's parameters
@@ -206,9 +206,9 @@ def test_the_qlora_plans_weights_are_what_bitsandbytes_holds(tiny_llama_64_dir):
 
 def test_the_multi_gpu_doc_shows_what_the_code_computes(full_shape):
     text = (PROJECT_DIR / "docs" / "multi-gpu.md").read_text()
-    block = re.search(re.escape(plan.MULTI_GPU_START) + r"\n(.*?)\n" + re.escape(plan.MULTI_GPU_END), text, re.S)
+    block = docs_blocks.block_lines(text, docs_tables.MULTI_GPU_BLOCK)
     assert block is not None, "docs/multi-gpu.md lacks the plan's table"
-    assert block.group(1) == "\n".join(plan.multi_gpu_table(full_shape))
+    assert block == docs_tables.multi_gpu_table(full_shape)
 
 
 def test_a_plan_is_json_ready_and_its_parts_add_up(full_shape):
@@ -225,9 +225,9 @@ def test_a_plan_is_json_ready_and_its_parts_add_up(full_shape):
 
 def test_the_performance_doc_shows_what_the_code_computes(full_shape, lora_shape):
     text = (PROJECT_DIR / "docs" / "performance.md").read_text()
-    block = re.search(re.escape(plan.SINGLE_GPU_START) + r"\n(.*?)\n" + re.escape(plan.SINGLE_GPU_END), text, re.S)
+    block = docs_blocks.block_lines(text, docs_tables.SINGLE_GPU_BLOCK)
     assert block is not None, "docs/performance.md lacks the plan's table"
-    assert block.group(1) == "\n".join(plan.single_gpu_table(full_shape, lora_shape))
+    assert block == docs_tables.single_gpu_table(full_shape, lora_shape)
 
 
 def test_the_default_on_an_80_gb_gpu_steps_in_backward_and_fits(monkeypatch, full_shape):
