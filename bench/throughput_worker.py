@@ -10,12 +10,10 @@ bench/throughput.py runs it once per contender and method; by hand only to debug
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))
 
 from peft import get_peft_model  # noqa: E402
 from transformers import TrainingArguments, default_data_collator  # noqa: E402

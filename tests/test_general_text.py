@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from llama3_tokenizer import BOS_ID
 from test_perplexity import LookupModel, UniformModel
 
 import common
 from lvf import errors, statistics
+from lvf.llama3_tokenizer import BOS_ID
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 

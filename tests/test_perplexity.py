@@ -161,8 +161,9 @@ def test_paired_difference_identical_runs_contain_zero_and_clear_gap_excludes_it
 
 
 def test_seed_style_metric_matches_a_hand_computation_with_two_bos_and_size_weighted_batches(llama3_tokenizer):
-    from llama3_tokenizer import BOS_ID
     from transformers import LlamaForCausalLM
+
+    from lvf.llama3_tokenizer import BOS_ID
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())

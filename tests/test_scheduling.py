@@ -163,12 +163,10 @@ scheduling.run_stage([run], engine=sys.argv[5])
 
 def start_study(run, engine="serial", cwd=PROJECT_DIR):
     """A study process of its own (the kill and Ctrl-C below are for it, not for pytest)."""
-    # The project on the study's own path only, as for `python /path/to/study.py` run from another folder.
-    code = f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r})\n{STUDY}"
     # SIGINT back to its default, and unblocked, in the study: a child inherits an ignored or blocked SIGINT (a
     # shell starts background jobs with it ignored; threads of earlier tests may block it), and Python installs its
     # Ctrl-C handler only over the default. The tests below send the study SIGINT as a terminal would.
-    return subprocess.Popen([sys.executable, "-c", code, run.name, run.script, run.results_path, run.output_dir,
+    return subprocess.Popen([sys.executable, "-c", STUDY, run.name, run.script, run.results_path, run.output_dir,
                              engine, *run.argv], cwd=cwd, preexec_fn=default_interrupts)
 
 
