@@ -9,7 +9,7 @@
 
 Each plot is a pair where a test or the findings need the numbers: a function that returns what is plotted (plain
 numbers) and draw_* that draws it into a PNG at `path` and returns the path, or None when the runs hold nothing to
-draw. matplotlib's Figure API (no pyplot state) and numpy only: no torch.
+draw. matplotlib's Figure API (no pyplot state).
 """
 
 from pathlib import Path
