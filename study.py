@@ -254,7 +254,7 @@ def run_stage(study, runs, final_models="kept"):
     """Every run of a stage, finished before the stage returns: {results path: results}. The engine (lvf.scheduling:
     one at a time, or several with Ray) skips finished runs and resumes half-trained ones from their checkpoints;
     finished runs keep their results JSON and final model, not their checkpoints (unless --keep-checkpoints)."""
-    print("[study] " + scheduling.plan_summary(runs, complete_results, final_models=final_models,
+    print("[study] " + scheduling.stage_preview(runs, complete_results, final_models=final_models,
                                                keep_checkpoints=study.keep_checkpoints), file=sys.stderr)
     found = scheduling.run_stage(runs, workers=study.workers, address=study.ray_address,
                                  cpus_per_run=study.cpus_per_run, finished=complete_results, cwd=PROJECT_DIR)
@@ -412,17 +412,17 @@ def write_summary(study, summary, start):
     results.write_atomic(study.study_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def planned_second_stage(study):
+def expected_second_stage(study):
     """Stage 2 as if each method picked its grid's middle rate: its runs differ from the real ones only in their
     rates and in how many neighbours are checked (one or two a rank), so it counts them and checks their flags."""
     return second_stage_runs(study, {method.name: method.learning_rates[len(method.learning_rates) // 2]
                                      for method in study.methods})
 
 
-def print_plan(study):
+def print_listing(study):
     """What --dry-run prints: every run of stage 1 with its command (checked by its script's parser), and what
     stage 2 will add once the rates are picked."""
-    first, later = sweep_runs(study), planned_second_stage(study)
+    first, later = sweep_runs(study), expected_second_stage(study)
     for run in first + later:
         script_of(run).parse_args(list(run.argv))  # a bad flag in the study file stops here, with its line
     print(f"[study] {study.name}: results in {settings.display_path(study.study_dir)}, checkpoints and final "
@@ -440,9 +440,9 @@ def print_plan(study):
 def main(argv=None):
     study = parse_args(argv)
     if study.dry_run:
-        return print_plan(study)
+        return print_listing(study)
     start = time.perf_counter()
-    print(f"[study] {study.name}: {len(sweep_runs(study))} runs in stage 1, about {len(planned_second_stage(study))} "
+    print(f"[study] {study.name}: {len(sweep_runs(study))} runs in stage 1, about {len(expected_second_stage(study))} "
           f"in stage 2; results in {settings.display_path(study.study_dir)}", file=sys.stderr)
     run_stage(study, sweep_runs(study), final_models="kept until the rates are picked")
     summary = summarize(study)  # every method's sweep is finished now, so each has its picked rate

@@ -133,7 +133,7 @@ def main(argv=None):
         "optimizer_steps": trainer.state.global_step,
         "bf16_autocast": bool(trainer.args.bf16),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
-        "peak_memory_bytes": results.peak_memory("cpu")[0],
+        "peak_memory_bytes": memory.process_peak("cpu")[0],
         "train_peak_memory_bytes": train_peak.bytes,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
     }

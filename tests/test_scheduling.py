@@ -263,16 +263,16 @@ def test_two_study_processes_never_run_the_same_run_twice(tmp_path, stand_in):
     assert found[0]["base"] == found[1]["base"] == scheduling.results_complete(run)
 
 
-def test_plan_summary_counts_the_runs_before_anything_runs(tmp_path, stand_in):
+def test_stage_preview_counts_the_runs_before_anything_runs(tmp_path, stand_in):
     runs = [make_run(stand_in, tmp_path, name, value) for name, value in VALUES.items()]
     scheduling.run_stage(runs[:1], engine="serial")
     (Path(runs[1].output_dir) / "checkpoint-5").mkdir(parents=True)
     (Path(runs[1].output_dir) / "checkpoint-5" / "trainer_state.json").write_text("{}")
-    plan = scheduling.plan_summary(runs, final_models="kept for the picked rate only")
-    assert plan.splitlines()[0] == "4 run(s): 1 finished already, 3 to run (1 resuming from a checkpoint)"
-    assert "final models kept for the picked rate only" in plan
-    assert "checkpoints while training, deleted when the run finishes" in plan
-    kept = scheduling.plan_summary(runs, final_models="kept", keep_checkpoints=True)
+    preview = scheduling.stage_preview(runs, final_models="kept for the picked rate only")
+    assert preview.splitlines()[0] == "4 run(s): 1 finished already, 3 to run (1 resuming from a checkpoint)"
+    assert "final models kept for the picked rate only" in preview
+    assert "checkpoints while training, deleted when the run finishes" in preview
+    kept = scheduling.stage_preview(runs, final_models="kept", keep_checkpoints=True)
     assert "checkpoints while training, kept (--keep-checkpoints)" in kept and "deleted" not in kept
 
 
