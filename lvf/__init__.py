@@ -3,8 +3,9 @@ common.py, the floor below, holds records, splits, tokenization and perplexity s
 
 - a run: settings (flags, experiment files' values, what a run resolves), experiments (experiment files), cli,
   models, adapters, training (the Trainer harness), checkpoints, preflight (checks before loading), plan (the memory
-  plan, computed), memory (peaks per phase), results (schema, provenance), artifacts, files, errors, hub, writeup
-  (the write-up's metric), llama3_tokenizer (Meta's tokenizer from llama-models);
+  plan, computed), memory (peaks per phase), results (schema, writing), provenance (packages, commit, machine),
+  artifacts, files, errors, hub, writeup (the write-up's metric), llama3_tokenizer (Meta's tokenizer from
+  llama-models);
 - a study: scheduling (runs in order or on Ray);
 - the report: discovery (experiments and their results), groups, statistics (the bootstraps), tables, plots,
   findings, docs_blocks (generated README and docs blocks), docs_tables (the memory plan's docs tables)."""
