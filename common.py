@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from scipy import stats
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
@@ -609,7 +610,7 @@ def summarize_nll(per_example, seed=42, resamples=1000):
     eval_loss = float(nll.sum() / eval_tokens)
     return {
         "perplexity": math.exp(eval_loss),
-        "perplexity_ci95": bootstrap_ci(nll, tokens, seed=seed, resamples=resamples),
+        "perplexity_ci95": perplexity_interval(nll, tokens, seed=seed, resamples=resamples),
         "eval_loss": eval_loss,
         "eval_tokens": eval_tokens,
         "eval_examples": len(per_example),
@@ -617,32 +618,29 @@ def summarize_nll(per_example, seed=42, resamples=1000):
     }
 
 
-def bootstrap_ci(nll_sums, token_counts, seed=42, resamples=1000, level=0.95):
+def bootstrap_examples(samples, statistic, seed=42, resamples=1000):
+    """The project's one bootstrap over examples: scipy's percentile bootstrap, the examples (the rows of every
+    array in `samples`) resampled together (paired), `statistic(*samples, axis=-1)` on each resample. Its draws,
+    for interval(). One example has nothing to resample (scipy asks for two): its draws are the statistic."""
+    samples = [np.asarray(sample, dtype=np.float64) for sample in samples]
+    if len(samples[0]) < 2:
+        return np.full(resamples, statistic(*samples, axis=-1))
+    found = stats.bootstrap(samples, statistic, paired=True, vectorized=True, n_resamples=resamples,
+                            method="percentile", rng=np.random.default_rng(seed))
+    return found.bootstrap_distribution
+
+
+def interval(draws, level=0.95):
+    """The percentile interval of bootstrap draws (the examples' here, the seeds-then-examples' in lvf.statistics)."""
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))]
+
+
+def pooled_perplexity(nll_sums, token_counts, axis=-1):
+    """exp(sum NLL / sum tokens), over the last axis (one resample per row)."""
+    return np.exp(np.sum(nll_sums, axis=axis) / np.maximum(np.sum(token_counts, axis=axis), 1))
+
+
+def perplexity_interval(nll_sums, token_counts, seed=42, resamples=1000, level=0.95):
     """Percentile bootstrap over examples of exp(sum NLL / sum tokens)."""
-    nll_sums = np.asarray(nll_sums, dtype=np.float64)
-    token_counts = np.asarray(token_counts, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(nll_sums), size=(resamples, len(nll_sums)))
-    ppl = np.exp(nll_sums[picks].sum(axis=1) / np.maximum(token_counts[picks].sum(axis=1), 1))
-    tail = (1 - level) / 2 * 100
-    return [float(np.percentile(ppl, tail)), float(np.percentile(ppl, 100 - tail))]
-
-
-def paired_bootstrap(run_a, run_b, seed=42, resamples=1000, level=0.95):
-    """Difference PPL(a) - PPL(b) over the examples both runs scored, resampled together."""
-    a = {item["id"]: item for item in run_a}
-    b = {item["id"]: item for item in run_b}
-    shared = sorted(set(a) & set(b))
-    if not shared:
-        return None
-    nll_a = np.array([a[i]["nll_sum"] for i in shared])
-    tok_a = np.array([a[i]["tokens"] for i in shared], dtype=np.float64)
-    nll_b = np.array([b[i]["nll_sum"] for i in shared])
-    tok_b = np.array([b[i]["tokens"] for i in shared], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(shared), size=(resamples, len(shared)))
-    diff = np.exp(nll_a[picks].sum(1) / tok_a[picks].sum(1)) - np.exp(nll_b[picks].sum(1) / tok_b[picks].sum(1))
-    tail = (1 - level) / 2 * 100
-    low, high = float(np.percentile(diff, tail)), float(np.percentile(diff, 100 - tail))
-    point = math.exp(nll_a.sum() / tok_a.sum()) - math.exp(nll_b.sum() / tok_b.sum())
-    return {"difference": point, "ci95": [low, high], "examples": len(shared), "significant": not low <= 0 <= high}
+    return interval(bootstrap_examples([nll_sums, token_counts], pooled_perplexity, seed, resamples), level)

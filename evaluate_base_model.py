@@ -66,7 +66,7 @@ def main(argv=None):
     with memory.PhasePeak(runtime.device) as eval_peak:
         evaluation = scoring.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
                                             desc=f"evaluate {method}", general_examples=examples["general"])
-    peak = results.process_peak_fields(runtime.device)
+    peak = memory.process_peak_fields(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **evaluation, **recorded, total_params=total,
                                    base_params=base_params, **peak, truncation=truncation,

@@ -60,7 +60,7 @@ def main(argv=None):
     trainable, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **measured, **evaluation,
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
-                                   **results.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
+                                   **memory.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
                                    trainable_params=trainable, total_params=total, base_params=total,
                                    truncation=truncation, dtype_by_part=stored_as, planned_memory=planned)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-import common
 from lvf import (
     base,
     checkpoints,
@@ -55,6 +54,7 @@ from lvf import (
     study_plan,
 )
 from lvf.scheduling import Run
+from lvf.statistics import paired_difference
 
 PROJECT_DIR = Path(__file__).resolve().parent
 # Each script's parser, from the method it runs: the study checks its runs' command lines without importing a script.
@@ -277,7 +277,7 @@ def run_stage(study, runs, final_models="kept"):
     """Every run of a stage, finished before the stage returns: {results path: results}. The engine (lvf.scheduling:
     one at a time, or several with Ray) skips finished runs and resumes half-trained ones from their checkpoints;
     finished runs keep their results JSON and final model, not their checkpoints (unless --keep-checkpoints)."""
-    print("[study] " + scheduling.plan_summary(runs, complete_results, final_models=final_models,
+    print("[study] " + scheduling.stage_preview(runs, complete_results, final_models=final_models,
                                                keep_checkpoints=study.keep_checkpoints), file=sys.stderr)
 
     def prune(run):  # as soon as a run finishes, so that a stage holds the checkpoints of running runs only
@@ -353,10 +353,10 @@ def pick_rate(sweep):
 def compared_to_base(base, run):
     """Per run: test improvement (base minus tuned perplexity) and forgetting on general text (tuned minus
     base), each with a paired bootstrap interval over the examples. report.py pools runs across seeds."""
-    learned = common.paired_bootstrap(base["per_example"], run["per_example"])
+    learned = paired_difference(base["per_example"], run["per_example"])
     forgot = None
     if base.get("general_per_example") and run.get("general_per_example"):
-        forgot = common.paired_bootstrap(run["general_per_example"], base["general_per_example"])
+        forgot = paired_difference(run["general_per_example"], base["general_per_example"])
     return {"improvement_over_base": learned, "forgetting": forgot}
 
 
@@ -439,14 +439,14 @@ def write_summary(study, summary, start):
     results.write_atomic(study.study_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def planned_second_stage(study):
+def expected_second_stage(study):
     """Stage 2 as if each method picked its grid's middle rate: its runs differ from the real ones only in their
     rates and in how many neighbours are checked (one or two a rank), so it counts them and checks their flags."""
     return second_stage_runs(study, {method.name: method.learning_rates[len(method.learning_rates) // 2]
                                      for method in study.methods})
 
 
-# --------------------------------------------------------------------------- the plan: disk and time
+# --------------------------------------------------------------------------- what a study costs: disk and time
 
 
 RATE_SEED_AND_PATHS = ("--learning-rate", "--seed", "--output", "--output-dir")
@@ -561,7 +561,7 @@ def stage_costs(study, runs, epoch_hours=None):
 
 
 def stages_disk(study, first, later, first_costs, later_costs):
-    """Both stages' disk findings, before stage 1 starts (stage 2 as planned_second_stage)."""
+    """Both stages' disk findings, before stage 1 starts (stage 2 as expected_second_stage)."""
     return (stage_disk(study, 1, first, first_costs),
             stage_disk(study, 2, later, later_costs, left_by_stage_one(study, first_costs)))
 
@@ -603,18 +603,18 @@ def time_line(study, costs, epoch_hours, timed_on):
             "evaluation not counted)")
 
 
-def print_stage_plan(study, costs, disk, epoch_hours, timed_on):
+def print_stage_costs(study, costs, disk, epoch_hours, timed_on):
     print(f"  disk per run: {describe_costs(costs)}")
     for finding in disk:
         print(f"  {preflight.LABELS[finding.level]}  {finding.text}")
     print(f"  {time_line(study, costs, epoch_hours, timed_on)}")
 
 
-def print_plan(study):
+def print_listing(study):
     """What --dry-run prints: every run of stage 1 with its command (checked by its script's parser), what stage 2
     will add once the rates are picked, and per stage its disk at its peak against the free disk and its
     GPU-hours. Returns the pre-flight's exit status: not 0 when a stage would be refused for its disk."""
-    first, later = sweep_runs(study), planned_second_stage(study)
+    first, later = sweep_runs(study), expected_second_stage(study)
     for run in first + later:
         run_settings(run)  # a bad flag in the study file stops here, with its line
     epoch_hours, timed_on = study_plan.read_gpu_check(study.gpu_check)
@@ -630,11 +630,11 @@ def print_plan(study):
     for run in first:
         shown = [settings.display_path(word) if word.startswith(str(PROJECT_DIR)) else word for word in run.argv]
         print(f"  python {Path(run.script).name} {shlex.join(shown)}")
-    print_stage_plan(study, first_costs, first_disk, epoch_hours, timed_on)
+    print_stage_costs(study, first_costs, first_disk, epoch_hours, timed_on)
     print(f"[study] stage 2, at each method's picked rate: about {len(later)} runs (seeds "
           f"{', '.join(map(str, study.seeds[1:]))}; other ranks at every seed; the picked rate's neighbours at the "
           "smallest and largest rank)")
-    print_stage_plan(study, later_costs, later_disk, epoch_hours, timed_on)
+    print_stage_costs(study, later_costs, later_disk, epoch_hours, timed_on)
     for method in study.methods:
         if method.ranks:
             names = {rank_method_name(method, rank) for rank in method.ranks}
@@ -651,9 +651,9 @@ def print_plan(study):
 def main(argv=None):
     study = parse_args(argv)
     if study.dry_run:
-        return print_plan(study)
+        return print_listing(study)
     start = time.perf_counter()
-    first, later = sweep_runs(study), planned_second_stage(study)
+    first, later = sweep_runs(study), expected_second_stage(study)
     print(f"[study] {study.name}: {len(first)} runs in stage 1, about {len(later)} in stage 2; results in "
           f"{settings.display_path(study.study_dir)}", file=sys.stderr)
     # Both stages' disk before anything runs (stage 2's again before it starts): not days into the study.

@@ -29,7 +29,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -43,7 +42,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy  # noqa: E402
 
-from lvf import adapters, full, lora, memory, models, plan, results, settings, training  # noqa: E402
+from lvf import adapters, full, lora, memory, models, plan, provenance, results, settings, training  # noqa: E402
 
 GIB = 1024**3
 METHODS = {"lora": lora, "full": full}  # each method as its script runs it
@@ -320,7 +319,7 @@ def memory_fields(cuda, model_memory, train_memory):
     allocator's statistics (counted from the paged tensors). CPU: the process's peak RSS (no allocator
     statistics), which the plan does not describe."""
     if not cuda:
-        return {"max_memory_allocated_bytes": None, "peak_rss_bytes": results.peak_memory("cpu")[0]}
+        return {"max_memory_allocated_bytes": None, "peak_rss_bytes": memory.process_peak("cpu")[0]}
     allocated, reserved, paged = train_memory
     return {
         "model_memory_allocated_bytes": model_memory,
@@ -377,7 +376,7 @@ def main(argv=None):
         "architecture": "tiny Llama" if args.tiny else "Llama-3-8B (models.LLAMA3_8B_CONFIG), random weights",
         "sequence_length": args.sequence_length,
         "batch_size": args.batch_size,
-        "versions": {**results.package_versions(), "transformers_imported": transformers.__version__},
+        "versions": {**provenance.package_versions(), "transformers_imported": transformers.__version__},
         "cuda": torch.version.cuda,
         "tokens_definition": "tokens per second = batch x sequence length x timed steps / their seconds (every "
                              "token is a target; forward, backward and optimizer step, synchronised)",

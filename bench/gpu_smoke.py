@@ -14,8 +14,6 @@ import zipfile
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))
-sys.path.insert(0, str(PROJECT_DIR / "tests"))  # llama3_tokenizer: the real Llama 3 tokenizer from llama-models
 
 import torch  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -54,7 +52,7 @@ def llama3_tokenizer(folder, build_into):
     Meta's llama-models package, which `make test`'s setup installs (a GPU machine without network may lack it)."""
     if folder is not None:
         return AutoTokenizer.from_pretrained(folder)
-    from llama3_tokenizer import build_llama3_tokenizer  # deferred: tests' helper, needed only without a folder
+    from lvf.llama3_tokenizer import build_llama3_tokenizer  # deferred: needs llama-models, only without a folder
 
     return build_llama3_tokenizer(build_into)
 

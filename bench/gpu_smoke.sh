@@ -48,7 +48,9 @@ else
   PYTHON=${PYTHON:-python3}
   step install 300 "$PYTHON" -m pip install --no-index --no-deps --find-links "$PREPARED/wheels" \
     --target "$WORK/site" -r bench/requirements-gpu-smoke.txt
-  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  # The project folder too: on this bare machine the kit is not installed (no `pip install -e .`), and
+  # bench/gpu_smoke.py and bench/gpu_check.py import lvf and common.
+  export PYTHONPATH="$WORK/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   SIZE=(); TOKENIZER=(--tokenizer "$PREPARED/tokenizer"); FULL_OPTIM=paged_adamw_8bit
   TRAIN=(--max-train-samples 256 --max-val-samples 16 --max-steps 30 --eval-steps 30 --batch-size 8 --grad-accum 1)
   EVAL=(--max-eval-samples 64 --max-length 1024 --general-file python-docs --max-general-blocks 16)

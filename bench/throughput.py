@@ -33,12 +33,11 @@ import time
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))
 
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from lvf import adapters, defaults, errors, lora, models, results, settings  # noqa: E402
+from lvf import adapters, defaults, errors, lora, models, provenance, results, settings  # noqa: E402
 
 CONTENDERS = ("ours", "trl", "writeup")  # trl and writeup run in bench/throughput_worker.py
 METHODS = ("lora", "full")
@@ -386,7 +385,7 @@ def main(argv=None):
             "dataset": str(dataset),
             "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "bf16_cpu": settings.cpu_has_bf16()},
-            "versions": results.package_versions((*results.PACKAGES, "trl")),
+            "versions": provenance.package_versions((*provenance.PACKAGES, "trl")),
             "model_parameters": params,
             "lora_adapter_parameters": adapter_params,
             "matmul_peak_gflops": peaks,
@@ -397,7 +396,7 @@ def main(argv=None):
             "goals": goal_results,
             "checks": checks,
             "failures": [run for run in runs if "error" in run],
-            "git_commit": results.git_commit(),
+            "git_commit": provenance.git_commit(),
             "total_seconds": time.perf_counter() - started,
         }
         results.write_atomic(output, json.dumps(report, indent=2) + "\n")

@@ -10,12 +10,10 @@ bench/throughput.py runs it once per contender and method; by hand only to debug
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))
 
 from peft import get_peft_model  # noqa: E402
 from transformers import TrainingArguments, default_data_collator  # noqa: E402
@@ -133,7 +131,7 @@ def main(argv=None):
         "optimizer_steps": trainer.state.global_step,
         "bf16_autocast": bool(trainer.args.bf16),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
-        "peak_memory_bytes": results.peak_memory("cpu")[0],
+        "peak_memory_bytes": memory.process_peak("cpu")[0],
         "train_peak_memory_bytes": train_peak.bytes,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
     }

@@ -1,6 +1,14 @@
-"""The kit's pieces, one module per job: settings (flags and what a run resolves), models, adapters, training
-(the Trainer harness), memory (peaks per phase, training's breakdown), results (schema, provenance, atomic
-writes), errors (how a script ends)."""
+"""The library under the recipes (evaluate_base_model.py, finetune.py, full_finetune.py, study.py, report.py);
+common.py, the floor below, holds records, splits, tokenization and perplexity scoring. One module per job:
+
+- a run: settings (flags, experiment files' values, what a run resolves), experiments (experiment files), cli,
+  models, adapters, training (the Trainer harness), checkpoints, preflight (checks before loading), plan (the memory
+  plan, computed), memory (peaks per phase), results (schema, writing), provenance (packages, commit, machine),
+  artifacts, files, errors, hub, writeup (the write-up's metric), llama3_tokenizer (Meta's tokenizer from
+  llama-models);
+- a study: scheduling (runs in order or on Ray);
+- the report: discovery (experiments and their results), groups, statistics (the bootstraps), tables, plots,
+  findings, docs_blocks (generated README and docs blocks), docs_tables (the memory plan's docs tables)."""
 
 import logging
 

@@ -1,10 +1,10 @@
 """The study's findings as sentences generated from its JSON (study.py's summary.json and the runs' results):
 each LoRA method's picked learning rate over full fine-tuning's, bracketed by the grids; whether the best rate moved
 with rank; and the smallest rank at which LoRA's held-out perplexity reaches full fine-tuning's. Pure functions of
-the summary and the runs (lvf.plots.load_study_runs); numpy only."""
+the summary and the runs (lvf.discovery.load_study_runs)."""
 
-from lvf.bootstrap import interval, mean_perplexity, shared_ids, two_level_draws
 from lvf.plots import family, is_full, method_order, seed_runs
+from lvf.statistics import interval, mean_perplexity, shared_ids, two_level_draws
 
 
 def fmt_rate(rate):

@@ -102,6 +102,13 @@ def process_peak(device):
     return max(_peak_before_resets["cpu"], current), "cpu_peak_rss"
 
 
+def process_peak_fields(device):
+    """peak_memory_bytes and memory_kind: the whole run's peak so far, load, training and evaluation together (the
+    phases' peaks are phase_fields')."""
+    peak, kind = process_peak(device)
+    return {"peak_memory_bytes": peak, "memory_kind": kind}
+
+
 def remember_process_peak(device):
     if device == "cuda":
         _peak_before_resets["cuda"] = max(_peak_before_resets["cuda"], torch.cuda.max_memory_allocated())

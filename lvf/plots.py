@@ -1,49 +1,256 @@
-"""The plots drawn for "LoRA against full fine-tuning" from a study (study.py's summary.json and the runs' results
-JSON): validation loss against step per rank and full fine-tuning; held-out loss against learning rate per method
-(the U-curve); held-out perplexity against training's peak memory (the Pareto view). Learning against forgetting
-is report.py's draw_tradeoff.
+"""Every plot of the report, into PNGs, in one colour and order scheme (each_color; the order is lvf.groups'):
 
-Each plot is a pair: a function that returns what is plotted (plain numbers, for tests and the findings) and
-draw_* that draws it into a PNG at `path` and returns the path, or None when the runs hold nothing to draw.
-Every function takes the summary (a dict) and `runs`, the runs' JSON by the summary's file names
-(load_study_runs). matplotlib's Figure API (no pyplot state) and numpy only: no torch.
+- an experiment's groups of runs (lvf.groups): perplexity, memory, training time and parameters per group
+  (draw_comparison); learning against forgetting (draw_tradeoff); validation loss against training tokens per run
+  (draw_validation_by_tokens); training's peak by what holds it (draw_memory_breakdown).
+- a study (study.py's summary.json and the runs' results JSON, lvf.discovery.load_study_runs): validation loss
+  against step per rank and full fine-tuning; held-out loss against learning rate per method (the U-curve);
+  held-out perplexity against training's peak memory (the Pareto view).
+
+Each plot is a pair where a test or the findings need the numbers: a function that returns what is plotted (plain
+numbers) and draw_* that draws it into a PNG at `path` and returns the path, or None when the runs hold nothing to
+draw. matplotlib's Figure API (no pyplot state).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
-from lvf.bootstrap import perplexity_summary, shared_ids
+from lvf import groups as grouping
+from lvf import statistics
 
-FULL_COLOR = "#d62728"
-FAMILY_COLORS = ["#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-RANK_COLORMAPS = ["Blues", "Greens", "Oranges", "Purples"]
-
-
-# --------------------------------------------------------------------------- the study's runs
-
-
-def study_files(summary):
-    """Every results file the summary names: the base model's, each learning rate tried, each seed's run."""
-    files = [summary["base"]["file"]] if summary.get("base") else []
-    for entry in summary["methods"].values():
-        files += [tried["file"] for tried in entry.get("learning_rates", {}).values() if tried.get("file")]
-        files += [run["file"] for run in entry.get("runs", [])]
-    return list(dict.fromkeys(files))
+# A family's hue: the first family of a method takes the method's colour, every further family (another LoRA
+# variant, a method without a colour) the next of OTHER_COLORS. Within a family of several ranks or variants, a
+# shade each: lightest first (the lowest rank), the family's own colour last.
+METHOD_COLORS = {"base": "#888888", "lora": "#1f77b4", "qlora": "#17becf", "full": "#d62728"}
+OTHER_COLORS = ["#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22"]
+LIGHTEST_SHADE = 0.4  # the share of the family's colour (the rest white) in its lightest shade
 
 
-def load_study_runs(folder, summary):
-    """The runs' results JSON by file name (relative to the study folder, as the summary names them); files not
-    written yet are left out."""
-    found = {}
-    for name in study_files(summary):
-        path = Path(folder) / name
-        if path.is_file():
-            found[name] = json.loads(path.read_text(encoding="utf-8"))
-    return found
+def shade(color, index, count):
+    if count < 2:
+        return color
+    share = LIGHTEST_SHADE + (1 - LIGHTEST_SHADE) * index / (count - 1)
+    return to_hex([1 - share * (1 - channel) for channel in to_rgb(color)])
+
+
+def each_color(members):
+    """{key: colour} for (key, method, family) members listed in the order they are shown."""
+    families = list(dict.fromkeys((method, family) for _, method, family in members))
+    hues, others = {}, iter(OTHER_COLORS * len(families))
+    for method, family in families:
+        taken = method in METHOD_COLORS and METHOD_COLORS[method] not in hues.values()
+        hues[method, family] = METHOD_COLORS[method] if taken else next(others)
+    colors = {}
+    for method, family in families:
+        keys = [key for key, *other in members if tuple(other) == (method, family)]
+        colors.update({key: shade(hues[method, family], index, len(keys)) for index, key in enumerate(keys)})
+    return colors
+
+
+def save(figure, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+# --------------------------------------------------------------------------- an experiment's groups of runs
+
+
+def group_colors(groups):
+    """{group label: colour}: a group's family is its method and variant but for the rank (lora_r)."""
+    return each_color([(group.label, group.method, tuple(item for item in group.variant if item[0] != "lora_r"))
+                       for group in groups])
+
+
+def draw_comparison(groups, path, seed=42, resamples=1000):
+    """Bar charts, one bar per group: perplexity (mean, 95% interval), memory, training time, parameters."""
+    labels = [group.label for group in groups]
+    palette = group_colors(groups)
+    colors = [palette[group.label] for group in groups]
+    figure = Figure(figsize=(16, 4.2))
+    axes = figure.subplots(1, 4)
+
+    summaries = [statistics.runs_summary(group.runs, seed, resamples) for group in groups]
+    shown = [summary if summary["mean"] is not None else {"mean": np.nan, "ci95": [np.nan, np.nan]}
+             for summary in summaries]  # a group whose runs share no example gets no bar
+    means = [summary["mean"] for summary in shown]
+    errors_ = [[mean - summary["ci95"][0] for mean, summary in zip(means, shown, strict=True)],
+               [summary["ci95"][1] - mean for mean, summary in zip(means, shown, strict=True)]]
+    axes[0].bar(labels, means, yerr=errors_, capsize=6, color=colors)
+    axes[0].set_title("Held-out perplexity (mean, 95% CI)\nlower is better")
+    axes[0].set_ylabel("perplexity")
+
+    kind = {run.get("memory_kind") for group in groups for run in group.runs} - {None}
+    axes[1].bar(labels, [(group.mean("peak_memory_bytes") or 0) / 2**30 for group in groups], color=colors)
+    axes[1].set_title("Peak memory\n" + ", ".join(sorted(kind)))
+    axes[1].set_ylabel("GiB")
+
+    trained = [group for group in groups if group.mean("train_seconds") is not None]
+    trained_colors = [palette[group.label] for group in trained]
+    axes[2].bar([group.label for group in trained], [group.mean("train_seconds") / 60 for group in trained],
+                color=trained_colors)
+    axes[2].set_title("Training wall time")
+    axes[2].set_ylabel("minutes")
+
+    axes[3].bar([group.label for group in trained], [group.mean("trainable_params") or 0 for group in trained],
+                color=trained_colors)
+    axes[3].set_yscale("log")
+    axes[3].set_title("Trainable parameters (log scale)")
+    axes[3].set_ylabel("parameters")
+
+    for axis in axes:
+        axis.tick_params(axis="x", labelrotation=15)
+        axis.grid(axis="y", alpha=0.3)
+    models = sorted({run["model"] for group in groups for run in group.runs})
+    devices = sorted({run.get("device") or "?" for group in groups for run in group.runs})
+    figure.suptitle(f"LoRA vs full fine-tuning: {', '.join(models)} on {', '.join(devices)}")
+    figure.tight_layout()
+    return save(figure, path)
+
+
+def run_perplexity(run, ids, field="per_example"):
+    return statistics.mean_perplexity([run], ids, field)
+
+
+def tradeoff_points(found):
+    """Per tuned run against its group's base: improvement (base − tuned perplexity, higher = learned more)
+    and forgetting (tuned − base general-text perplexity, higher = forgot more; None when not recorded)."""
+    points = []
+    for group, base, result, general in found:
+        if base.method not in grouping.UNTRAINED or result is None or result.get("difference") is None:
+            continue
+        ids = statistics.shared_ids(group.runs + base.runs)
+        general_ids = statistics.shared_ids(group.runs + base.runs, "general_per_example") if general else []
+        base_ppl = statistics.mean_perplexity(base.runs, ids)
+        base_general = (statistics.mean_perplexity(base.runs, general_ids, "general_per_example") if general_ids
+                        else None)
+        runs = [(base_ppl - run_perplexity(run, ids),
+                 run_perplexity(run, general_ids, "general_per_example") - base_general if general_ids else None)
+                for run in group.runs]
+        points.append((group, result, general if general_ids else None, runs))
+    return points
+
+
+def draw_tradeoff(found, groups, path):
+    """Learning (improvement over base) against forgetting (general-text perplexity change): one small point per
+    run, each group's mean with its two-level interval; without general-text results, learning alone. `found`:
+    lvf.groups.comparisons; `groups`: all of them (for the colours)."""
+    points = tradeoff_points(found)
+    if not points:
+        return None
+    palette = group_colors(groups)
+    forgetting = all(general is not None for _, _, general, _ in points)
+    figure = Figure(figsize=(7.5, 5.5 if forgetting else 2.2 + 0.7 * len(points)))
+    axis = figure.subplots()
+    for row, (group, result, general, runs) in enumerate(points):
+        color = palette[group.label]
+        ys = [forget for _, forget in runs] if forgetting else [row] * len(runs)
+        axis.scatter([learn for learn, _ in runs], ys, color=color, alpha=0.45, s=25)
+        low, high = result["ci95"]
+        x = -result["difference"]
+        xerr = [[x - (-high)], [(-low) - x]]
+        y, yerr = row, None
+        if forgetting:
+            y = general["difference"]
+            yerr = [[y - general["ci95"][0]], [general["ci95"][1] - y]]
+        axis.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", markersize=10, color=color, capsize=5,
+                      label=f"{group.label} (mean of {len(runs)} run{'s' if len(runs) > 1 else ''})")
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("learning: base − tuned held-out perplexity (higher = learned more)")
+    if forgetting:
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_ylabel("forgetting: tuned − base general-text perplexity (higher = forgot more)")
+        axis.set_title("Learning vs forgetting (95% intervals: seeds, then examples)")
+    else:
+        axis.set_yticks(range(len(points)), [group.label for group, *_ in points])
+        axis.set_ylim(-0.6, len(points) - 0.4)
+        axis.set_title("Learning over base (95% intervals: seeds, then examples)\n"
+                       "no general-text perplexity in these results: forgetting not shown", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return save(figure, path)
+
+
+def training_tokens_at(run, entry):
+    """Tokens trained when a log entry was written: the Trainer's count when kept, else steps × mean tokens
+    per optimizer step."""
+    if entry.get("num_input_tokens_seen") is not None:
+        return entry["num_input_tokens_seen"]
+    if run.get("train_tokens") and run.get("optimizer_steps"):
+        return entry["step"] * run["train_tokens"] / run["optimizer_steps"]
+    return None
+
+
+def validation_by_tokens(run):
+    points = [(training_tokens_at(run, entry), entry["eval_loss"]) for entry in run.get("log_history") or []
+              if entry.get("eval_loss") is not None and entry.get("step") is not None]
+    return [(tokens, loss) for tokens, loss in points if tokens is not None]
+
+
+def draw_validation_by_tokens(groups, path):
+    """Validation loss against training tokens, one line per run coloured by group; None without log history."""
+    curves = [(group, validation_by_tokens(run)) for group in groups for run in group.runs]
+    curves = [(group, curve) for group, curve in curves if curve]
+    if not curves:
+        return None
+    palette = group_colors(groups)
+    figure = Figure(figsize=(7.5, 5))
+    axis = figure.subplots()
+    styles = ["-", "--", ":", "-."]
+    labelled = set()
+    for group, curve in curves:
+        tokens, losses = zip(*curve, strict=True)
+        style = styles[[g for g in groups if g.method == group.method].index(group) % len(styles)]
+        axis.plot(tokens, losses, style, marker="o", markersize=3, color=palette[group.label], alpha=0.8,
+                  label=None if group.label in labelled else group.label)
+        labelled.add(group.label)
+    axis.set_xlabel("training tokens")
+    axis.set_ylabel("validation loss (the Trainer's eval_loss)")
+    axis.set_title("Validation loss during training, one line per run")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return save(figure, path)
+
+
+def draw_memory_breakdown(groups, path):
+    """Training's peak per group as stacked bars: weights, gradients, optimizer states, the rest."""
+    measured = [(group, parts) for group in groups if (parts := grouping.group_breakdown(group)) is not None]
+    if not measured:
+        return None
+    figure = Figure(figsize=(6, 4.2))
+    axis = figure.subplots()
+    labels = [group.label for group, _ in measured]
+    bottom = [0.0] * len(measured)
+    for part, color in zip(grouping.BREAKDOWN_PARTS, ("#7f7f7f", "#ff7f0e", "#9467bd", "#bcbd22"), strict=True):
+        heights = [parts[part] / 2**30 for _, parts in measured]
+        axis.bar(labels, heights, bottom=bottom, color=color, label=part.replace("_", " "))
+        bottom = [low + height for low, height in zip(bottom, heights, strict=True)]
+    kinds = sorted({run.get("phase_memory_kind") or "?" for group, _ in measured for run in group.runs})
+    axis.set_title(f"Training's peak memory, by what holds it\n{', '.join(kinds)}")
+    axis.set_ylabel("GiB")
+    axis.legend()
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return save(figure, path)
+
+
+def draw_group_plots(groups, found, folder, seed=42, resamples=1000):
+    """An experiment's four plots into its folder; the paths of those drawn."""
+    folder = Path(folder)
+    drawn = [draw_comparison(groups, folder / "comparison.png", seed, resamples),
+             draw_tradeoff(found, groups, folder / "learning_vs_forgetting.png"),
+             draw_validation_by_tokens(groups, folder / "validation_curves.png"),
+             draw_memory_breakdown(groups, folder / "memory-breakdown.png")]
+    return [path for path in drawn if path is not None]
+
+
+# --------------------------------------------------------------------------- a study's methods
 
 
 def is_full(name, entry):
@@ -53,6 +260,11 @@ def is_full(name, entry):
 
 def family(name, entry):
     return entry.get("family") or name
+
+
+def study_method(name, entry):
+    """The method whose colour a study method's family starts from."""
+    return "full" if is_full(name, entry) else "qlora" if family(name, entry).startswith("qlora") else "lora"
 
 
 def method_label(name, entry):
@@ -66,46 +278,24 @@ def seed_runs(entry, runs):
     return [runs[run["file"]] for run in entry.get("runs", []) if run["file"] in runs]
 
 
-def method_colors(summary):
-    """Full fine-tuning red; one colour per other family; within a family of several ranks, a shade per rank
-    (darker = higher rank)."""
-    families = list(dict.fromkeys(family(name, entry) for name, entry in summary["methods"].items()
-                                  if not is_full(name, entry)))
-    colors = {}
-    for name, entry in summary["methods"].items():
-        if is_full(name, entry):
-            colors[name] = FULL_COLOR
-            continue
-        index = families.index(family(name, entry))
-        ranks = sorted({other.get("rank") for other_name, other in summary["methods"].items()
-                        if family(other_name, other) == family(name, entry) and other.get("rank") is not None})
-        if len(ranks) > 1 and entry.get("rank") is not None:
-            shade = 0.35 + 0.6 * ranks.index(entry["rank"]) / (len(ranks) - 1)
-            colors[name] = colormaps[RANK_COLORMAPS[index % len(RANK_COLORMAPS)]](shade)
-        else:
-            colors[name] = FAMILY_COLORS[index % len(FAMILY_COLORS)]
-    return colors
-
-
 def method_order(summary):
-    """Methods by family, each family's ranks ascending, full fine-tuning last."""
+    """The study's methods in lvf.groups' order: by family, each family's ranks ascending, full fine-tuning last."""
     methods = summary["methods"]
-    families = list(dict.fromkeys(family(name, entry) for name, entry in methods.items()))
-    return sorted(methods, key=lambda name: (is_full(name, methods[name]), families.index(family(name, methods[name])),
-                                             methods[name].get("rank") or 0, name))
+    return sorted(methods, key=lambda name: grouping.method_order_key(
+        family(name, methods[name]), methods[name].get("rank"), name, full=is_full(name, methods[name])))
+
+
+def method_colors(summary):
+    """{method name: colour}: the family's hue, a shade per rank (lightest the lowest)."""
+    methods = summary["methods"]
+    return each_color([(name, study_method(name, methods[name]), family(name, methods[name]))
+                       for name in method_order(summary)])
 
 
 def study_figure(summary):
     """(each method's colour, a new figure, its one axis)."""
     figure = Figure(figsize=(7.5, 5))
     return method_colors(summary), figure, figure.subplots()
-
-
-def save(figure, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
 
 
 # --------------------------------------------------------------------------- validation loss against step
@@ -245,9 +435,9 @@ def perplexity_by_memory(summary, runs, seed=42, resamples=1000):
     for name in method_order(summary):
         seeded = [run for run in seed_runs(summary["methods"][name], runs)
                   if run.get("train_peak_memory_bytes") is not None and run.get("per_example")]
-        if seeded and shared_ids(seeded):
+        if seeded and statistics.shared_ids(seeded):
             points[name] = {"memory_bytes": float(np.mean([run["train_peak_memory_bytes"] for run in seeded])),
-                            **perplexity_summary(seeded, seed, resamples)}
+                            **statistics.perplexity_summary(seeded, seed, resamples)}
     names = list(points)
     front = pareto_front([(points[name]["memory_bytes"], points[name]["mean"]) for name in names])
     for index, name in enumerate(names):

@@ -3,80 +3,24 @@ secrets kept out, and atomic writes that keep earlier results."""
 
 import dataclasses
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
 from huggingface_hub import get_token
 
-from lvf import experiments, memory
+from lvf import experiments, provenance
 from lvf.errors import ResultsWrittenElsewhere, UsageError
 from lvf.files import write_atomic
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
-def peak_memory(device):
-    """The whole process's peak so far (load, training and evaluation together), the phase resets of
-    lvf.memory included; lvf.memory measures the phases."""
-    return memory.process_peak(device)
-
-
-def process_peak_fields(device):
-    """peak_memory_bytes and memory_kind: the whole run's peak so far (lvf.memory measures the phases)."""
-    peak, kind = peak_memory(device)
-    return {"peak_memory_bytes": peak, "memory_kind": kind}
-
-
 def weights_bytes(path):
     """Bytes on disk of the saved weights (safetensors files): the adapter alone for LoRA."""
     return sum(item.stat().st_size for item in Path(path).rglob("*.safetensors"))
-
-
-PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes")
-
-
-def package_versions(names=PACKAGES):
-    """Installed version of each package, None where it is absent."""
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
-                             timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine():
-    """What the run ran on, for every figure's caption: the CPU's model name, its logical cores and bf16 support,
-    and the GPU (name, memory) when CUDA is used."""
-    cpu = None
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-        cpu = names[0].strip() if names else None
-        bf16 = sorted({flag for flag in ("amx_bf16", "avx512_bf16") if re.search(rf"\b{flag}\b", cpuinfo)})
-    except OSError:
-        bf16 = []
-    gpu = None
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
-        gpu = {"name": properties.name, "memory_bytes": properties.total_memory, "count": torch.cuda.device_count()}
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_bf16": bf16, "gpu": gpu}
 
 
 RESULT_FIELDS = [
@@ -100,6 +44,8 @@ RESULT_FIELDS = [
 def build_results(settings, runtime, method, **fields):
     """Every field of the schema; those that do not apply are null. `config` is what was asked (as
     given), `runtime` what the run resolved from it."""
+    from lvf import memory  # torch: here, where a run records, not where the study or the report imports this
+
     results = dict.fromkeys(RESULT_FIELDS)
     resolved = runtime.record()
     config = {key: value for key, value in dataclasses.asdict(settings).items() if not SECRET_NAME.search(key)}
@@ -107,7 +53,7 @@ def build_results(settings, runtime, method, **fields):
     results.update(
         experiment=runtime.experiment,
         config_file=json.loads(json.dumps(experiments.record(settings.config), default=str)),
-        machine=machine(),
+        machine=provenance.machine(),
         method=method,
         model=settings.model,
         base_model=settings.model,  # an evaluated artifact overrides it with the base it was trained from
@@ -120,8 +66,8 @@ def build_results(settings, runtime, method, **fields):
         dtype=resolved["dtype"],
         bf16_autocast=resolved["bf16_autocast"],
         cuda_allocator_config=memory.allocator_config(),
-        versions=package_versions(),
-        git_commit=git_commit(),
+        versions=provenance.package_versions(),
+        git_commit=provenance.git_commit(),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         dry_run=bool(settings.dry_run),
     )

@@ -117,7 +117,7 @@ def choose_engine(engine, workers, address):
     return "serial"
 
 
-def plan_summary(runs, finished=results_complete, final_models="kept", keep_checkpoints=False):
+def stage_preview(runs, finished=results_complete, final_models="kept", keep_checkpoints=False):
     """What a stage will make, said before it starts: how many runs, how many are finished already or will
     resume, and what each writes where. final_models says what becomes of the final models (the study knows,
     e.g. "kept for the picked learning rate only"); checkpoints are deleted once a run finishes (the study does

@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -7,8 +6,6 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # any Hub call fails at once instead of waiting on the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -35,7 +32,7 @@ def real_dolly_path():
 
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir(tmp_path_factory):
-    from llama3_tokenizer import build_llama3_tokenizer
+    from lvf.llama3_tokenizer import build_llama3_tokenizer
 
     folder = tmp_path_factory.mktemp("llama3-tokenizer")
     build_llama3_tokenizer(folder)

@@ -1,10 +1,10 @@
 """Prompt formatting and label masking, with the real Llama 3 tokenizer."""
 
 import pytest
-from llama3_tokenizer import BOS_ID, EOT_ID
 
 import common
 from lvf import errors
+from lvf.llama3_tokenizer import BOS_ID, EOT_ID
 
 RECORD = {"id": "r1", "instruction": "Who wrote the passage?", "context": "A note by Ada, 1843.",
           "response": "Ada Lovelace wrote it.", "category": "closed_qa"}

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from llama3_tokenizer import BOS_ID
 from test_perplexity import LookupModel, UniformModel
 
 import common
-from lvf import errors
+from lvf import errors, statistics
+from lvf.llama3_tokenizer import BOS_ID
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -77,7 +77,7 @@ def test_identical_weights_score_the_general_text_identically(llama3_tokenizer):
     one = common.evaluate_perplexity(first, blocks, llama3_tokenizer.pad_token_id, batch_size=2)
     two = common.evaluate_perplexity(second, blocks, llama3_tokenizer.pad_token_id, batch_size=5)
     assert [(i["id"], i["tokens"]) for i in one["per_example"]] == [(i["id"], i["tokens"]) for i in two["per_example"]]
-    paired = common.paired_bootstrap(one["per_example"], two["per_example"])
+    paired = statistics.paired_difference(one["per_example"], two["per_example"])
     assert paired["difference"] == pytest.approx(0, abs=1e-9) and not paired["significant"]
 
 

@@ -2,6 +2,7 @@
 the table that decides whether the smoke run passed. (`bash bench/gpu_smoke.sh --cpu-dry` runs the whole
 sequence on a tiny model.)"""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,8 +13,10 @@ import pytest
 
 import common
 
-sys.path.insert(0, str(common.PROJECT_DIR / "bench"))
-import gpu_smoke  # noqa: E402
+# bench/ is a folder of scripts, not a package: gpu_smoke.py is loaded from its file.
+_spec = importlib.util.spec_from_file_location("gpu_smoke", common.PROJECT_DIR / "bench" / "gpu_smoke.py")
+gpu_smoke = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_smoke)
 
 
 def test_slim_wheel_keeps_only_the_listed_libraries_and_their_record_lines(tmp_path):

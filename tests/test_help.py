@@ -7,7 +7,7 @@ import pytest
 from test_readme_commands import load_script
 
 SCRIPTS = ["evaluate_base_model.py", "finetune.py", "full_finetune.py", "report.py", "study.py", "bench/gpu_check.py",
-           "bench/gpu_smoke.py", "bench/profile_step.py", "bench/throughput.py", "bench/throughput_worker.py"]
+           "bench/gpu_smoke.py", "bench/throughput.py", "bench/throughput_worker.py"]
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,7 @@ def test_a_variant_trains_saves_its_option_and_is_scored_again(flag, key, tiny_l
 def test_report_groups_variants_apart_and_old_runs_with_the_defaults(tmp_path):
     from test_report import LORA, at, fake_run, render, write_runs
 
-    import report
+    from lvf import groups
 
     runs = {"base": fake_run("base", 1.0),
             "lora-old": fake_run("lora", 0.70, seed=42, **LORA),  # recorded before the variant flags existed
@@ -175,5 +175,5 @@ def test_report_groups_variants_apart_and_old_runs_with_the_defaults(tmp_path):
                       "LoRA (DoRA False, rsLoRA True, init pissa)"}
     plain = next(line for line in rows if line.startswith("| LoRA (DoRA False, rsLoRA False, init true) |"))
     assert "| 42, 43 |" in plain  # the old run and the one with the defaults named are one group
-    assert set(report.SETTING_DEFAULTS) <= set(report.VARIANT_KEYS.split(","))
-    assert report.SETTING_DEFAULTS == {key: getattr(defaults.LORA, key) for key in report.SETTING_DEFAULTS}
+    assert set(groups.SETTING_DEFAULTS) <= set(groups.VARIANT_KEYS.split(","))
+    assert groups.SETTING_DEFAULTS == {key: getattr(defaults.LORA, key) for key in groups.SETTING_DEFAULTS}

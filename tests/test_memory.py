@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from test_training_levers import features
 from transformers import LlamaForCausalLM, TrainingArguments
 
-from lvf import memory, models, results, training
+from lvf import memory, models, training
 
 MB = 2**20
 
@@ -37,7 +37,7 @@ def test_the_whole_process_peak_survives_the_phase_resets():
         del block
     with memory.PhasePeak("cpu") as quiet:
         pass
-    peak, kind = results.peak_memory("cpu")
+    peak, kind = memory.process_peak("cpu")
     assert kind == "cpu_peak_rss" and peak - quiet.bytes > 150 * MB
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_llama_config
 
 import common
-from lvf import errors, writeup
+from lvf import errors, statistics, writeup
 
 
 class ToyCausalLM(torch.nn.Module):
@@ -129,27 +129,41 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():
     nll = rng.uniform(1, 30, size=200)
     tokens = rng.integers(1, 20, size=200)
     point = math.exp(nll.sum() / tokens.sum())
-    low, high = common.bootstrap_ci(nll, tokens, seed=42, resamples=1000)
+    low, high = common.perplexity_interval(nll, tokens, seed=42, resamples=1000)
     assert low < point < high
-    assert [low, high] == common.bootstrap_ci(nll, tokens, seed=42, resamples=1000)
-    assert [low, high] != common.bootstrap_ci(nll, tokens, seed=43, resamples=1000)
+    assert [low, high] == common.perplexity_interval(nll, tokens, seed=42, resamples=1000)
+    assert [low, high] != common.perplexity_interval(nll, tokens, seed=43, resamples=1000)
 
 
-def test_paired_bootstrap_identical_runs_contain_zero_and_clear_gap_excludes_it():
+def test_the_examples_bootstrap_is_the_percentile_bootstrap_of_pooled_perplexity():
+    """scipy.stats.bootstrap (common.bootstrap_examples) resamples examples with the seeded generator's draws:
+    the interval is the percentiles of exp(Σ NLL / Σ tokens) over rows of rng.integers(0, n, (resamples, n)),
+    nll and tokens drawn together; one example has nothing to resample and its interval is its perplexity."""
+    rng = np.random.default_rng(5)
+    nll, tokens = rng.uniform(1, 30, size=50), rng.integers(1, 20, size=50).astype(float)
+    picks = np.random.default_rng(7).integers(0, 50, size=(300, 50))
+    by_hand = np.exp(nll[picks].sum(1) / tokens[picks].sum(1))
+    expected = [float(np.percentile(by_hand, 2.5)), float(np.percentile(by_hand, 97.5))]
+    assert common.perplexity_interval(nll, tokens, seed=7, resamples=300) == expected
+    assert common.perplexity_interval(nll[:1], tokens[:1]) == [pytest.approx(math.exp(nll[0] / tokens[0]))] * 2
+
+
+def test_paired_difference_identical_runs_contain_zero_and_clear_gap_excludes_it():
     rng = np.random.default_rng(4)
     run = [{"id": f"x{i}", "nll_sum": float(rng.uniform(5, 50)), "tokens": int(rng.integers(5, 30))}
            for i in range(100)]
-    same = common.paired_bootstrap(run, run)
+    same = statistics.paired_difference(run, run)
     assert same["difference"] == 0 and same["ci95"][0] <= 0 <= same["ci95"][1] and not same["significant"]
     better = [{**item, "nll_sum": item["nll_sum"] * 0.8} for item in run]
-    gap = common.paired_bootstrap(better, run)
+    gap = statistics.paired_difference(better, run)
     assert gap["difference"] < 0 and gap["ci95"][1] < 0 and gap["significant"]
-    assert common.paired_bootstrap(run, [{"id": "other", "nll_sum": 1.0, "tokens": 1}]) is None
+    assert statistics.paired_difference(run, [{"id": "other", "nll_sum": 1.0, "tokens": 1}]) is None
 
 
 def test_seed_style_metric_matches_a_hand_computation_with_two_bos_and_size_weighted_batches(llama3_tokenizer):
-    from llama3_tokenizer import BOS_ID
     from transformers import LlamaForCausalLM
+
+    from lvf.llama3_tokenizer import BOS_ID
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 
 import finetune
 import full_finetune
-from lvf import full, lora, models, plan
+from lvf import docs_blocks, docs_tables, full, lora, models, plan
 
 GIB = 2**30
 N = 8_030_261_248  # Llama-3-8B's parameters
@@ -206,9 +206,9 @@ def test_the_qlora_plans_weights_are_what_bitsandbytes_holds(tiny_llama_64_dir):
 
 def test_the_multi_gpu_doc_shows_what_the_code_computes(full_shape):
     text = (PROJECT_DIR / "docs" / "multi-gpu.md").read_text()
-    block = re.search(re.escape(plan.MULTI_GPU_START) + r"\n(.*?)\n" + re.escape(plan.MULTI_GPU_END), text, re.S)
+    block = docs_blocks.block_lines(text, docs_tables.MULTI_GPU_BLOCK)
     assert block is not None, "docs/multi-gpu.md lacks the plan's table"
-    assert block.group(1) == "\n".join(plan.multi_gpu_table(full_shape))
+    assert block == docs_tables.multi_gpu_table(full_shape)
 
 
 def test_a_plan_is_json_ready_and_its_parts_add_up(full_shape):
@@ -225,9 +225,9 @@ def test_a_plan_is_json_ready_and_its_parts_add_up(full_shape):
 
 def test_the_performance_doc_shows_what_the_code_computes(full_shape, lora_shape):
     text = (PROJECT_DIR / "docs" / "performance.md").read_text()
-    block = re.search(re.escape(plan.SINGLE_GPU_START) + r"\n(.*?)\n" + re.escape(plan.SINGLE_GPU_END), text, re.S)
+    block = docs_blocks.block_lines(text, docs_tables.SINGLE_GPU_BLOCK)
     assert block is not None, "docs/performance.md lacks the plan's table"
-    assert block.group(1) == "\n".join(plan.single_gpu_table(full_shape, lora_shape))
+    assert block == docs_tables.single_gpu_table(full_shape, lora_shape)
 
 
 def test_the_default_on_an_80_gb_gpu_steps_in_backward_and_fits(monkeypatch, full_shape):
@@ -251,29 +251,29 @@ def test_the_readme_needs_table_follows_the_plan(full_shape, lora_shape):
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) == 5 and cells[0] in ("zero-shot", "LoRA", "QLoRA (`--quantize 4bit`)", "full fine-tuning"):
             rows[cells[0]] = (cells[1], cells[2])
-    assert rows == plan.readme_needs(full_shape, lora_shape)
+    assert rows == docs_tables.readme_needs(full_shape, lora_shape)
     # The words follow the comparison the pre-flight makes: bytes of the plan against the GPU's bytes.
-    assert plan.smallest_gpu_words(22.0 * 2**30) == "a 24 GB GPU or larger"
-    assert plan.smallest_gpu_words(24 * 10**9 + 1) == "a 32 GB GPU or larger"
-    assert plan.smallest_gpu_words(68.9 * 2**30) == "an 80 GB GPU or larger"
+    assert docs_tables.smallest_gpu_words(22.0 * 2**30) == "a 24 GB GPU or larger"
+    assert docs_tables.smallest_gpu_words(24 * 10**9 + 1) == "a 32 GB GPU or larger"
+    assert docs_tables.smallest_gpu_words(68.9 * 2**30) == "an 80 GB GPU or larger"
 
 
 def test_the_full_fine_tuning_breakdown_in_the_performance_doc_is_the_plans(full_shape):
     text = (PROJECT_DIR / "docs" / "performance.md").read_text()
-    block = re.search(re.escape(plan.FULL_PLAN_START) + r"\n(.*?)\n" + re.escape(plan.FULL_PLAN_END), text, re.S)
+    block = docs_blocks.block_lines(text, docs_tables.FULL_PLAN_BLOCK)
     assert block is not None, "docs/performance.md lacks the breakdown of full fine-tuning's plan"
-    assert block.group(1) == "\n".join(plan.full_default_table(full_shape))
+    assert block == docs_tables.full_default_table(full_shape)
 
 
 def plan_figures(full_shape, lora_shape):
     """Every part and total the plan computes for the docs' runs, in GiB as the docs write them."""
     figures = set()
-    for _, setup in plan.single_gpu_rows():
+    for _, setup in docs_tables.single_gpu_rows():
         planned = plan.plan_memory(full_shape if setup.method == "full" else lora_shape, setup)
         for moment in planned["moments"].values():
             figures |= {plan.gib(value) for value in moment.values() if value is not None}
         figures.add(plan.gib(planned["paged_optimizer_states"]))
-    return figures | {needs.split(" GiB")[0] for needs, _ in plan.readme_needs(full_shape, lora_shape).values()}
+    return figures | {needs.split(" GiB")[0] for needs, _ in docs_tables.readme_needs(full_shape, lora_shape).values()}
 
 
 def test_planned_figures_in_the_docs_prose_are_computed_by_the_plan(full_shape, lora_shape):

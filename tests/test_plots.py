@@ -1,12 +1,14 @@
-"""lvf/plots.py and lvf/findings.py on a fake study folder laid out as study.py writes it: what each plot draws
-(means over seeds, the picked rate, the Pareto front), and sentences that follow the runs' JSON."""
+"""lvf/plots.py and lvf/findings.py on a fake study folder laid out as study.py writes it (read by lvf/discovery.py):
+what each plot draws (means over seeds, the picked rate, the Pareto front), the one colour scheme, and sentences
+that follow the runs' JSON."""
 
 import json
 
 import numpy as np
 import pytest
 
-from lvf import findings, plots
+from lvf import discovery, errors, findings, plots
+from lvf import groups as grouping
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXAMPLES = 60
@@ -86,7 +88,7 @@ def write_study(folder, methods=METHODS):
 def study(tmp_path):
     folder = tmp_path / "study"
     summary = write_study(folder)
-    return folder, summary, plots.load_study_runs(folder, summary)
+    return folder, summary, discovery.load_study_runs(folder, summary)
 
 
 def test_every_named_file_is_loaded(study):
@@ -207,7 +209,7 @@ def test_rank_reaching_full_follows_the_runs_json(study):
         scale = {42: 0.70, 43: 0.704}[seed]
         run = fake_run("lora", scale, seed, 3e-3, 2.5)
         (folder / file).write_text(json.dumps(run))
-    (line,) = findings.rank_reaching_full(summary, plots.load_study_runs(folder, summary), resamples=300)
+    (line,) = findings.rank_reaching_full(summary, discovery.load_study_runs(folder, summary), resamples=300)
     assert "is **4** (ranks tried: 1, 4, 16)" in line
 
 
@@ -235,3 +237,28 @@ def test_ranks_scored_on_other_examples_are_not_compared(study):
             item["id"] = "other-" + item["id"]
     assert findings.rank_reaching_full(summary, runs, resamples=100) == [
         "- lora-all-linear: its runs and full's share no held-out example: not compared."]
+
+
+def test_one_colour_scheme_for_the_study_and_the_reports_groups(study):
+    """A family's ranks are shades of one hue, the lowest rank lightest; the first LoRA family is LoRA's blue, a
+    second one another hue, full fine-tuning red; a report group of the same runs takes the same colour."""
+    _, summary, _ = study
+    colors = plots.method_colors(summary)
+    ranks = [colors[name] for name in ("lora-all-linear-r1", "lora-all-linear-r4", "lora-all-linear")]
+    assert ranks[-1] == plots.METHOD_COLORS["lora"] and colors["full"] == plots.METHOD_COLORS["full"]
+    assert colors["lora-dora"] not in ranks and colors["lora-dora"] != colors["full"]
+    lightness = [sum(int(color[i:i + 2], 16) for i in (1, 3, 5)) for color in ranks]
+    assert lightness == sorted(lightness, reverse=True) and len(set(lightness)) == 3
+    groups = [grouping.Group("lora", (("lora_r", rank),), [], label=f"LoRA (r {rank})") for rank in (1, 4, 16)]
+    groups.append(grouping.Group("full", (("lora_r", None),), [], label="Full fine-tuning"))
+    assert list(plots.group_colors(groups).values()) == ranks + [colors["full"]]
+
+
+def test_study_files_are_the_reported_runs_or_every_run_the_summary_names(study):
+    folder, summary, runs = study
+    reported = discovery.study_files(folder, summary, rates_tried=False)
+    assert reported[0] == "base.json" and len(reported) == 1 + 2 * len(METHODS)
+    assert set(reported) < set(discovery.study_files(folder, summary)) == set(runs)
+    del summary["methods"]["full"]["runs"]
+    with pytest.raises(errors.UsageError, match="summary.json has no 'runs' entries"):
+        discovery.study_files(folder, summary)

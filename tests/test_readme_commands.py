@@ -14,7 +14,7 @@ from lvf.errors import UsageError
 
 PROJECT_DIR = common.PROJECT_DIR
 SCRIPTS = ["evaluate_base_model.py", "finetune.py", "full_finetune.py", "report.py", "study.py", "bench/throughput.py",
-           "bench/gpu_check.py", "bench/profile_step.py"]
+           "bench/gpu_check.py"]
 CONTROL = {"&&", "||", ";", "|", "&"}
 REDIRECT = {">", ">>", "<", "2>", "2>&1"}
 FENCE = re.compile(r"^```[\w-]*\n(.*?)^```", re.MULTILINE | re.DOTALL)

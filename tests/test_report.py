@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import report
-from lvf import errors
+from lvf import discovery, errors, plots, statistics
+from lvf import groups as grouping
 
 README = "# Title\n\n<!-- experiment:results:start -->\nold\n<!-- experiment:results:end -->\n\nafter\n"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -239,7 +240,7 @@ def seed_group(method, seed_scales, nll, tokens):
     runs = [fake_run(method, 1.0, seed=42 + index, **LORA) for index in range(len(seed_scales))]
     for run, scale in zip(runs, seed_scales, strict=True):
         run["per_example"] = per_example_rows(nll * scale, tokens)
-    return report.Group(method, (), runs, label=method)
+    return grouping.Group(method, (), runs, label=method)
 
 
 def test_two_level_interval_widens_with_seed_variance():
@@ -253,7 +254,7 @@ def test_two_level_interval_widens_with_seed_variance():
     spread = seed_group("lora", [0.9, 1.0, 1.1], nll, tokens)
     width = {}
     for name, group in (("steady", steady), ("spread", spread)):
-        result = report.compare(group, base, seed=0, resamples=2000)
+        result = statistics.compare(group.runs, base.runs, seed=0, resamples=2000)
         width[name] = result["ci95"][1] - result["ci95"][0]
     assert width["spread"] > 1.5 * width["steady"]
 
@@ -272,7 +273,7 @@ def test_tradeoff_and_validation_curves_are_drawn(tmp_path, results_dir):
     assert row(rows, "| Full fine-tuning − Zero-shot").split(" | ")[-1].startswith("+")  # full forgot more
     for name in ("learning_vs_forgetting.png", "validation_curves.png"):
         assert (results_dir / name).read_bytes()[:8] == PNG_MAGIC
-    assert report.validation_curve(json.loads((results_dir / "lora.json").read_text()))[0] == (1000.0, 2.3)
+    assert plots.validation_by_tokens(json.loads((results_dir / "lora.json").read_text()))[0] == (1000.0, 2.3)
 
 
 def test_general_text_on_different_examples_is_refused(results_dir):
@@ -296,7 +297,7 @@ def test_check_reads_the_committed_results_not_a_local_run(tmp_path, results_dir
     # and an experiment not run yet: --check reads a copy of results/, but names the folder as the README does
     (repo / "README.md").write_text(README + "<!-- experiment:gpu:start -->\n<!-- experiment:gpu:end -->\n")
     argv = [*at(repo / "results"), "--readme", str(repo / "README.md")]
-    monkeypatch.setattr(report, "PROJECT_DIR", repo)
+    monkeypatch.setattr(discovery, "PROJECT_DIR", repo)  # how the README names the results folder
     report.main(argv)
     git(repo, "init", "-q")
     git(repo, "add", "-A")

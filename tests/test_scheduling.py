@@ -163,12 +163,10 @@ scheduling.run_stage([run], engine=sys.argv[5])
 
 def start_study(run, engine="serial", cwd=PROJECT_DIR):
     """A study process of its own (the kill and Ctrl-C below are for it, not for pytest)."""
-    # The project on the study's own path only, as for `python /path/to/study.py` run from another folder.
-    code = f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r})\n{STUDY}"
     # SIGINT back to its default, and unblocked, in the study: a child inherits an ignored or blocked SIGINT (a
     # shell starts background jobs with it ignored; threads of earlier tests may block it), and Python installs its
     # Ctrl-C handler only over the default. The tests below send the study SIGINT as a terminal would.
-    return subprocess.Popen([sys.executable, "-c", code, run.name, run.script, run.results_path, run.output_dir,
+    return subprocess.Popen([sys.executable, "-c", STUDY, run.name, run.script, run.results_path, run.output_dir,
                              engine, *run.argv], cwd=cwd, preexec_fn=default_interrupts)
 
 
@@ -265,16 +263,16 @@ def test_two_study_processes_never_run_the_same_run_twice(tmp_path, stand_in):
     assert found[0]["base"] == found[1]["base"] == scheduling.results_complete(run)
 
 
-def test_plan_summary_counts_the_runs_before_anything_runs(tmp_path, stand_in):
+def test_stage_preview_counts_the_runs_before_anything_runs(tmp_path, stand_in):
     runs = [make_run(stand_in, tmp_path, name, value) for name, value in VALUES.items()]
     scheduling.run_stage(runs[:1], engine="serial")
     (Path(runs[1].output_dir) / "checkpoint-5").mkdir(parents=True)
     (Path(runs[1].output_dir) / "checkpoint-5" / "trainer_state.json").write_text("{}")
-    plan = scheduling.plan_summary(runs, final_models="kept for the picked rate only")
-    assert plan.splitlines()[0] == "4 run(s): 1 finished already, 3 to run (1 resuming from a checkpoint)"
-    assert "final models kept for the picked rate only" in plan
-    assert "checkpoints while training, deleted when the run finishes" in plan
-    kept = scheduling.plan_summary(runs, final_models="kept", keep_checkpoints=True)
+    preview = scheduling.stage_preview(runs, final_models="kept for the picked rate only")
+    assert preview.splitlines()[0] == "4 run(s): 1 finished already, 3 to run (1 resuming from a checkpoint)"
+    assert "final models kept for the picked rate only" in preview
+    assert "checkpoints while training, deleted when the run finishes" in preview
+    kept = scheduling.stage_preview(runs, final_models="kept", keep_checkpoints=True)
     assert "checkpoints while training, kept (--keep-checkpoints)" in kept and "deleted" not in kept
 
 

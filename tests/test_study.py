@@ -137,12 +137,13 @@ def test_two_workers_give_the_same_summary_as_one(smoke, tmp_path, tiny_llama_di
 
 def test_report_shows_the_study_at_each_methods_picked_rate_in_its_own_block(smoke, tmp_path):
     import report
+    from lvf import docs_blocks
 
     folder, _ = smoke
     summary = json.loads((folder / "results" / "summary.json").read_text())
     readme = tmp_path / "README.md"
     demo_block = "<!-- experiment:demo:start -->\nthe demo's table\n<!-- experiment:demo:end -->"
-    start, end = report.markers("results")
+    start, end = docs_blocks.experiment_markers("results")
     readme.write_text(f"# x\n{demo_block}\n\n{start}\n{end}\n")
     report.main([str(folder / "results"), "--readme", str(readme), "--resamples", "50"])
     text = readme.read_text()

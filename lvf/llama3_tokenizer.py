@@ -1,4 +1,5 @@
-"""The real Llama 3 tokenizer for tests, built from Meta's `llama-models` PyPI package.
+"""The real Llama 3 tokenizer, for the tests and bench/gpu_smoke.py, built from Meta's `llama-models` PyPI
+package.
 
 The package ships `llama_models/llama3/tokenizer.model` (tiktoken format, Meta Llama 3 Community
 License); it is installed at test time and never committed. transformers' tiktoken converter turns
