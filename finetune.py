@@ -64,7 +64,7 @@ def default_lora_config():
                                 use_rslora=DEFAULTS["use_rslora"], init_lora_weights=DEFAULTS["init_lora_weights"])
 
 
-def resolve_runtime(args, device=None, gpu_bytes=None):
+def resolve_runtime(args, device=None):
     """With --dtype auto and bf16 autocast on, the frozen base is held in bf16 while training, as on CUDA
     (where auto means bf16 anyway): it is never updated, and under autocast its matmuls run in bf16 either way.
     On a CPU the auto dtype is fp32, and there autocast re-cast every frozen weight to bf16 at each step and

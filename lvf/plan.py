@@ -423,11 +423,11 @@ GPU_PLAN_BYTES = 80 * 10**9  # the GPU a dry run without one plans for: an 80 GB
 
 def announce_gpu_plan(settings, runtime, method, model, resolve_runtime):
     """On a machine without CUDA where the user did not ask for the CPU, a dry run also prints the plan of these
-    flags on one 80 GB GPU, resolved by the script's own resolve_runtime(settings, device, gpu_bytes): what the run
-    would need where it is meant to run. Returns that plan, or None."""
+    flags on one 80 GB GPU, resolved by the script's own resolve_runtime(settings, device): what the run would need
+    where it is meant to run. Returns that plan, or None."""
     if runtime.device != "cpu" or getattr(settings, "device", "auto") != "auto":
         return None
-    _, on_gpu = resolve_runtime(settings, device="cuda", gpu_bytes=GPU_PLAN_BYTES)
+    _, on_gpu = resolve_runtime(settings, device="cuda")
     shape, setup = ModelShape.from_model(model), setup_for_run(settings, on_gpu, method)
     planned = plan_memory(shape, setup, GPU_PLAN_BYTES, "an 80 GB GPU")
     from lvf.results import is_main_process
@@ -543,9 +543,9 @@ def single_gpu_rows():
     return [
         ("LoRA (`finetune.py`): bf16 base, fp32 adapters, AdamW; batch 4", lora),
         ("QLoRA (`--quantize 4bit`): NF4 base; batch 4", dataclasses.replace(lora, method="qlora")),
-        ("full (`full_finetune.py`) on a GPU below 100 GiB: fp32 master weights, paged 8-bit AdamW stepped in "
-         "backward; batch 4", full),
-        ("full, `--optim-in-backward off` (the default from 100 GiB): stepped after backward", after),
+        ("full (`full_finetune.py`) on one GPU: fp32 master weights, paged 8-bit AdamW stepped in backward; "
+         "batch 4", full),
+        ("full, `--optim-in-backward off`: stepped after backward, gradients clipped", after),
         ("full, `--optim-in-backward off --batch-size 2 --grad-accum 2`: gradients held across micro-batches",
          dataclasses.replace(after, micro_batch=2, grad_accum=2)),
         ("full, `--dtype bfloat16 --optim-in-backward off`: bf16 weights and gradients",

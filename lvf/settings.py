@@ -231,6 +231,9 @@ class Runtime:
     # Each weight's optimizer step applied in backward, its gradient freed at once (full_finetune.py; no gradient
     # accumulation, no clipping): lvf.training.OptimizerInBackward.
     optimizer_in_backward: bool = False
+    # Global-norm gradient clipping (the Trainer's max_grad_norm; 0: none, as when stepped in backward); None when
+    # nothing is trained. With optimizer_in_backward, the update rule the run trains with: its recipe.
+    max_grad_norm: float | None = 1.0
     world_size: int = 1
     # The weights' dtype when scoring, where it is not dtype: the base model's own evaluation dtype, so that
     # every method is scored on the same weights (finetune.py trains LoRA on a bf16 copy of the base on CPUs).
@@ -332,7 +335,7 @@ def evaluation_runtime(settings, method, experiment=None):
     device = requested_device(settings)
     experiment = experiment or experiment_of(settings)
     return Runtime(device=device, dtype=resolve_dtype(settings.dtype, device), experiment=experiment,
-                   output=results_path(settings, experiment, method))
+                   output=results_path(settings, experiment, method), max_grad_norm=None)
 
 
 def training_runtime(settings, method, optimizer, optimizer_reason=None, device=None):

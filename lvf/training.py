@@ -319,8 +319,8 @@ def training_arguments(settings, runtime, train_examples):
         bf16=runtime.bf16_autocast,
         **checkpointing_arguments(runtime.gradient_checkpointing),
         optim=runtime.optimizer,
-        # Stepped in backward, no moment holds every gradient to clip (0 = no clipping; 1.0 is the Trainer's default).
-        max_grad_norm=0.0 if runtime.optimizer_in_backward else 1.0,
+        # The runtime's: 0 (no clipping) when stepped in backward, else the Trainer's default 1.0 (full_finetune.py).
+        max_grad_norm=runtime.max_grad_norm,
         seed=settings.seed,
         data_seed=settings.seed,
         train_sampling_strategy="group_by_length",

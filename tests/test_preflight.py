@@ -109,7 +109,6 @@ def hide(monkeypatch, *packages):
 
 def test_without_bitsandbytes_full_fine_tuning_says_which_optimizer_and_why(monkeypatch):
     monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
-    monkeypatch.setattr(full_finetune, "gpu_memory_bytes", lambda: 80 * 10**9)  # an 80 GB GPU, stood in for
     _, with_it = full_finetune.resolve_runtime(full_finetune.parse_args(["--dry-run"]))
     assert with_it.optimizer == "paged_adamw_8bit" and "bitsandbytes" in with_it.optimizer_reason
     hide(monkeypatch, "bitsandbytes")
