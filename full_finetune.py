@@ -13,16 +13,17 @@ import sys
 import torch
 
 import common
-from lvf import artifacts, errors, memory, models, plan, preflight, results, settings, training
+from lvf import artifacts, errors, memory, models, plan, precision, preflight, results, settings, training
 
 METHOD = "full"
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
 # flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that). 4 examples a
 # step in one micro-batch: the optimizer step in backward (below) cannot accumulate gradients.
 DEFAULTS = {"learning_rate": 1e-5, "batch_size": 4, "grad_accum": 1}
-DTYPE_HELP = ("the dtype every weight is trained and scored in: float32 keeps fp32 master weights, with bf16 compute "
-              "under --bf16-autocast; bfloat16 halves weights and gradients, but at full fine-tuning's learning rates "
-              "most AdamW updates then round away (the script warns); auto is bfloat16 on CUDA, float32 on CPU")
+DTYPE_HELP = ("the dtype every weight is trained in (scored in --eval-dtype): float32 keeps fp32 master weights, with "
+              "bf16 compute under --bf16-autocast; bfloat16 halves weights and gradients, but at full fine-tuning's "
+              "learning rates most AdamW updates then round away (the script warns); auto is bfloat16 on CUDA, "
+              "float32 on CPU")
 
 
 def parse_args(argv=None):
@@ -137,6 +138,7 @@ def main(argv=None):
     # read before the tokenizer, so a data error shows in milliseconds.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
+    precision.check_scoring(args, runtime, METHOD)
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation = common.load_examples(args, tokenizer, records)
@@ -156,14 +158,17 @@ def main(argv=None):
     trainer, measured, train_peak = training.train(args, runtime, model, tokenizer, examples["train"],
                                                    examples["validation"], training_args)
 
-    # Score in the weights' own precision (autocast taken off). Every rank evaluates the whole set: under FSDP and
-    # DeepSpeed the forwards gather the weights collectively; the main process writes the results.
-    scored = training.without_mixed_precision_wrapper(trainer)
+    # Save the model first (in its training dtype): nothing in scoring can lose it.
+    artifact = training.save_artifact(trainer, runtime.output_dir)
+
+    # Score as every method is scored (lvf.precision): autocast taken off, the weights cast to the evaluation dtype
+    # (on CUDA a bf16 copy of the fp32 master weights). Every rank evaluates the whole set: under FSDP and DeepSpeed
+    # the forwards gather the weights collectively; the main process writes the results.
+    scored = training.scored_in_eval_dtype(trainer, runtime)
     evaluation, eval_peak = training.evaluate_trained(scored, trainer, tokenizer, examples, records[2], args, runtime,
                                                       METHOD)
 
-    # Save the model, then record.
-    artifact = training.save_artifact(trainer, runtime.output_dir)
+    # Record.
     trainable, total = models.count_parameters(model)
     record = results.build_results(args, runtime, METHOD, **measured, **evaluation,
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),

@@ -430,10 +430,12 @@ def announce_gpu_plan(settings, runtime, method, model, resolve_runtime):
     _, on_gpu = resolve_runtime(settings, device="cuda")
     shape, setup = ModelShape.from_model(model), setup_for_run(settings, on_gpu, method)
     planned = plan_memory(shape, setup, GPU_PLAN_BYTES, "an 80 GB GPU")
+    from lvf.precision import scored_in
     from lvf.results import is_main_process
 
-    if is_main_process():
-        print(f"on one 80 GB CUDA GPU these flags would plan: {format_plan(planned)}", file=sys.stderr)
+    if is_main_process():  # and how the run would be scored there, in the words of every script's dry run
+        print(f"on one 80 GB CUDA GPU these flags would plan: {format_plan(planned)}; {scored_in(on_gpu)}",
+              file=sys.stderr)
     return planned
 
 

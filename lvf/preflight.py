@@ -23,7 +23,7 @@ from huggingface_hub import get_token
 from huggingface_hub.constants import is_offline_mode
 
 import common
-from lvf import hub, models
+from lvf import hub, models, precision
 from lvf import settings as kit_settings
 
 BLOCKED_EXIT_STATUS = 4  # the pre-flight found a problem (2 is bad input, 3 results written elsewhere)
@@ -106,10 +106,9 @@ def device_findings(settings, runtime, method):
 
 def plan_findings(settings, runtime, method):
     """The dtype, optimizer and precision the run would use, as the runtime resolved them."""
-    dtype = f"weights in {kit_settings.dtype_name(runtime.dtype)}"
-    if runtime.eval_dtype is not None and runtime.eval_dtype != runtime.dtype:
-        dtype += f" while training, scored in {kit_settings.dtype_name(runtime.eval_dtype)}"
-    lines = [info(f"dtype: {dtype} (--dtype {settings.dtype})")]
+    dtype = f"weights in {kit_settings.dtype_name(runtime.dtype)}{' while training' if is_training(method) else ''}"
+    lines = [info(f"dtype: {dtype}, {precision.scored_in(runtime)} (--dtype {settings.dtype}, --eval-dtype "
+                  f"{settings.eval_dtype})")]
     if is_training(method):
         lines.append(info(optimizer_line(runtime)))
         quantized = "NF4 4-bit base weights (QLoRA), " if method == "qlora" else ""
@@ -179,6 +178,9 @@ def package_findings(settings, runtime, method, params=None):
         else:
             findings.append(problem("flash-attn missing: --attn-implementation flash_attention_2 needs it: pip install "
                                     "flash-attn, or pass --attn-implementation sdpa"))
+    scoring = precision.scoring_problem(settings, runtime, method)  # flash-attn in float32, found before training
+    if scoring is not None:
+        findings.append(problem(scoring))
     readers = [f"--dataset {source}" for source in read_sources(settings, method) if needs_datasets(source)]
     if getattr(settings, "general_file", "") == "wikitext-2":
         readers.append("--general-file wikitext-2")

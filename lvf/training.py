@@ -28,7 +28,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import common
 from common import IGNORE_INDEX
-from lvf import preflight
+from lvf import precision, preflight
 from lvf.artifacts import ORIGIN_FILE
 from lvf.checkpoints import latest_checkpoint
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
@@ -507,6 +507,18 @@ def without_mixed_precision_wrapper(trainer):
     precision, as the base model is. Training is over: nothing calls the autocast forward again."""
     trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
     return trainer.model_wrapped
+
+
+def scored_in_eval_dtype(trainer, runtime):
+    """The fully fine-tuned model to score, after it is saved: autocast taken off (without_mixed_precision_wrapper)
+    and its weights cast in place to the evaluation dtype, as a deployment would load them (fp32 master weights to
+    bf16 rounds to nearest, as saving them in bf16 would), so that it is scored as the base model and LoRA are
+    (lvf.precision). Under FSDP or DeepSpeed the wrapper is kept and its sharded forward computes in the config's
+    bf16 (precision.scoring_problem refuses another --eval-dtype there)."""
+    scored = without_mixed_precision_wrapper(trainer)
+    if not precision.sharded():
+        trainer.accelerator.unwrap_model(scored).to(runtime.eval_dtype)
+    return scored
 
 
 def evaluate_trained(model, trainer, tokenizer, examples, eval_records, settings, runtime, label):
