@@ -17,6 +17,7 @@ import torch
 
 from lvf import settings as kit_settings
 from lvf.errors import UsageError
+from lvf.results import is_main_process
 
 HALF_PRECISION = (torch.bfloat16, torch.float16)  # what flash-attn computes in
 
@@ -75,6 +76,6 @@ def announce_gpu_scoring(settings, runtime):
         return None
     eval_dtype = kit_settings.resolve_eval_dtype(settings.eval_dtype, "cuda")
     on_gpu = dataclasses.replace(runtime, device="cuda", dtype=eval_dtype, eval_dtype=eval_dtype)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"on one 80 GB CUDA GPU these flags would be {scored_in(on_gpu)}", file=sys.stderr)
     return on_gpu

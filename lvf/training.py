@@ -543,12 +543,16 @@ def without_mixed_precision_wrapper(trainer):
 def scored_in_eval_dtype(trainer, runtime):
     """The fully fine-tuned model to score, after it is saved: autocast taken off (without_mixed_precision_wrapper)
     and its weights cast in place to the evaluation dtype, as a deployment would load them (fp32 master weights to
-    bf16 rounds to nearest, as saving them in bf16 would), so that it is scored as the base model and LoRA are
-    (lvf.precision). Under FSDP or DeepSpeed the wrapper is kept and its sharded forward computes in the config's
-    bf16 (precision.scoring_problem refuses another --eval-dtype there)."""
+    bf16 rounds to nearest, as from_pretrained(dtype=torch.bfloat16) of the saved model does), so that it is scored
+    as the base model and LoRA are (lvf.precision). Parameters only, not module.to(dtype): from_pretrained keeps
+    buffers such as the rotary embedding's inv_freq in fp32, and .to would round them to bf16 too. Under FSDP or
+    DeepSpeed the wrapper is kept and its sharded forward computes in the config's bf16
+    (precision.scoring_problem refuses another --eval-dtype there)."""
     scored = without_mixed_precision_wrapper(trainer)
     if not precision.sharded():
-        trainer.accelerator.unwrap_model(scored).to(runtime.eval_dtype)
+        for parameter in trainer.accelerator.unwrap_model(scored).parameters():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(runtime.eval_dtype)
     return scored
 
 

@@ -81,14 +81,21 @@ def test_a_flash_attn_full_run_scored_in_float32_stops_before_anything_loads(tmp
     assert not (tmp_path / "full").exists()
 
 
-def test_the_fully_fine_tuned_model_is_scored_as_a_copy_in_the_eval_dtype():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+def test_the_fully_fine_tuned_model_is_scored_as_a_copy_in_the_eval_dtype(tiny_llama_dir):
+    """As the saved model loads in bf16: every weight rounded to bf16, the rotary embedding's inv_freq left in fp32
+    (from_pretrained computes it in fp32 whatever the dtype; module.to(bfloat16) would round it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    deployed = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
     trainer = SimpleNamespace(model_wrapped=model,
                               accelerator=SimpleNamespace(unwrap_model=lambda m, keep_fp32_wrapper=True: m))
     runtime = settings.Runtime(device="cpu", dtype=torch.float32, experiment="x", output=None,
                                eval_dtype=torch.bfloat16)
     scored = training.scored_in_eval_dtype(trainer, runtime)
-    assert {parameter.dtype for parameter in scored.parameters()} == {torch.bfloat16}
+    for (name, tensor), (_, expected) in zip([*scored.named_parameters(), *scored.named_buffers()],
+                                             [*deployed.named_parameters(), *deployed.named_buffers()], strict=True):
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
 
 
 @pytest.mark.slow  # trains the tiny Llama two steps through full_finetune.py
