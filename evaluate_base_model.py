@@ -9,7 +9,20 @@ adapter or model folder, recorded under the method that trained it.
 from pathlib import Path
 
 import common
-from lvf import adapters, artifacts, base, dry_run, errors, memory, models, preflight, results, scoring, settings
+from lvf import (
+    adapters,
+    artifacts,
+    base,
+    dry_run,
+    errors,
+    memory,
+    models,
+    precision,
+    preflight,
+    results,
+    scoring,
+    settings,
+)
 
 METHOD = base.METHOD
 
@@ -20,7 +33,7 @@ def parse_args(argv=None):
 
 def load_scored_model(args, artifact, source, runtime):
     """(model, parameters of the base before any adapter). An adapter is put on its recorded base."""
-    model = models.load_model(source, runtime.dtype, runtime.device, args.trust_remote_code,
+    model = models.load_model(source, runtime.eval_dtype, runtime.device, args.trust_remote_code,
                               attn_implementation=args.attn_implementation)
     base_params = models.count_parameters(model)[1]
     if artifact is not None and artifact.is_adapter:
@@ -40,6 +53,8 @@ def main(argv=None):
                                           experiment=None if artifact is None or args.config else artifact.experiment)
     results.check_outputs(runtime, writes_model=False)  # before any data or model is loaded
     models.check_attention_implementation(args.attn_implementation)
+    if not args.dry_run:  # a dry run shows it as a pre-flight problem
+        precision.check_scoring(args, runtime, method)
     # With --eval-file only that file is read; the dataset is then recorded as null.
     recorded = dict(base_model=base_model, dataset=None if args.eval_file else args.dataset,
                     trainable_params=0 if artifact is None else None)  # an artifact's training has its own results

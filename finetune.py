@@ -5,7 +5,21 @@
 """
 
 import common
-from lvf import adapters, artifacts, dry_run, errors, lora, memory, models, plan, preflight, results, settings, training
+from lvf import (
+    adapters,
+    artifacts,
+    dry_run,
+    errors,
+    lora,
+    memory,
+    models,
+    plan,
+    precision,
+    preflight,
+    results,
+    settings,
+    training,
+)
 
 
 def parse_args(argv=None):
@@ -27,6 +41,7 @@ def main(argv=None):
     preflight.stop_if_blocked(args, runtime, method)  # the GPU, its driver and host memory, as the dry run checks
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
+    precision.check_scoring(args, runtime, method)
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
@@ -52,12 +67,16 @@ def main(argv=None):
     trainer, measured, train_peak = training.train(args, runtime, model, tokenizer, examples["train"],
                                                    examples["validation"], training_args)
 
-    # Score the adapters as the base model is scored: on a fresh copy of the base in the evaluation dtype when they
-    # were trained on a bf16 copy; else the trained model itself, without autocast, so peft casts the adapters'
-    # inputs again. Every rank evaluates the whole set (the same forwards everywhere); the main process writes.
+    # Save the adapter first: nothing in scoring can lose it.
+    artifact = training.save_artifact(trainer, runtime.output_dir)
+
+    # Score the adapters as the base model is scored (lvf.precision): on a fresh unquantised copy of the base in the
+    # evaluation dtype when they trained on another (a bf16 copy, QLoRA's 4-bit base); else the trained model itself,
+    # without autocast, so peft casts the adapters' inputs again. Every rank evaluates the whole set (the same
+    # forwards everywhere); the main process writes.
     scored = training.without_mixed_precision_wrapper(trainer)
     trained = trainer.accelerator.unwrap_model(scored)
-    if runtime.eval_dtype is None:
+    if quantization is None and runtime.eval_dtype == runtime.dtype:
         adapters.cast_adapter_inputs(trained, enabled=True)
     else:
         base = models.load_model(source, runtime.eval_dtype, runtime.device, args.trust_remote_code, None,
@@ -67,8 +86,7 @@ def main(argv=None):
     evaluation, eval_peak = training.evaluate_trained(scored, trainer, tokenizer, examples, records[2], args, runtime,
                                                       method)
 
-    # Save the adapter, then record.
-    artifact = training.save_artifact(trainer, runtime.output_dir)
+    # Record.
     record = results.build_results(args, runtime, method, **measured, **evaluation,
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
                                    **memory.process_peak_fields(runtime.device), **training.artifact_fields(artifact),

@@ -1,12 +1,25 @@
 """Full fine-tuning of every weight, then perplexity on the held-out split.
 
     python full_finetune.py                            # Llama 3 8B Instruct on dolly-15k, paged 8-bit AdamW
-                                                       # (stepped in backward on GPUs below 100 GiB)
+                                                       # (stepped in backward on one CUDA GPU, any size)
     python full_finetune.py --config experiments/demo-cpu.yaml   # the CPU demo's settings (SmolLM2-135M)
 """
 
 import common
-from lvf import artifacts, dry_run, errors, full, memory, models, plan, preflight, results, settings, training
+from lvf import (
+    artifacts,
+    dry_run,
+    errors,
+    full,
+    memory,
+    models,
+    plan,
+    precision,
+    preflight,
+    results,
+    settings,
+    training,
+)
 
 
 def parse_args(argv=None):
@@ -30,6 +43,7 @@ def main(argv=None):
     preflight.stop_if_blocked(args, runtime, method)  # the GPU, its driver and host memory, as the dry run checks
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
+    precision.check_scoring(args, runtime, method)
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation = common.load_examples(args, tokenizer, records)
@@ -49,14 +63,17 @@ def main(argv=None):
     trainer, measured, train_peak = training.train(args, runtime, model, tokenizer, examples["train"],
                                                    examples["validation"], training_args)
 
-    # Score in the weights' own precision (autocast taken off). Every rank evaluates the whole set: under FSDP and
-    # DeepSpeed the forwards gather the weights collectively; the main process writes the results.
-    scored = training.without_mixed_precision_wrapper(trainer)
+    # Save the model first (in its training dtype): nothing in scoring can lose it.
+    artifact = training.save_artifact(trainer, runtime.output_dir)
+
+    # Score as every method is scored (lvf.precision): autocast taken off, the weights cast to the evaluation dtype
+    # (on CUDA a bf16 copy of the fp32 master weights). Every rank evaluates the whole set: under FSDP and DeepSpeed
+    # the forwards gather the weights collectively; the main process writes the results.
+    scored = training.scored_in_eval_dtype(trainer, runtime)
     evaluation, eval_peak = training.evaluate_trained(scored, trainer, tokenizer, examples, records[2], args, runtime,
                                                       method)
 
-    # Save the model, then record.
-    artifact = training.save_artifact(trainer, runtime.output_dir)
+    # Record.
     trainable, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **measured, **evaluation,
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),

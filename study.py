@@ -464,10 +464,10 @@ def without_flags(argv, flags):
 
 def plan_device(run_settings):
     """Where a run is planned: where it resolves here; without a CUDA GPU here, a run on --device auto is planned
-    as on one 80 GB CUDA GPU (plan.GPU_PLAN_BYTES), as the scripts' dry runs print beside their own plan."""
+    as on one CUDA GPU (its optimizer and dtypes there), as the scripts' dry runs print beside their own plan."""
     if torch.cuda.is_available() or getattr(run_settings, "device", "auto") != "auto":
-        return None, None
-    return "cuda", plan.GPU_PLAN_BYTES
+        return None
+    return "cuda"
 
 
 @functools.cache
@@ -478,8 +478,8 @@ def run_size(script, argv):
     paths: a method's runs at one rank are one size."""
     args = PARSERS[script](list(argv))
     module = lora if script == "finetune" else full
-    device, gpu_bytes = plan_device(args)
-    method, runtime = module.resolve_runtime(args, device=device, gpu_bytes=gpu_bytes)
+    device = plan_device(args)
+    method, runtime = module.resolve_runtime(args, device=device)
     model = (lora.meta_model(args) if script == "finetune"
              else models.meta_model(models.model_config(args.model, args.trust_remote_code)))
     trainable, total = models.count_parameters(model)

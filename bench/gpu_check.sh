@@ -19,8 +19,11 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Fewer fragmentation stalls when the full fine-tuning run follows the LoRA run in the same process.
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+# One GPU, set before CUDA starts: the first one CUDA_VISIBLE_DEVICES names, else GPU 0 (tokens/s are one GPU's).
+CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-0}"
+export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES%%,*}"
 
-echo "[gpu_check.sh] $(date -u +%Y-%m-%dT%H:%M:%SZ) python: $PYTHON"
+echo "[gpu_check.sh] $(date -u +%Y-%m-%dT%H:%M:%SZ) python: $PYTHON; one GPU: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "[gpu_check.sh] nvidia-smi not available"
 "$PYTHON" -c "import torch, transformers, peft; print('[gpu_check.sh] torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__)"
 # The Python side stops timing new steps after --budget-seconds (420); the hard limit below is the backstop.

@@ -69,9 +69,9 @@ def single_gpu_rows():
     return [
         ("LoRA (`finetune.py`): bf16 base, fp32 adapters, AdamW; batch 4", lora),
         ("QLoRA (`--quantize 4bit`): NF4 base; batch 4", dataclasses.replace(lora, method="qlora")),
-        ("full (`full_finetune.py`) on a GPU below 100 GiB: fp32 master weights, paged 8-bit AdamW stepped in "
-         "backward; batch 4", full),
-        ("full, `--optim-in-backward off` (the default from 100 GiB): stepped after backward", after),
+        ("full (`full_finetune.py`) on one GPU: fp32 master weights, paged 8-bit AdamW stepped in backward; "
+         "batch 4", full),
+        ("full, `--optim-in-backward off`: stepped after backward, gradients clipped", after),
         ("full, `--optim-in-backward off --batch-size 2 --grad-accum 2`: gradients held across micro-batches",
          dataclasses.replace(after, micro_batch=2, grad_accum=2)),
         ("full, `--dtype bfloat16 --optim-in-backward off`: bf16 weights and gradients",
@@ -106,7 +106,7 @@ FULL_PLAN_BLOCK = "full-plan"  # docs/performance.md: the breakdown of full fine
 
 
 def full_default_setup():
-    """full_finetune.py's default on CUDA: single_gpu_rows()'s row that steps in backward."""
+    """full_finetune.py's default on one CUDA GPU: single_gpu_rows()'s row that steps in backward."""
     return next(setup for _, setup in single_gpu_rows() if setup.method == "full" and setup.step_in_backward)
 
 

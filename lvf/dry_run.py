@@ -2,7 +2,7 @@
 run, the results record where --output asks, then the pre-flight's findings and exit status. No weights or data
 are loaded."""
 
-from lvf import models, plan, preflight, results
+from lvf import models, plan, precision, preflight, results
 
 
 def dry_run(settings, runtime, method, model, resolve_runtime=None, model_name=None, **recorded):
@@ -13,6 +13,7 @@ def dry_run(settings, runtime, method, model, resolve_runtime=None, model_name=N
     fields. Returns the exit status."""
     trainable, total = models.count_parameters(model)
     if resolve_runtime is None:
+        precision.announce_gpu_scoring(settings, runtime)  # the training scripts' 80 GB plan line says it too
         record = results.build_results(settings, runtime, method, **recorded, total_params=total, base_params=total)
         results.finish(record, runtime.output)
         return preflight.report_and_exit_code(settings, runtime, method, params=total, trainable=0, model=model_name)

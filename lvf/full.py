@@ -12,12 +12,10 @@ import torch
 from lvf import defaults, errors, results, settings
 
 METHOD = "full"
-# GPUs with less memory than this step the optimizer in backward by default: Llama 3 8B's fp32 weights, fp32
-# gradients and 8-bit AdamW states alone are 80.6 GB (docs/performance.md, "Full fine-tuning on one 80 GB GPU").
-IN_BACKWARD_BELOW_GIB = 100
-DTYPE_HELP = ("the dtype every weight is trained and scored in: float32 keeps fp32 master weights, with bf16 compute "
-              "under --bf16-autocast; bfloat16 halves weights and gradients, but at full fine-tuning's learning rates "
-              "most AdamW updates then round away (the script warns); auto is bfloat16 on CUDA, float32 on CPU")
+DTYPE_HELP = ("the dtype every weight is trained in (scored in --eval-dtype): float32 keeps fp32 master weights, with "
+              "bf16 compute under --bf16-autocast; bfloat16 halves weights and gradients, but at full fine-tuning's "
+              "learning rates most AdamW updates then round away (the script warns); auto is bfloat16 on CUDA, "
+              "float32 on CPU")
 
 
 def parse_args(argv=None, about=None):
@@ -32,8 +30,9 @@ def parse_args(argv=None, about=None):
     group.add_argument("--optim-in-backward", choices=["auto", "on", "off"], default="auto",
                        help="step each weight's optimizer as soon as its gradient is complete and free the gradient, "
                             "so no fp32 gradients are held (Llama 3 8B fits one 80 GB GPU); needs --grad-accum 1 "
-                            "and one process, and clips no gradients. auto: on with a CUDA GPU below "
-                            f"{IN_BACKWARD_BELOW_GIB} GiB, off on larger GPUs and on CPU")
+                            "and one process, and clips no gradients. auto: on with one CUDA GPU whatever its "
+                            "memory (one recipe on every card), off on CPU and under several processes; off: "
+                            "stepped after backward, gradients clipped at norm 1.0")
     parser.set_defaults(dtype=defaults.FULL.dtype)
     return settings.parse(parser, argv, sections=("shared", "training", "full_finetune"))
 
@@ -66,26 +65,23 @@ def default_optimizer_choice(device):
     return "paged_adamw_8bit", "--optim auto on CUDA with bitsandbytes: paged 8-bit AdamW"
 
 
-def gpu_memory_bytes():
-    """Total memory of the GPU this process trains on."""
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-
-
-def use_optimizer_in_backward(args, runtime, gpu_bytes=None):
-    """Whether to step the optimizer in backward (lvf.training.OptimizerInBackward): asked with on; by default
-    where fp32 gradients for every weight would not fit, i.e. on one CUDA GPU below IN_BACKWARD_BELOW_GIB. Refuses what
-    it cannot do: accumulate gradients (each weight is stepped as soon as its gradient of one micro-batch is
-    complete), and run under several processes (DDP, FSDP, DeepSpeed reduce gradients after backward)."""
+def use_optimizer_in_backward(args, runtime):
+    """Whether to step the optimizer in backward (lvf.training.OptimizerInBackward): asked with on; by default (auto)
+    with one process on a CUDA GPU, whatever the GPU's memory. Why one recipe for every card: stepped in backward,
+    Llama 3 8B's full fine-tuning fits an 80 GB GPU (68.9 GiB planned; after backward its fp32 gradients make it
+    81.5 GiB), and a larger GPU runs the same update rather than another one (global-norm clipping, which the step
+    in backward cannot do: no moment holds every gradient), so a study's learning rates and results do not depend on
+    the card it ran on (docs/performance.md, "One recipe on every card"). Off on the CPU, whose demo steps after
+    backward with clipping. Refuses what it cannot do: accumulate gradients (each weight is stepped as soon as its
+    gradient of one micro-batch is complete), and run under several processes (DDP, FSDP, DeepSpeed reduce gradients
+    after backward)."""
     distributed = runtime.world_size > 1 or "true" in (os.environ.get("ACCELERATE_USE_FSDP"),
                                                        os.environ.get("ACCELERATE_USE_DEEPSPEED"))
-    if args.optim_in_backward == "off" or (args.optim_in_backward == "auto" and distributed):
+    if args.optim_in_backward == "off" or (args.optim_in_backward == "auto" and (distributed
+                                                                                 or runtime.device != "cuda")):
         return False
-    if args.optim_in_backward == "auto":
-        if runtime.device != "cuda" or (gpu_bytes or gpu_memory_bytes()) >= IN_BACKWARD_BELOW_GIB * 2**30:
-            return False
-        why = f"on a GPU below {IN_BACKWARD_BELOW_GIB} GiB full fine-tuning steps the optimizer in backward"
-    else:
-        why = "--optim-in-backward on"
+    why = ("on a CUDA GPU full fine-tuning steps the optimizer in backward (--optim-in-backward auto)"
+           if args.optim_in_backward == "auto" else "--optim-in-backward on")
     if distributed:
         raise errors.UsageError(f"{why} needs a single process (it steps before gradients are reduced): pass "
                                 "--optim-in-backward off under accelerate launch, FSDP or DeepSpeed")
@@ -97,16 +93,17 @@ def use_optimizer_in_backward(args, runtime, gpu_bytes=None):
     return True
 
 
-def resolve_runtime(args, device=None, gpu_bytes=None):
+def resolve_runtime(args, device=None):
     """The runtime, with the optimizer and why (runtime.optimizer_reason: recorded, and said by the pre-flight
-    and as training starts, preflight.optimizer_line), and whether it steps in backward. device and gpu_bytes:
-    the runtime these flags would resolve to on another machine (plan.GPU_PLAN_BYTES's GPU, for a dry run without
-    one)."""
+    and as training starts, preflight.optimizer_line), and whether it steps in backward. device: the runtime these
+    flags would resolve to on another machine (a CUDA GPU, for a dry run without one)."""
     device = device or settings.requested_device(args)
     if args.optim == "auto":
         optimizer, reason = default_optimizer_choice(device)
     else:
         optimizer, reason = args.optim, "--optim"
     runtime = settings.training_runtime(args, METHOD, optimizer, optimizer_reason=reason, device=device)
-    in_backward = use_optimizer_in_backward(args, runtime, gpu_bytes)
-    return METHOD, dataclasses.replace(runtime, optimizer_in_backward=in_backward)
+    in_backward = use_optimizer_in_backward(args, runtime)
+    # Stepped in backward, no moment holds every gradient to clip (0: no clipping; else the Trainer's 1.0).
+    return METHOD, dataclasses.replace(runtime, optimizer_in_backward=in_backward,
+                                       max_grad_norm=0.0 if in_backward else runtime.max_grad_norm)

@@ -55,7 +55,7 @@ def default_lora_config():
     return lora_config(defaults.LORA)
 
 
-def resolve_runtime(args, device=None, gpu_bytes=None):
+def resolve_runtime(args, device=None):
     """With --dtype auto and bf16 autocast on, the frozen base is held in bf16 while training, as on CUDA
     (where auto means bf16 anyway): it is never updated, and under autocast its matmuls run in bf16 either way.
     On a CPU the auto dtype is fp32, and there autocast re-cast every frozen weight to bf16 at each step and
@@ -67,7 +67,7 @@ def resolve_runtime(args, device=None, gpu_bytes=None):
                                         optimizer_reason="the adapters are small: plain AdamW on every device",
                                         device=device)
     if args.dtype == "auto" and runtime.bf16_autocast and args.quantize == "none" and runtime.dtype != torch.bfloat16:
-        runtime = dataclasses.replace(runtime, dtype=torch.bfloat16, eval_dtype=runtime.dtype)
+        runtime = dataclasses.replace(runtime, dtype=torch.bfloat16)
     return method, runtime
 
 

@@ -422,17 +422,19 @@ GPU_PLAN_BYTES = 80 * 10**9  # the GPU a dry run without one plans for: an 80 GB
 
 def announce_gpu_plan(settings, runtime, method, model, resolve_runtime):
     """On a machine without CUDA where the user did not ask for the CPU, a dry run also prints the plan of these
-    flags on one 80 GB GPU, resolved by the method's own resolve_runtime(settings, device, gpu_bytes) (lvf.lora's or
+    flags on one 80 GB GPU, resolved by the method's own resolve_runtime(settings, device) (lvf.lora's or
     lvf.full's): what the run would need where it is meant to run. Returns that plan, or None."""
     if runtime.device != "cpu" or getattr(settings, "device", "auto") != "auto":
         return None
-    _, on_gpu = resolve_runtime(settings, device="cuda", gpu_bytes=GPU_PLAN_BYTES)
+    _, on_gpu = resolve_runtime(settings, device="cuda")
     shape, setup = ModelShape.from_model(model), setup_for_run(settings, on_gpu, method)
     planned = plan_memory(shape, setup, GPU_PLAN_BYTES, "an 80 GB GPU")
+    from lvf.precision import scored_in
     from lvf.results import is_main_process
 
-    if is_main_process():
-        print(f"on one 80 GB CUDA GPU these flags would plan: {format_plan(planned)}", file=sys.stderr)
+    if is_main_process():  # and how the run would be scored there, in the words of every script's dry run
+        print(f"on one 80 GB CUDA GPU these flags would plan: {format_plan(planned)}; {scored_in(on_gpu)}",
+              file=sys.stderr)
     return planned
 
 

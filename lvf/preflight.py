@@ -30,7 +30,7 @@ from huggingface_hub import get_token
 from huggingface_hub.constants import is_offline_mode
 
 import common
-from lvf import models
+from lvf import models, precision
 from lvf import settings as kit_settings
 from lvf.errors import UsageError
 
@@ -116,10 +116,9 @@ def device_findings(settings, runtime, method):
 
 def plan_findings(settings, runtime, method):
     """The dtype, optimizer and precision the run would use, as the runtime resolved them."""
-    dtype = f"weights in {kit_settings.dtype_name(runtime.dtype)}"
-    if runtime.eval_dtype is not None and runtime.eval_dtype != runtime.dtype:
-        dtype += f" while training, scored in {kit_settings.dtype_name(runtime.eval_dtype)}"
-    lines = [info(f"dtype: {dtype} (--dtype {settings.dtype})")]
+    dtype = f"weights in {kit_settings.dtype_name(runtime.dtype)}{' while training' if is_training(method) else ''}"
+    lines = [info(f"dtype: {dtype}, {precision.scored_in(runtime)} (--dtype {settings.dtype}, --eval-dtype "
+                  f"{settings.eval_dtype})")]
     if is_training(method):
         lines.append(info(optimizer_line(runtime)))
         quantized = "NF4 4-bit base weights (QLoRA), " if method == "qlora" else ""
@@ -189,6 +188,9 @@ def package_findings(settings, runtime, method, params=None):
         else:
             findings.append(problem("flash-attn missing: --attn-implementation flash_attention_2 needs it: pip install "
                                     "flash-attn, or pass --attn-implementation sdpa"))
+    scoring = precision.scoring_problem(settings, runtime, method)  # flash-attn in float32, found before training
+    if scoring is not None:
+        findings.append(problem(scoring))
     readers = [f"--dataset {source}" for source in read_sources(settings, method) if needs_datasets(source)]
     if getattr(settings, "general_file", "") == "wikitext-2":
         readers.append("--general-file wikitext-2")
@@ -354,10 +356,10 @@ def needs_bf16(settings, runtime, method):
     flags = []
     if runtime.bf16_autocast and is_training(method):
         flags.append("--bf16-autocast off")
-    if torch.bfloat16 in (runtime.dtype, runtime.eval_dtype):
+    if runtime.dtype == torch.bfloat16 and is_training(method):  # an evaluation loads in its --eval-dtype
         flags.append("--dtype float32")
-        if getattr(settings, "eval_dtype", None) not in (None, "float32"):
-            flags.append("--eval-dtype float32")
+    if runtime.eval_dtype == torch.bfloat16:  # every method is scored in it (lvf.precision)
+        flags.append("--eval-dtype float32")
     return flags
 
 

@@ -33,9 +33,8 @@ RESULT_FIELDS = [
     "eval_seconds", "eval_precision", "peak_memory_bytes", "memory_kind", "load_peak_memory_bytes",
     "train_peak_memory_bytes", "eval_peak_memory_bytes", "phase_memory_kind", "phase_memory_unavailable",
     "phase_reserved_bytes", "phase_paged_bytes", "train_memory_breakdown", "planned_memory", "artifact_path",
-    "artifact_bytes", "device", "dtype", "dtype_by_part", "bf16_autocast", "cuda_allocator_config", "seed",
-    "truncation", "config", "runtime",
-    "versions", "git_commit", "created_at", "dry_run",
+    "artifact_bytes", "device", "dtype", "eval_dtype", "dtype_by_part", "bf16_autocast", "cuda_allocator_config",
+    "seed", "truncation", "config", "runtime", "versions", "git_commit", "created_at", "dry_run",
     "general_file", "general_perplexity", "general_perplexity_ci95", "general_eval_loss", "general_eval_tokens",
     "general_eval_examples", "general_eval_seconds", "log_history", "per_example", "general_per_example",
 ]
@@ -64,6 +63,7 @@ def build_results(settings, runtime, method, **fields):
         runtime=resolved,
         device=resolved["device"],
         dtype=resolved["dtype"],
+        eval_dtype=resolved["eval_dtype"],  # the precision every method is scored in (lvf.precision)
         bf16_autocast=resolved["bf16_autocast"],
         cuda_allocator_config=memory.allocator_config(),
         versions=provenance.package_versions(),

@@ -65,7 +65,7 @@ def fraction(text):
 
 
 DTYPE_HELP = ("weight dtype: auto is bfloat16 on CUDA, float32 on CPU (where LoRA under bf16 autocast trains on a "
-              "bfloat16 copy of the frozen base and is scored on the float32 one)")
+              "bfloat16 copy of the frozen base); every method is scored in --eval-dtype")
 
 
 
@@ -121,6 +121,10 @@ def add_evaluation_flags(parser):
     group = parser.add_argument_group("evaluation")
     add = group.add_argument
     add("--eval-batch-size", type=positive_int, default=8, help="batch size for perplexity evaluation")
+    add("--eval-dtype", choices=["auto", *EVAL_DTYPES], default="auto",
+        help="the dtype every method's weights are scored in, whatever they trained in (the base model, LoRA's and "
+             "QLoRA's adapters on the unquantised base, the fully fine-tuned weights cast to it once saved); auto is "
+             "bfloat16 on CUDA, float32 on CPU")
     add("--bootstrap-resamples", type=positive_int, default=1000, help="resamples for the 95%% interval")
     add("--general-file", default="wikitext-2",
         help="plain text scored without a chat template, to measure forgetting (tuned minus base): "
@@ -231,9 +235,11 @@ class Runtime:
     # Each weight's optimizer step applied in backward, its gradient freed at once (full_finetune.py; no gradient
     # accumulation, no clipping): lvf.training.OptimizerInBackward.
     optimizer_in_backward: bool = False
+    # Global-norm gradient clipping (the Trainer's max_grad_norm; 0: none, as when stepped in backward); None when
+    # nothing is trained. With optimizer_in_backward, the update rule the run trains with: its recipe.
+    max_grad_norm: float | None = 1.0
     world_size: int = 1
-    # The weights' dtype when scoring, where it is not dtype: the base model's own evaluation dtype, so that
-    # every method is scored on the same weights (finetune.py trains LoRA on a bf16 copy of the base on CPUs).
+    # The weights' dtype when scoring (--eval-dtype), the same for every method (lvf.precision); None: dtype.
     eval_dtype: torch.dtype | None = None
 
     def record(self):
@@ -285,6 +291,17 @@ def resolve_dtype(name, device):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+EVAL_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_eval_dtype(name, device):
+    """--eval-dtype, one for every method (lvf.precision): auto is bfloat16 on CUDA, as a tuned model is deployed
+    and as the base model's bf16 weights are published; float32 on the CPU, where the demo has always scored."""
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return EVAL_DTYPES[name]
+
+
 def cpu_has_bf16():
     """AMX or AVX512-BF16: where bf16 matmuls beat fp32 on a CPU."""
     try:
@@ -331,8 +348,14 @@ def evaluation_runtime(settings, method, experiment=None):
     """experiment: the results folder's name when not the settings' own (a saved artifact's, from origin.json)."""
     device = requested_device(settings)
     experiment = experiment or experiment_of(settings)
-    return Runtime(device=device, dtype=resolve_dtype(settings.dtype, device), experiment=experiment,
-                   output=results_path(settings, experiment, method))
+    # Loaded in the dtype every method is scored in; an explicit --dtype that says otherwise is refused.
+    eval_dtype = resolve_eval_dtype(settings.eval_dtype, device)
+    if settings.dtype != "auto" and resolve_dtype(settings.dtype, device) != eval_dtype:
+        raise UsageError(f"--dtype {settings.dtype} and --eval-dtype {settings.eval_dtype} "
+                         f"({dtype_name(eval_dtype)} here) disagree: the weights are loaded in the dtype every method "
+                         f"is scored in: pass --eval-dtype {settings.dtype}, or leave out --dtype")
+    return Runtime(device=device, dtype=eval_dtype, experiment=experiment,
+                   output=results_path(settings, experiment, method), max_grad_norm=None, eval_dtype=eval_dtype)
 
 
 def training_runtime(settings, method, optimizer, optimizer_reason=None, device=None):
@@ -350,4 +373,5 @@ def training_runtime(settings, method, optimizer, optimizer_reason=None, device=
         optimizer=optimizer(device) if callable(optimizer) else optimizer,
         optimizer_reason=optimizer_reason,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        eval_dtype=resolve_eval_dtype(settings.eval_dtype, device),
     )

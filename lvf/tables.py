@@ -157,8 +157,30 @@ def caption(runs, config_file=None):
     commits = sorted({(run.get("git_commit") or "uncommitted")[:7] for run in runs})
     when = f"{dates[0] if dates else '?'}{' to ' + dates[-1] if dates and dates[-1] != dates[0] else ''}"
     source = f"; `{config_file}`" if config_file else ""
-    return (f"_Model {', '.join(models)} on {', '.join(data)}; machine: {'; '.join(machines)}; run on {when}; "
+    how = "".join(f"; {part}" for part in (fmt_scoring(runs), fmt_full_recipe(runs)) if part)
+    return (f"_Model {', '.join(models)} on {', '.join(data)}; machine: {'; '.join(machines)}{how}; run on {when}; "
             f"commit {', '.join(commits)}{source}._")
+
+
+def fmt_scoring(runs):
+    """The precision the runs were scored in (lvf.precision), e.g. "scored in bfloat16"; older results recorded it
+    in runtime only, or not at all (then their weights' dtype)."""
+    dtypes = sorted({run.get("eval_dtype") or (run.get("runtime") or {}).get("eval_dtype") or run.get("dtype") or "?"
+                     for run in runs})
+    return f"scored in {', '.join(dtypes)}"
+
+
+def fmt_full_recipe(runs):
+    """Full fine-tuning's update as it ran, e.g. "full fine-tuning stepped in backward, no clipping"; results
+    before runtime.max_grad_norm was recorded clipped at 1.0 exactly when stepped after backward."""
+    recipes = set()
+    for run in runs:
+        if run.get("method") == "full" and run.get("runtime"):
+            in_backward = bool(run["runtime"].get("optimizer_in_backward"))
+            norm = run["runtime"].get("max_grad_norm", 0.0 if in_backward else 1.0)
+            clipping = f"gradients clipped at norm {float(norm)}" if norm else "no clipping"
+            recipes.add(f"{'in' if in_backward else 'after'} backward, {clipping}")
+    return f"full fine-tuning stepped {'; '.join(sorted(recipes))}" if recipes else ""
 
 
 METHOD_NOTE = ("_Perplexity is exp(Σ NLL / Σ response tokens) on the held-out split; the write-up's metric scores "

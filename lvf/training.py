@@ -28,7 +28,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import common
 from common import IGNORE_INDEX
-from lvf import preflight, scoring
+from lvf import precision, preflight, scoring
 from lvf.artifacts import ORIGIN_FILE
 from lvf.checkpoints import latest_checkpoint
 from lvf.errors import SIGNAL_EXIT_STATUS, Interrupted, UsageError
@@ -264,12 +264,39 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
-def optimizer_steps(settings, runtime, train_examples):
-    """Optimizer steps the run will take: --max-steps, or the epochs over every process's share."""
+def optimizer_steps(settings, train_examples, examples_per_step):
+    """Optimizer steps the run will take: --max-steps, or the epochs at examples_per_step (examples_per_step())."""
     if settings.max_steps > 0:
         return settings.max_steps
-    examples_per_step = settings.batch_size * settings.grad_accum * runtime.world_size
     return math.ceil(max(1, math.ceil(train_examples / examples_per_step)) * settings.num_epochs)
+
+
+def examples_per_step(arguments):
+    """Examples in one optimizer step as the Trainer batches them: its train_batch_size (the per-device batch times
+    the GPUs of one process), gradient accumulation, and the processes (world_size)."""
+    return arguments.train_batch_size * arguments.gradient_accumulation_steps * arguments.world_size
+
+
+def on_one_gpu(arguments):
+    """Workaround for transformers (5.23) TrainingArguments._setup_devices: a process started directly (no accelerate
+    launch) that sees several GPUs gets n_gpu = torch.cuda.device_count(), and the Trainer then wraps the model in
+    torch.nn.DataParallel (Trainer._wrap_model; not a 4-bit one) and multiplies the batch by n_gpu
+    (TrainingArguments.train_batch_size): on an 8-GPU node batch 4 became 32, and QLoRA took all 32 on one GPU. One
+    experiment is one run on one GPU wherever it starts, so n_gpu is set to 1, as the Trainer itself does for a
+    model-parallel model (`self.args._n_gpu = 1`), and the run says which GPU: cuda:0, the first CUDA_VISIBLE_DEVICES
+    shows (_setup_devices made it the current device). Not by setting CUDA_VISIBLE_DEVICES here: CUDA reads it once
+    when it initialises, and the scripts have asked torch.cuda.is_available() by then, so a change would be ignored
+    silently. Under accelerate launch each process has one GPU (n_gpu 1) already."""
+    visible = arguments.n_gpu
+    if visible <= 1:
+        return arguments
+    arguments._n_gpu = 1
+    if is_main_process():
+        print(f"{visible} GPUs visible to one process: training on one, {arguments.device} "
+              f"({torch.cuda.get_device_name(arguments.device)}; CUDA_VISIBLE_DEVICES chooses which); for all "
+              f"{visible}, accelerate launch --num_processes {visible} (docs/multi-gpu.md), or one run per GPU with "
+              f"study.py --workers {visible}", file=sys.stderr, flush=True)
+    return arguments
 
 
 def warmup_steps(total_steps):
@@ -294,10 +321,12 @@ def training_arguments(settings, runtime, train_examples):
     """The Trainer's arguments. Build them before the model loads: building them starts the process group and,
     under `accelerate launch`, registers DeepSpeed's config, and only then does from_pretrained see FSDP
     (is_fsdp_enabled, for cpu-ram-efficient loading) or ZeRO-3 (partitioned as it is built). Hold them until
-    training: DeepSpeed's config is kept through a weak reference."""
-    total_steps = optimizer_steps(settings, runtime, train_examples)
-    eval_steps = settings.eval_steps or max(1, math.ceil(total_steps / 5))
-    return TrainingArguments(
+    training: DeepSpeed's config is kept through a weak reference.
+
+    One process trains on one GPU (on_one_gpu). The schedule (warm-up, validation, checkpoints, logging) is then
+    computed from the batch the Trainer will really take and the processes it really runs (examples_per_step), so
+    it cannot disagree with the Trainer's own count of steps."""
+    arguments = TrainingArguments(
         output_dir=str(runtime.output_dir),
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.eval_batch_size,
@@ -306,21 +335,17 @@ def training_arguments(settings, runtime, train_examples):
         num_train_epochs=settings.num_epochs,
         max_steps=settings.max_steps,
         lr_scheduler_type="cosine",
-        warmup_steps=warmup_steps(total_steps),
         eval_strategy="steps",
-        eval_steps=eval_steps,
         save_strategy="steps",
-        save_steps=eval_steps,
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        logging_steps=max(1, min(10, eval_steps)),
         bf16=runtime.bf16_autocast,
         **checkpointing_arguments(runtime.gradient_checkpointing),
         optim=runtime.optimizer,
-        # Stepped in backward, no moment holds every gradient to clip (0 = no clipping; 1.0 is the Trainer's default).
-        max_grad_norm=0.0 if runtime.optimizer_in_backward else 1.0,
+        # The runtime's: 0 (no clipping) when stepped in backward, else the Trainer's default 1.0 (full_finetune.py).
+        max_grad_norm=runtime.max_grad_norm,
         seed=settings.seed,
         data_seed=settings.seed,
         train_sampling_strategy="group_by_length",
@@ -331,6 +356,12 @@ def training_arguments(settings, runtime, train_examples):
         save_only_model=False,
         ddp_find_unused_parameters=False if runtime.world_size > 1 else None,
     )
+    total_steps = optimizer_steps(settings, train_examples, examples_per_step(on_one_gpu(arguments)))
+    eval_steps = settings.eval_steps or max(1, math.ceil(total_steps / 5))
+    arguments.warmup_steps = warmup_steps(total_steps)
+    arguments.eval_steps = arguments.save_steps = eval_steps  # equal: load_best_model_at_end needs a multiple
+    arguments.logging_steps = max(1, min(10, eval_steps))
+    return arguments
 
 
 def to_dataset(examples):
@@ -507,6 +538,22 @@ def without_mixed_precision_wrapper(trainer):
     precision, as the base model is. Training is over: nothing calls the autocast forward again."""
     trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
     return trainer.model_wrapped
+
+
+def scored_in_eval_dtype(trainer, runtime):
+    """The fully fine-tuned model to score, after it is saved: autocast taken off (without_mixed_precision_wrapper)
+    and its weights cast in place to the evaluation dtype, as a deployment would load them (fp32 master weights to
+    bf16 rounds to nearest, as from_pretrained(dtype=torch.bfloat16) of the saved model does), so that it is scored
+    as the base model and LoRA are (lvf.precision). Parameters only, not module.to(dtype): from_pretrained keeps
+    buffers such as the rotary embedding's inv_freq in fp32, and .to would round them to bf16 too. Under FSDP or
+    DeepSpeed the wrapper is kept and its sharded forward computes in the config's bf16
+    (precision.scoring_problem refuses another --eval-dtype there)."""
+    scored = without_mixed_precision_wrapper(trainer)
+    if not precision.sharded():
+        for parameter in trainer.accelerator.unwrap_model(scored).parameters():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(runtime.eval_dtype)
+    return scored
 
 
 def evaluate_trained(model, trainer, tokenizer, examples, eval_records, settings, runtime, label):

@@ -97,3 +97,34 @@ def test_each_script_sets_expandable_segments_unless_the_user_configured_the_all
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
         assert run(module, tmp_path)["cuda_allocator_config"] == "max_split_size_mb:512"
         assert "PYTORCH_ALLOC_CONF" not in os.environ
+
+
+def test_the_three_8b_dry_runs_name_one_scoring_precision_and_record_it(tmp_path, capsys):
+    """Every method is scored alike (lvf.precision): on this machine in its evaluation dtype, recorded in each
+    result; and, beside the plan for one 80 GB GPU, in the same words for the three scripts."""
+    import re
+
+    from lvf import settings
+
+    recorded = {module.__name__: run(module, tmp_path) for module in (evaluate_base_model, finetune, full_finetune)}
+    here = settings.dtype_name(settings.resolve_eval_dtype("auto", settings.resolve_device()))
+    assert {result["eval_dtype"] for result in recorded.values()} == {here}
+    assert {result["runtime"]["eval_dtype"] for result in recorded.values()} == {here}
+    printed = capsys.readouterr()
+    findings = re.findall(r"dtype: weights in \w+(?: while training)?, scored in (\w+)", printed.out)
+    assert findings == [here] * 3
+    if settings.resolve_device() == "cpu":  # where the runs are meant to go
+        on_gpu = re.findall(r"on one 80 GB CUDA GPU these flags would .*(scored in \w+)$", printed.err, re.M)
+        assert on_gpu == ["scored in bfloat16"] * 3
+
+
+def test_eval_dtype_scores_every_method_in_it_and_the_base_refuses_another_dtype(tmp_path):
+    import pytest
+
+    from lvf import errors
+
+    for module in (evaluate_base_model, finetune, full_finetune):
+        assert run(module, tmp_path, "--eval-dtype", "float16")["eval_dtype"] == "float16"
+    with pytest.raises(errors.UsageError, match="--dtype bfloat16 and --eval-dtype float32 .* pass --eval-dtype "
+                                                "bfloat16, or leave out --dtype"):
+        run(evaluate_base_model, tmp_path, "--dtype", "bfloat16", "--eval-dtype", "float32")

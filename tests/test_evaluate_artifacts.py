@@ -103,11 +103,11 @@ def test_adapter_names_a_preset_base_by_its_preset_name_not_a_cache_path():
 
 
 def test_lora_trained_and_scored_in_bf16_weights_runs_to_the_end(tmp_path, tiny_llama_dir, records_path):
-    # --dtype bfloat16 (and CUDA's auto): the trained model itself is scored, without autocast, so peft must
-    # cast the adapters' inputs to their fp32 again; training under autocast had turned that off.
+    # --dtype and --eval-dtype bfloat16 (CUDA's auto): the trained model itself is scored, without autocast, so peft
+    # must cast the adapters' inputs to their fp32 again; training under autocast had turned that off.
     run_script("finetune.py", "--model", tiny_llama_dir, "--dataset", records_path, *SMALL, *TRAIN,
-               "--dtype", "bfloat16", "--bf16-autocast", "on", "--output", tmp_path / "lora.json",
-               "--output-dir", tmp_path / "lora")
+               "--dtype", "bfloat16", "--eval-dtype", "bfloat16", "--bf16-autocast", "on",
+               "--output", tmp_path / "lora.json", "--output-dir", tmp_path / "lora")
     result = json.loads((tmp_path / "lora.json").read_text())
     assert result["runtime"]["eval_dtype"] == "bfloat16" and result["perplexity"] > 0
     assert sorted(result["eval_precision"]["weights"]) == ["bfloat16", "float32"]

@@ -1,10 +1,11 @@
 """Full fine-tuning keeps its updates: at lr 1e-5 an AdamW step is far below half a bf16 step of a typical weight,
 so weights held in bf16 lose most of them. The default on CUDA is fp32 master weights with bf16 autocast and paged
-8-bit AdamW; on GPUs below full.IN_BACKWARD_BELOW_GIB the optimizer steps in backward, so that no fp32
-gradients are held (docs/performance.md, "Full fine-tuning on one 80 GB GPU")."""
+8-bit AdamW stepped in backward on every GPU, whatever its memory, so that no fp32 gradients are held and every card
+runs the same update (docs/performance.md, "Full fine-tuning on one 80 GB GPU", "One recipe on every card")."""
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ GIB = 2**30
 def cuda_default_runtime(monkeypatch, gpu_gib, argv=()):
     """What full_finetune.py resolves on a CUDA machine with one GPU of gpu_gib GiB, worked out on this one."""
     monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
-    monkeypatch.setattr(full, "gpu_memory_bytes", lambda: gpu_gib * GIB)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index=None: SimpleNamespace(total_memory=int(gpu_gib * GIB), name="stand-in GPU"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     return full.resolve_runtime(full_finetune.parse_args(list(argv)))[1]
 
@@ -29,28 +32,30 @@ def training_arguments_here(runtime):
     return training.training_arguments(full_finetune.parse_args([]), dataclasses.replace(runtime, device="cpu"), 100)
 
 
-def test_on_an_80_gb_gpu_the_default_is_fp32_master_weights_stepped_in_backward(monkeypatch):
-    runtime = cuda_default_runtime(monkeypatch, 79.1)  # an 80 GB A100 or H100 reports about 79 GiB
+@pytest.mark.parametrize("gpu_gib", [79.1, 139.8])  # an 80 GB A100 or H100 reports about 79 GiB; an H200 139.8
+def test_on_every_gpu_the_default_is_fp32_master_weights_stepped_in_backward_unclipped(monkeypatch, gpu_gib):
+    runtime = cuda_default_runtime(monkeypatch, gpu_gib)
     assert runtime.dtype == torch.float32 and runtime.bf16_autocast
-    assert (runtime.optimizer, runtime.optimizer_in_backward) == ("paged_adamw_8bit", True)
-    assert runtime.record()["optimizer_in_backward"] is True
+    assert (runtime.optimizer, runtime.optimizer_in_backward, runtime.max_grad_norm) == ("paged_adamw_8bit", True, 0)
+    assert (runtime.record()["optimizer_in_backward"], runtime.record()["max_grad_norm"]) == (True, 0)  # recorded
     args = training_arguments_here(runtime)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm) == (4, 1, 0)
 
 
-def test_larger_gpus_and_cpus_keep_the_step_after_backward(monkeypatch):
-    runtime = cuda_default_runtime(monkeypatch, 139.8)  # H200
-    assert (runtime.dtype, runtime.optimizer, runtime.optimizer_in_backward) == (
-        torch.float32, "paged_adamw_8bit", False)
+def test_the_step_after_backward_is_asked_for_and_clips_and_cpus_keep_it(monkeypatch):
+    runtime = cuda_default_runtime(monkeypatch, 139.8, ["--optim-in-backward", "off"])
+    assert (runtime.dtype, runtime.optimizer, runtime.optimizer_in_backward, runtime.max_grad_norm) == (
+        torch.float32, "paged_adamw_8bit", False, 1.0)
     assert training_arguments_here(runtime).max_grad_norm == 1.0
     monkeypatch.undo()
     runtime = full.resolve_runtime(full_finetune.parse_args([]))[1]
-    assert (runtime.device, runtime.optimizer, runtime.optimizer_in_backward) == ("cpu", "adamw_torch", False)
+    assert (runtime.device, runtime.optimizer, runtime.optimizer_in_backward, runtime.max_grad_norm) == (
+        "cpu", "adamw_torch", False, 1.0)
 
 
 def test_gradient_accumulation_with_the_step_in_backward_is_refused_with_the_fix(monkeypatch):
     with pytest.raises(errors.UsageError, match="pass --batch-size 4 --grad-accum 1 .* or --optim-in-backward off"):
-        cuda_default_runtime(monkeypatch, 79.1, ["--batch-size", "2", "--grad-accum", "2"])
+        cuda_default_runtime(monkeypatch, 139.8, ["--batch-size", "2", "--grad-accum", "2"])
     runtime = cuda_default_runtime(monkeypatch, 79.1, ["--grad-accum", "2", "--optim-in-backward", "off"])
     assert not runtime.optimizer_in_backward
     monkeypatch.setenv("WORLD_SIZE", "2")

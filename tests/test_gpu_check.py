@@ -100,7 +100,6 @@ def test_on_a_24_gb_gpu_full_fine_tuning_is_skipped_by_its_plan_not_failed(monke
     card = 24 * 10**9
     monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
     monkeypatch.setattr(plan, "cuda_device", lambda: (card, "NVIDIA L4"))
-    monkeypatch.setattr(gpu_check.METHODS["full"], "gpu_memory_bytes", lambda: card)
     args = gpu_check.parse_args([])
     script_args = gpu_check.script_settings(args, "full", "unused")
     _, runtime = gpu_check.METHODS["full"].resolve_runtime(script_args)

@@ -39,7 +39,7 @@ def lora_shape():
 
 
 def cuda_defaults(method, **changes):
-    """The scripts' defaults as they resolve on one CUDA GPU below 100 GiB (bf16 autocast and gradient
+    """The scripts' defaults as they resolve on one CUDA GPU (bf16 autocast and gradient
     checkpointing on; full fine-tuning steps paged 8-bit AdamW in backward, batch 4)."""
     if method == "full":
         values = dict(weight_dtype=torch.float32, optimizer="paged_adamw_8bit", micro_batch=4, grad_accum=1,
@@ -92,7 +92,7 @@ def test_8b_full_plans_from_the_counts_for_each_precision_scheme(full_shape):
             size * N, 2 * size * N, size * N)
         assert adamw["peak_at"] == "optimizer step" and adamw["total"] == step["total"]
     # (d) the optimizer steps in backward: fp32 master weights, one gradient at a time (the largest: 4 E bytes)
-    in_backward = plan.plan_memory(full_shape, cuda_defaults("full"))  # full_finetune.py's default below 100 GiB
+    in_backward = plan.plan_memory(full_shape, cuda_defaults("full"))  # full_finetune.py's default on a GPU
     assert in_backward["moments"]["backward through the layers"]["gradients"] == 4 * E
     assert in_backward["weights"] == 4 * N and in_backward["optimizer_states"] == PAGED_8BIT_STATES
 
@@ -117,8 +117,7 @@ def test_activations_follow_the_formula(full_shape):
 
 def cuda_runtime(module, args, method):
     """The runtime the method (module: lvf.lora or lvf.full) resolves on CUDA, resolved here on the CPU: CUDA's auto
-    dtype, autocast, checkpointing and optimizer, and (full fine-tuning) whether it steps in backward on the GPU that
-    plan.cuda_device stands in for."""
+    dtype, autocast, checkpointing and optimizer, and (full fine-tuning) whether it steps in backward on a GPU."""
     _, runtime = module.resolve_runtime(args)
     optimizer = runtime.optimizer
     if method == "full" and args.optim == "auto":
@@ -127,11 +126,7 @@ def cuda_runtime(module, args, method):
     runtime = dataclasses.replace(runtime, device="cuda", dtype=dtype, bf16_autocast=True,
                                   gradient_checkpointing=True, optimizer=optimizer, eval_dtype=None)
     if method == "full":
-        gpu_bytes = plan.cuda_device()[0]
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(full, "gpu_memory_bytes", lambda: gpu_bytes)
-            in_backward = full.use_optimizer_in_backward(args, runtime)
-        runtime = dataclasses.replace(runtime, optimizer_in_backward=in_backward)
+        runtime = dataclasses.replace(runtime, optimizer_in_backward=full.use_optimizer_in_backward(args, runtime))
     return runtime
 
 
@@ -231,17 +226,18 @@ def test_the_performance_doc_shows_what_the_code_computes(full_shape, lora_shape
 
 
 def test_the_default_on_an_80_gb_gpu_steps_in_backward_and_fits(monkeypatch, full_shape):
-    """full_finetune.py's runtime on a GPU below 100 GiB steps in backward (runtime.optimizer_in_backward): the plan
-    follows it, and fits; on a larger GPU it steps after backward, and is planned so."""
+    """full_finetune.py's runtime on a GPU steps in backward (runtime.optimizer_in_backward): the plan follows it,
+    and fits an 80 GB GPU; --optim-in-backward off steps after backward, and is planned so."""
     args = full_finetune.parse_args([])
     monkeypatch.setattr(plan, "cuda_device", lambda: (80 * 10**9, "stand-in 80 GB GPU"))
-    small = cuda_runtime(full, args, "full")
+    default = cuda_runtime(full, args, "full")
     meta = models.meta_model(models.model_config(models.DEFAULT_MODEL))
-    assert small.optimizer_in_backward and plan.setup_for_run(args, small, "full").step_in_backward
-    assert plan.plan_for_run(args, small, "full", meta)["fits"] is True
-    monkeypatch.setattr(plan, "cuda_device", lambda: (150 * 10**9, "stand-in 150 GB GPU"))
-    large = cuda_runtime(full, args, "full")
-    assert not large.optimizer_in_backward and not plan.setup_for_run(args, large, "full").step_in_backward
+    assert default.optimizer_in_backward and plan.setup_for_run(args, default, "full").step_in_backward
+    assert plan.plan_for_run(args, default, "full", meta)["fits"] is True
+    after = full_finetune.parse_args(["--optim-in-backward", "off"])
+    after_backward = cuda_runtime(full, after, "full")
+    assert not after_backward.optimizer_in_backward and not plan.setup_for_run(after, after_backward,
+                                                                               "full").step_in_backward
 
 
 def test_the_readme_needs_table_follows_the_plan(full_shape, lora_shape):

@@ -115,7 +115,6 @@ def hide(monkeypatch, *packages):
 
 def test_without_bitsandbytes_full_fine_tuning_says_which_optimizer_and_why(monkeypatch):
     monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
-    monkeypatch.setattr(full, "gpu_memory_bytes", lambda: 80 * 10**9)  # an 80 GB GPU, stood in for
     _, with_it = full.resolve_runtime(full_finetune.parse_args(["--dry-run"]))
     assert with_it.optimizer == "paged_adamw_8bit" and "bitsandbytes" in with_it.optimizer_reason
     hide(monkeypatch, "bitsandbytes")
@@ -142,8 +141,10 @@ def test_packages_the_plan_names_are_problems_when_missing(monkeypatch):
     found = problems(preflight.package_findings(qlora, runtime, method))
     assert found[0].startswith("bitsandbytes missing: --quantize 4bit") and "pip install bitsandbytes" in found[0]
     assert found[1].startswith("flash-attn missing") and "--attn-implementation sdpa" in found[1]
-    assert found[2].startswith("datasets missing: --dataset databricks/databricks-dolly-15k and --general-file "
-                               "wikitext-2") and "pip install datasets" in found[2]
+    assert found[2].startswith("--attn-implementation flash_attention_2 computes in bfloat16 or float16 only: this "
+                               "run would be scored in float32")  # on this CPU (lvf.precision)
+    assert found[3].startswith("datasets missing: --dataset databricks/databricks-dolly-15k and --general-file "
+                               "wikitext-2") and "pip install datasets" in found[3]
     full_args = full_finetune.parse_args(["--optim", "paged_adamw_8bit", "--dry-run"])
     _, runtime = full.resolve_runtime(full_args)
     assert problems(preflight.package_findings(full_args, runtime, "full"))[0].startswith(
@@ -263,7 +264,7 @@ def gpu_problems(script, arguments=()):
     if module is evaluate_base_model:
         method, runtime = "base", settings.evaluation_runtime(args, "base")
     else:
-        method, runtime = (lora if module is finetune else full).resolve_runtime(args, gpu_bytes=80 * 10**9)
+        method, runtime = (lora if module is finetune else full).resolve_runtime(args)
     return problems(preflight.gpu_findings(args, runtime, method))
 
 
@@ -310,19 +311,19 @@ def test_a_t4_has_no_bf16_and_each_script_names_the_flags_that_turn_it_off(monke
     assert lora.startswith("bf16: the Tesla T4 (sm_75) has no native bf16, which this run uses: pass "
                            "--bf16-autocast off --dtype float32 ")
     [full] = gpu_problems("full_finetune.py")  # fp32 weights already; bf16 autocast is the CUDA default
-    assert "pass --bf16-autocast off (" in full
+    assert "pass --bf16-autocast off --eval-dtype float32 (" in full  # scored in bf16 on CUDA by default
     [base] = gpu_problems("evaluate_base_model.py")
-    assert "pass --dtype float32 (" in base
+    assert "pass --eval-dtype float32 (" in base
     [qlora] = gpu_problems("finetune.py", ["--quantize", "4bit"])
     assert "no native bf16, which this run uses: leave out --quantize 4bit (QLoRA computes in bf16) and pass " in qlora
-    assert gpu_problems("finetune.py", ["--bf16-autocast", "off", "--dtype", "float32"]) == []
+    fp32_throughout = ["--bf16-autocast", "off", "--dtype", "float32", "--eval-dtype", "float32"]
+    assert gpu_problems("finetune.py", fp32_throughout) == []
 
 
 def test_host_memory_for_loading_is_computed_from_the_parameters_and_compared_with_psutil(monkeypatch):
     params = models.count_parameters(models.meta_model(models.model_config(models.DEFAULT_MODEL)))[1]
     monkeypatch.setattr(preflight.psutil, "virtual_memory", lambda: VirtualMemory(64 * 10**9, 20 * 10**9))
     monkeypatch.setattr(settings, "resolve_device", lambda: "cuda")
-    monkeypatch.setattr(full, "gpu_memory_bytes", lambda: 80 * 10**9)
     args = full_finetune.parse_args(["--dry-run"])
     _, runtime = full.resolve_runtime(args)
     [full_load] = preflight.host_memory_findings(runtime, "full", params)

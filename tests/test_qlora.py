@@ -43,6 +43,10 @@ def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, 
     assert result["method"] == "qlora" and result["optimizer_steps"] == 2
     assert result["dtype_by_part"] == models.dtype_by_part(loaded[0])
     assert math.isfinite(result["perplexity"]) and result["eval_tokens"] > 0
+    # Scored as every method is (lvf.precision): the adapters on the base loaded unquantised in the evaluation dtype.
+    assert len(loaded) == 2
+    assert not any(isinstance(module, bitsandbytes.nn.Linear4bit) for module in loaded[1].modules())
+    assert result["eval_dtype"] == "float32" and result["eval_precision"]["weights"] == ["float32"]
 
     # Packed 4-bit weights hold two parameters per byte; the counts must be the unquantised model's.
     unquantised = AutoModelForCausalLM.from_pretrained(tiny_llama_64_dir)

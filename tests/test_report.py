@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import report
-from lvf import discovery, errors, plots, statistics
+from lvf import discovery, errors, plots, statistics, tables
 from lvf import groups as grouping
 
 README = "# Title\n\n<!-- experiment:results:start -->\nold\n<!-- experiment:results:end -->\n\nafter\n"
@@ -375,3 +375,19 @@ def test_a_study_is_reported_in_its_own_block_and_checked(tmp_path, results_dir)
     changed["train_step_seconds"] *= 2  # a figure the table shows
     (study / "full" / "lr-0.001-seed-43.json").write_text(json.dumps(changed))
     assert report.main([*argv, "--check"]) == 1
+
+
+def test_the_caption_says_the_scoring_precision_and_full_fine_tunings_recipe():
+    def run(method, **runtime):
+        return {"model": "m", "dataset": "d", "method": method, "created_at": "2026-12-07T00:00:00",
+                "git_commit": "abcdef0", "machine": None, "device": "cuda", "eval_dtype": "bfloat16",
+                "runtime": runtime}
+
+    caption = tables.caption([run("base"), run("full", optimizer_in_backward=True, max_grad_norm=0.0)])
+    assert "; scored in bfloat16; full fine-tuning stepped in backward, no clipping;" in caption
+    after = run("full", optimizer_in_backward=False, max_grad_norm=1.0)
+    assert "full fine-tuning stepped after backward, gradients clipped at norm 1.0;" in tables.caption([after])
+    # Older results: eval_dtype only in the runtime, clipping implied by the step (1.0 exactly after backward).
+    older = {**run("full", optimizer_in_backward=False, eval_dtype="float32"), "eval_dtype": None}
+    assert "scored in float32; full fine-tuning stepped after backward, gradients clipped at norm 1.0;" in (
+        tables.caption([older]))

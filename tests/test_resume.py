@@ -83,7 +83,7 @@ METHODS = {
     "lora": (finetune, ["--batch-size", "2", "--grad-accum", "1"]),  # LoRA dropout on (the default 0.05)
     "qlora": (finetune, ["--batch-size", "2", "--grad-accum", "1", "--quantize", "4bit"]),
     "full": (full_finetune, ["--batch-size", "1", "--grad-accum", "2"]),
-    # The default on GPUs below 100 GiB: AdamW stepped in backward; its states and schedule must survive a resume.
+    # The default on every GPU: AdamW stepped in backward; its states and schedule must survive a resume.
     "full-in-backward": (full_finetune, ["--batch-size", "2", "--grad-accum", "1", "--optim-in-backward", "on"]),
 }
 
