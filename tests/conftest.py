@@ -1,3 +1,4 @@
+import contextlib
 import json
 import logging
 import os
@@ -145,6 +146,7 @@ class TrainedRun:
         self.results_path = folder / "results.json"
         self.output_dir = folder / folder.name  # the name the saved folders are scored under (eval-<name>-final)
         self.results = json.loads(self.results_path.read_text())
+        self.output = (folder / "output.txt").read_text()  # what it printed, stdout and stderr
         recorded = json.loads((folder / "recorded.json").read_text())
         self.warnings, self.notices = recorded["warnings"], recorded["notices"]
 
@@ -158,9 +160,14 @@ class Recorder(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+# In the environment of every trained run: tests/test_safety.py checks it reaches no file and no output of theirs.
+SESSION_SECRET = "hf_TrainedRunsSecretNotARealToken42"
+
+
 def run_recorded(name, model_dir, records_path, folder):
     """Runs one of TRAINED_RUNS in this process as the command line would, recording every warning (filters
-    reset to "always") and the transformers logger's warnings (they do not reach the root logger)."""
+    reset to "always"), the transformers logger's warnings (they do not reach the root logger) and what it
+    printed (output.txt), with SESSION_SECRET as HF_TOKEN."""
     import importlib
 
     module, flags = TRAINED_RUNS[name]
@@ -170,12 +177,19 @@ def run_recorded(name, model_dir, records_path, folder):
         argv += ["--output-dir", str(folder / name)]
     notices = Recorder()
     logging.getLogger("transformers").addHandler(notices)
+    token = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = SESSION_SECRET
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with (open(folder / "output.txt", "w") as output, contextlib.redirect_stdout(output),
+              contextlib.redirect_stderr(output), warnings.catch_warnings(record=True) as caught):
             warnings.simplefilter("always")
             importlib.import_module(module).main(argv)
     finally:
         logging.getLogger("transformers").removeHandler(notices)
+        if token is None:
+            del os.environ["HF_TOKEN"]
+        else:
+            os.environ["HF_TOKEN"] = token
     recorded = {"warnings": [{"categories": [kind.__name__ for kind in item.category.__mro__],
                               "message": str(item.message)} for item in caught],
                 "notices": notices.messages}

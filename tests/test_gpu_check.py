@@ -12,7 +12,7 @@ import pytest
 
 import common
 
-pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # trains, in bench/gpu_check.py's own process
 
 GPU_IMAGE_TRANSFORMERS = common.PROJECT_DIR / ".venv-tf517"  # see requirements-tf517.txt and the Makefile
 # Make `import datasets` and `import bitsandbytes` fail, as on a machine without them, then run the script.

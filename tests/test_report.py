@@ -373,3 +373,19 @@ def test_a_study_is_reported_in_its_own_block_and_checked(tmp_path, results_dir)
     changed["train_step_seconds"] *= 2  # a figure the table shows
     (study / "full" / "lr-0.001-seed-43.json").write_text(json.dumps(changed))
     assert report.main([*argv, "--check"]) == 1
+
+
+def test_the_sessions_trained_runs_are_tabled_paired_and_checked(tmp_path, trained_run):
+    # Real results (tests/conftest.py, TRAINED_RUNS) rather than made-up ones: every method gets its row, and each
+    # difference is paired over every example the runs scored.
+    results_dir = write_runs(tmp_path / "results", {method: trained_run(method).results
+                                                    for method in ("base", "lora", "qlora", "full")})
+    readme = readme_beside(results_dir)
+    argv = [*at(results_dir), "--readme", str(readme), "--resamples", "100"]
+    assert report.main(argv) == 0
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| ")]
+    for label in ("| Zero-shot (base) |", "| LoRA |", "| QLoRA |", "| Full fine-tuning |"):
+        assert [line for line in rows if line.startswith(label)], label
+    examples = trained_run("base").results["eval_examples"]
+    assert row(rows, "| LoRA − Zero-shot").endswith(f"| {examples} | one run each: seed variance not measured |")
+    assert report.main([*argv, "--check"]) == 0
