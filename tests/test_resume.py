@@ -1,5 +1,5 @@
-"""A real SIGTERM during training saves a checkpoint and exits; --resume then finishes the run with the
-same result as a run that was never interrupted (CPU, fp32, same seed)."""
+"""A real SIGTERM during training saves a checkpoint and exits 130; --resume then finishes the run with the
+same result as a run that was never interrupted (CPU, fp32, same seed), step for step and weight for weight."""
 
 import json
 import os
@@ -37,7 +37,8 @@ def wait_for_line(process, log_path, prefix, limit=300):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_dir, records_path):
+def test_sigterm_to_the_script_saves_a_checkpoint_exits_130_and_resume_finishes(tmp_path, tiny_llama_dir,
+                                                                               records_path):
     """finetune.py as a user runs it: a real SIGTERM to a real process, then the same command with --resume. That
     the resumed run matches an uninterrupted one is checked, step by step, by the in-process sequences below."""
     from test_end_to_end import run_script
