@@ -180,9 +180,14 @@ def default_interrupts():
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def wait_until_hanging(run, study):
+def wait_until_hanging(run, study, limit=300):
+    """Until the run sits after its first checkpoint; a generous limit, as the machine may be busy with other work."""
+    deadline = time.monotonic() + limit
     while not (Path(run.output_dir) / "hanging").exists():
         assert study.poll() is None, "the study stopped before its run reached its first checkpoint"
+        if time.monotonic() > deadline:
+            study.kill()
+            pytest.fail(f"the run did not reach its first checkpoint in {limit} s")
         time.sleep(0.05)
 
 
@@ -208,9 +213,13 @@ def test_ctrl_c_lets_the_run_stop_on_its_own_terms(tmp_path, stand_in, engine):
     # Started from another folder than the project's: Ray's workers get the study's working directory on their
     # path, not the study's path, so the run starts under Ray only if lvf is shipped to them.
     study = start_study(run, engine=engine, cwd=tmp_path)
-    wait_until_hanging(run, study)
-    study.send_signal(signal.SIGINT)  # to the study alone; from a terminal the run would get it too
-    study.wait(timeout=120)
+    try:
+        wait_until_hanging(run, study)
+        study.send_signal(signal.SIGINT)  # to the study alone; from a terminal the run would get it too
+        study.wait(timeout=120)
+    finally:
+        if study.poll() is None:  # failed: leave no study (nor, through it, its run) behind
+            study.kill()
     # The run saved and stopped: it was passed the Ctrl-C (through Ray's task cancelling, with Ray) and waited for,
     # not killed (subprocess.run kills its child a quarter of a second after a Ctrl-C).
     assert (Path(run.output_dir) / "stopped-on-signal").read_text() == str(int(signal.SIGINT))
