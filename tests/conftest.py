@@ -1,7 +1,13 @@
+import contextlib
+import json
+import logging
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # any Hub call fails at once instead of waiting on the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,13 +36,38 @@ def real_dolly_path():
     return REAL_DOLLY
 
 
+def pytest_collection_modifyitems(items):
+    """A test that reads the session's trained runs is slow: the first one to ask trains them."""
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+def shared_folder(tmp_path_factory):
+    """A folder every pytest process of this session sees: with pytest-xdist, the parent of the workers' own
+    temporary folders (`.../pytest-N/`); in one process, that process's own."""
+    own = tmp_path_factory.getbasetemp()
+    return own.parent if os.environ.get("PYTEST_XDIST_WORKER") else own
+
+
+def built_once(folder, build):
+    """folder, built by build(folder) in whichever pytest process asks first; the others wait for it (a file lock)
+    and then read it. A folder left half-built (a process killed while building) is built again."""
+    done = folder / ".built"
+    with FileLock(f"{folder}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir(tmp_path_factory):
     from lvf.llama3_tokenizer import build_llama3_tokenizer
 
-    folder = tmp_path_factory.mktemp("llama3-tokenizer")
-    build_llama3_tokenizer(folder)
-    return folder
+    return built_once(shared_folder(tmp_path_factory) / "llama3-tokenizer", build_llama3_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -58,26 +89,117 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**values)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, llama3_tokenizer_dir):
-    """A tiny random Llama with the real Llama 3 tokenizer, saved like a Hub model folder."""
+def save_tiny_llama(folder, tokenizer_dir, **overrides):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(llama3_tokenizer_dir).save_pretrained(folder)
-    return folder
+    LlamaForCausalLM(tiny_llama_config(**overrides)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llama3_tokenizer_dir):
+    """A tiny random Llama with the real Llama 3 tokenizer, saved like a Hub model folder."""
+    return built_once(shared_folder(tmp_path_factory) / "tiny-llama",
+                      lambda folder: save_tiny_llama(folder, llama3_tokenizer_dir))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_64_dir(tmp_path_factory, llama3_tokenizer_dir):
     """Layer sizes that are multiples of 64 (bitsandbytes' 4-bit blocks on CPU)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    return built_once(shared_folder(tmp_path_factory) / "tiny-llama-64",
+                      lambda folder: save_tiny_llama(folder, llama3_tokenizer_dir, hidden_size=64,
+                                                     intermediate_size=128, num_attention_heads=4,
+                                                     num_key_value_heads=4))
 
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama-64")
-    config = tiny_llama_config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(llama3_tokenizer_dir).save_pretrained(folder)
-    return folder
+
+# The session's trained runs: each script run once, in-process, on tiny_llama_64_dir and the demo records, by
+# whichever pytest process asks first (docs/testing.md, "The trained runs"). Flags after the model and data.
+SMALL_EVAL = ["--max-eval-samples", "12", "--max-length", "256", "--eval-batch-size", "4",
+              "--general-file", "python-docs", "--max-general-blocks", "6"]
+SMALL_TRAINING = [*SMALL_EVAL, "--max-train-samples", "24", "--max-val-samples", "6", "--max-steps", "4",
+                  "--eval-steps", "2"]
+TRAINED_RUNS = {
+    "base": ("evaluate_base_model", [*SMALL_EVAL, "--seed-style-metric"]),
+    # Checkpointing on where it goes through another call (the Trainer's, or peft's for 4-bit): the quiet-run
+    # tests read these runs' warnings.
+    "lora": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--gradient-checkpointing", "on"]),
+    "qlora": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--gradient-checkpointing", "on",
+                           "--quantize", "4bit"]),
+    "full": ("full_finetune", [*SMALL_TRAINING, "--learning-rate", "1e-3"]),  # checkpointing off: the CPU default
+    # As on a CPU with AMX or AVX512-BF16 (--bf16-autocast auto turns it on there): LoRA trains on a bf16 base.
+    "lora-bf16-autocast": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--bf16-autocast", "on"]),
+    # --dtype and --eval-dtype bfloat16 (CUDA's auto): the trained model itself is scored, in bf16, without autocast.
+    "lora-bf16-weights": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--dtype", "bfloat16",
+                                       "--eval-dtype", "bfloat16", "--bf16-autocast", "on"]),
+}
+
+
+class TrainedRun:
+    """One of TRAINED_RUNS, finished: its results JSON, its --output-dir, and what it warned or logged."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.results_path = folder / "results.json"
+        self.output_dir = folder / folder.name  # the name the saved folders are scored under (eval-<name>-final)
+        self.results = json.loads(self.results_path.read_text())
+        self.output = (folder / "output.txt").read_text()  # what it printed, stdout and stderr
+        recorded = json.loads((folder / "recorded.json").read_text())
+        self.warnings, self.notices = recorded["warnings"], recorded["notices"]
+
+
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+# In the environment of every trained run: tests/test_safety.py checks it reaches no file and no output of theirs.
+SESSION_SECRET = "hf_TrainedRunsSecretNotARealToken42"
+
+
+def run_recorded(name, model_dir, records_path, folder):
+    """Runs one of TRAINED_RUNS in this process as the command line would, recording every warning (filters
+    reset to "always"), the transformers logger's warnings (they do not reach the root logger) and what it
+    printed (output.txt), with SESSION_SECRET as HF_TOKEN."""
+    import importlib
+
+    module, flags = TRAINED_RUNS[name]
+    argv = ["--model", str(model_dir), "--dataset", str(records_path), *flags,
+            "--output", str(folder / "results.json")]
+    if module != "evaluate_base_model":
+        argv += ["--output-dir", str(folder / name)]
+    notices = Recorder()
+    logging.getLogger("transformers").addHandler(notices)
+    token = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = SESSION_SECRET
+    try:
+        with (open(folder / "output.txt", "w") as output, contextlib.redirect_stdout(output),
+              contextlib.redirect_stderr(output), warnings.catch_warnings(record=True) as caught):
+            warnings.simplefilter("always")
+            importlib.import_module(module).main(argv)
+    finally:
+        logging.getLogger("transformers").removeHandler(notices)
+        if token is None:
+            del os.environ["HF_TOKEN"]
+        else:
+            os.environ["HF_TOKEN"] = token
+    recorded = {"warnings": [{"categories": [kind.__name__ for kind in item.category.__mro__],
+                              "message": str(item.message)} for item in caught],
+                "notices": notices.messages}
+    (folder / "recorded.json").write_text(json.dumps(recorded))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_llama_64_dir):
+    """trained_run(name) -> TrainedRun: the run trained once per test session, shared by every pytest process."""
+    shared = shared_folder(tmp_path_factory) / "trained"
+
+    def get(name):
+        folder = built_once(shared / name, lambda where: run_recorded(name, tiny_llama_64_dir, DEMO_RECORDS, where))
+        return TrainedRun(folder)
+
+    return get

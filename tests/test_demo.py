@@ -8,8 +8,6 @@ import pytest
 import common
 from lvf import models
 
-pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
-
 DEMO_DATA = common.PROJECT_DIR / "data" / "demo.jsonl"
 CATEGORIES = {"open_qa", "closed_qa", "general_qa", "classification", "information_extraction", "summarization",
               "brainstorming", "creative_writing"}
@@ -48,6 +46,7 @@ def smollm2():
     return tokenizer, model
 
 
+@pytest.mark.slow  # loads SmolLM2-135M
 def test_smollm2_preset_uses_its_own_chat_template(smollm2):
     tokenizer, model = smollm2
     assert model.config.model_type == "llama" and model.num_parameters() == 134_515_008
@@ -58,6 +57,7 @@ def test_smollm2_preset_uses_its_own_chat_template(smollm2):
     assert tokenizer.decode(example["labels"][prompt_length:]) == "Red.<|im_end|>\n"
 
 
+@pytest.mark.slow  # loads and runs SmolLM2-135M
 def test_smollm2_scores_two_demo_examples(smollm2):
     tokenizer, model = smollm2
     records = common.load_records(str(DEMO_DATA))[:2]

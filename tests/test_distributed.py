@@ -13,8 +13,6 @@ import common
 import finetune
 from lvf import lora, models
 
-pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
-
 # 8 sampled demo records, all of which fit 384 tokens: 2 processes x batch 2 x 2 steps, so the launcher pads
 # nothing and one epoch trains on every example exactly once.
 RUN = ["--general-file", "",  # no forgetting measure: not what this test checks
@@ -29,6 +27,8 @@ def free_port():
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # trains, in two processes started by accelerate launch
+@pytest.mark.subprocess
 def test_lora_on_two_processes_writes_one_result_with_global_counts(tmp_path, tiny_llama_dir, records_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

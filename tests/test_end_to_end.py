@@ -11,35 +11,24 @@ import pytest
 import common
 from lvf import results
 
-pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
-
 PROJECT_DIR = common.PROJECT_DIR
-SMALL = ["--max-eval-samples", "12", "--max-length", "256", "--eval-batch-size", "4", "--general-file", "python-docs",
-         "--max-general-blocks", "6"]
-SMALL_TRAINING = ["--max-train-samples", "24", "--max-val-samples", "6"]
 
 
 def run_script(script, *args, check=True):
+    """A script as a user runs it, in a fresh Python process: it must exit 0 without a traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, str(PROJECT_DIR / script), *map(str, args)], capture_output=True,
                             text=True, env=env, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_llama_dir, records_path):
-    out = tmp_path_factory.mktemp("e2e")
-    common_args = ["--model", tiny_llama_dir, "--dataset", records_path, *SMALL]
-    run_script("evaluate_base_model.py", *common_args, "--output", out / "base.json", "--seed-style-metric")
-    run_script("finetune.py", *common_args, *SMALL_TRAINING, "--output", out / "lora.json",
-               "--output-dir", out / "lora",
-               "--max-steps", "4", "--learning-rate", "5e-2", "--eval-steps", "2")
-    run_script("full_finetune.py", *common_args, *SMALL_TRAINING, "--output", out / "full.json",
-               "--output-dir", out / "full",
-               "--max-steps", "4", "--learning-rate", "1e-3", "--eval-steps", "2")
-    return {method: json.loads((out / f"{method}.json").read_text()) for method in ("base", "lora", "full")}
+def runs(trained_run):
+    """The session's base, LoRA and full runs (tests/conftest.py, TRAINED_RUNS), trained once for every test."""
+    return {method: trained_run(method).results for method in ("base", "lora", "full")}
 
 
 def test_results_follow_the_definitions(runs):
@@ -114,13 +103,13 @@ def test_memory_is_recorded_per_phase_and_training_is_broken_down(runs):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_saved_artifact_reproduces_the_reported_perplexity(runs, method, tiny_llama_dir, records_path):
+def test_saved_artifact_reproduces_the_reported_perplexity(runs, method, tiny_llama_64_dir, records_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     result = runs[method]
     if method == "lora":
-        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_64_dir)
         model = PeftModel.from_pretrained(base, result["artifact_path"])
     else:
         model = AutoModelForCausalLM.from_pretrained(result["artifact_path"])
@@ -132,6 +121,7 @@ def test_saved_artifact_reproduces_the_reported_perplexity(runs, method, tiny_ll
     assert again["perplexity"] == pytest.approx(result["perplexity"], rel=1e-4)
 
 
+@pytest.mark.subprocess
 def test_eval_file_replaces_the_test_split_and_base_reads_nothing_else(tmp_path, tiny_llama_dir, records_path):
     eval_file = tmp_path / "eval.jsonl"
     lines = records_path.read_text(encoding="utf-8").splitlines()[:5]
@@ -141,3 +131,14 @@ def test_eval_file_replaces_the_test_split_and_base_reads_nothing_else(tmp_path,
                "--eval-file", eval_file, "--max-length", "4096", "--general-file", "", "--output", output)
     result = json.loads(output.read_text())
     assert result["eval_examples"] == 5 and result["eval_file"] == str(eval_file)
+
+
+@pytest.mark.subprocess
+def test_full_finetune_script_runs_from_the_command_line(tmp_path, tiny_llama_dir, records_path):
+    # finetune.py's command line is run by tests/test_resume.py (a real SIGTERM, then --resume).
+    output = tmp_path / "full.json"
+    run_script("full_finetune.py", "--model", tiny_llama_dir, "--dataset", records_path, "--general-file", "",
+               "--max-train-samples", "4", "--max-val-samples", "2", "--max-eval-samples", "2", "--max-length", "128",
+               "--max-steps", "1", "--bootstrap-resamples", "10", "--output", output, "--output-dir", tmp_path / "full")
+    result = json.loads(output.read_text())
+    assert result["method"] == "full" and result["optimizer_steps"] == 1 and (tmp_path / "full" / "final").is_dir()

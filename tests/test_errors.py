@@ -289,7 +289,7 @@ def closed_port():
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow  # a fresh Python process: the command line as a user runs it
+@pytest.mark.subprocess  # a fresh Python process: the command line as a user runs it
 def test_command_line_bad_record_is_one_line_and_status_2(tmp_path, tiny_llama_dir):
     path = jsonl(tmp_path, GOOD, {"instruction": "x", "context": ""})
     result = run_script("finetune.py", "--model", tiny_llama_dir, "--dataset", path, "--output", tmp_path / "lora.json")
@@ -298,14 +298,14 @@ def test_command_line_bad_record_is_one_line_and_status_2(tmp_path, tiny_llama_d
     assert not (tmp_path / "lora.json").exists()
 
 
-@pytest.mark.slow  # a fresh Python process: the command line as a user runs it
+@pytest.mark.subprocess  # a fresh Python process: the command line as a user runs it
 def test_command_line_debug_shows_the_traceback(tmp_path, tiny_llama_dir):
     result = run_script("full_finetune.py", "--model", tiny_llama_dir, "--dataset", tmp_path / "nope.jsonl", "--debug")
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UsageError: data file not found" in result.stderr
 
 
-@pytest.mark.slow  # a fresh Python process: the command line as a user runs it
+@pytest.mark.subprocess  # a fresh Python process: the command line as a user runs it
 def test_unreachable_hub_fails_fast(tmp_path):
     """A Hub id with no Hub: HF_HUB_OFFLINE unset and the endpoint a closed local port."""
     result = run_script("evaluate_base_model.py", "--model", "someone/some-model", "--output", tmp_path / "base.json",
@@ -316,7 +316,7 @@ def test_unreachable_hub_fails_fast(tmp_path):
     assert not (tmp_path / "base.json").exists()
 
 
-@pytest.mark.slow  # a fresh Python process: the command line as a user runs it
+@pytest.mark.subprocess  # a fresh Python process: the command line as a user runs it
 def test_offline_hub_id_not_in_cache(tmp_path):
     result = run_script("evaluate_base_model.py", "--model", "someone/some-model", "--output", tmp_path / "base.json",
                         env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})

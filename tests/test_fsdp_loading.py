@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 
-pytestmark = pytest.mark.slow  # two processes through the script's loading path
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # two processes through the script's loading path
 
 
 def test_fsdp_ranks_see_fsdp_at_load_and_only_rank_0_holds_the_weights(tmp_path, tiny_llama_dir, records_path):

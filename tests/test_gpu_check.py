@@ -2,6 +2,7 @@
 reports what it promises, without datasets or bitsandbytes, under the pinned transformers and under 5.17.0 (the GPU
 image's), which `make test`'s setup installs into .venv-tf517 to shadow the pinned one on PYTHONPATH."""
 
+import importlib.util
 import json
 import math
 import os
@@ -13,8 +14,10 @@ import pytest
 import common
 from lvf import plan, settings
 
-sys.path.insert(0, str(common.PROJECT_DIR / "bench"))
-import gpu_check  # noqa: E402
+# bench/ is no package: its script, loaded from its file for the cheap test of its skip.
+_spec = importlib.util.spec_from_file_location("gpu_check", common.PROJECT_DIR / "bench" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 
 GPU_IMAGE_TRANSFORMERS = common.PROJECT_DIR / ".venv-tf517"  # see requirements-tf517.txt and the Makefile
 # Make `import datasets` and `import bitsandbytes` fail, as on a machine without them, then run the script.
@@ -38,6 +41,7 @@ def run_tiny_check(tmp_path, python_path):
 
 
 @pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
+@pytest.mark.subprocess  # trains, in bench/gpu_check.py's own process
 @pytest.mark.parametrize("transformers_version", ["pinned", "5.17.0"])
 def test_tiny_gpu_check_trains_with_the_kits_trainer_and_reports(transformers_version, tmp_path):
     python_path = None

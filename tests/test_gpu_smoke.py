@@ -52,6 +52,7 @@ def test_check_passes_only_when_every_run_wrote_a_finite_perplexity(tmp_path, ca
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_cpu_dry_run_goes_through_every_step(tmp_path):
     """bash bench/gpu_smoke.sh --cpu-dry: the GPU run's sequence on a tiny model (about 2.5 minutes on 2 cores)."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}

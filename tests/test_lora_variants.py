@@ -137,14 +137,12 @@ TRAIN = ["--max-train-samples", "8", "--max-val-samples", "3", "--max-steps", "2
 @pytest.mark.parametrize("flag,key", [("--use-dora", "use_dora"), ("--use-rslora", "use_rslora")])
 def test_a_variant_trains_saves_its_option_and_is_scored_again(flag, key, tiny_llama_dir, records_path, tmp_path,
                                                              monkeypatch):
-    from test_end_to_end import run_script
-
     import evaluate_base_model
+    import finetune
     from lvf import settings
 
-    data = ["--model", tiny_llama_dir, "--dataset", records_path, *SMALL]
-    run_script("finetune.py", *data, *TRAIN, flag, "--output", tmp_path / "run.json", "--output-dir",
-               tmp_path / "run")
+    data = ["--model", str(tiny_llama_dir), "--dataset", str(records_path), *SMALL]
+    finetune.main([*data, *TRAIN, flag, "--output", str(tmp_path / "run.json"), "--output-dir", str(tmp_path / "run")])
     result = json.loads((tmp_path / "run.json").read_text())
     saved = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert result["config"][key] is True and saved[key] is True

@@ -9,8 +9,6 @@ import torch
 import finetune
 from lvf import adapters, errors, lora, models
 
-pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
-
 
 def test_dry_run_for_the_8b_default_counts_like_lora(tmp_path):
     finetune.main(["--dry-run", "--quantize", "4bit", "--output", str(tmp_path / "qlora.json")])
@@ -21,37 +19,39 @@ def test_dry_run_for_the_8b_default_counts_like_lora(tmp_path):
     assert result["base_params"] == 8_030_261_248
 
 
-def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(tmp_path, monkeypatch, tiny_llama_64_dir,
-                                                                      records_path):
-    from transformers import AutoModelForCausalLM
-
-    loaded = []
-    load_model = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **kw: loaded.append(load_model(*a, **kw)) or loaded[-1])
-    args = ["--model", str(tiny_llama_64_dir), "--dataset", str(records_path), "--quantize", "4bit",
-            "--max-train-samples", "8", "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "128",
-            "--batch-size", "2", "--max-steps", "2", "--general-file", "", "--output-dir", str(tmp_path / "qlora")]
-    finetune.main([*args, "--output", str(tmp_path / "qlora.json")])
-    result = json.loads((tmp_path / "qlora.json").read_text())
-
+def test_qlora_loads_every_linear_layer_in_nf4_with_double_quantisation(tiny_llama_64_dir):
     import bitsandbytes
 
-    four_bit = [module for module in loaded[0].modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
+    model = models.load_model(str(tiny_llama_64_dir), torch.float32, "cpu",
+                              quantization_config=models.four_bit_config("cpu"))
+    four_bit = [module for module in model.modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
     assert all(module.weight.quant_state.quant_type == "nf4" and module.weight.quant_state.nested  # double quant
                for module in four_bit)
-    assert result["method"] == "qlora" and result["optimizer_steps"] == 2
-    assert result["dtype_by_part"] == models.dtype_by_part(loaded[0])
+
+
+@pytest.mark.slow
+def test_qlora_trains_on_cpu_with_4bit_weights_and_unquantised_counts(trained_run, tiny_llama_64_dir):
+    from conftest import TRAINED_RUNS
+    from transformers import AutoModelForCausalLM
+
+    result = trained_run("qlora").results  # finetune.py --quantize 4bit, 4 steps (tests/conftest.py)
+    assert result["method"] == "qlora" and result["optimizer_steps"] == 4
+    # What the run trained: the 4-bit model, prepared for training, with adapters (as the script builds it).
+    args = finetune.parse_args(TRAINED_RUNS["qlora"][1])
+    four_bit = models.load_model(str(tiny_llama_64_dir), torch.float32, "cpu",
+                                 quantization_config=models.four_bit_config("cpu"))
+    prepared = lora.add_adapters(adapters.prepare_for_4bit_training(four_bit), args)
+    assert result["dtype_by_part"] == models.dtype_by_part(prepared) and "linear_4bit" in result["dtype_by_part"]
     assert math.isfinite(result["perplexity"]) and result["eval_tokens"] > 0
     # Scored as every method is (lvf.precision): the adapters on the base loaded unquantised in the evaluation dtype.
-    assert len(loaded) == 2
-    assert not any(isinstance(module, bitsandbytes.nn.Linear4bit) for module in loaded[1].modules())
+    # (a 4-bit model scored would show its packed uint8 weights here)
     assert result["eval_dtype"] == "float32" and result["eval_precision"]["weights"] == ["float32"]
 
     # Packed 4-bit weights hold two parameters per byte; the counts must be the unquantised model's.
     unquantised = AutoModelForCausalLM.from_pretrained(tiny_llama_64_dir)
     base_params = sum(parameter.numel() for parameter in unquantised.parameters())
-    trainable, total = models.count_parameters(lora.add_adapters(unquantised, finetune.parse_args(args)))
+    trainable, total = models.count_parameters(lora.add_adapters(unquantised, args))
     assert result["base_params"] == base_params == total - trainable
     assert (result["trainable_params"], result["total_params"]) == (trainable, total)
 

@@ -391,3 +391,20 @@ def test_the_caption_says_the_scoring_precision_and_full_fine_tunings_recipe():
     older = {**run("full", optimizer_in_backward=False, eval_dtype="float32"), "eval_dtype": None}
     assert "scored in float32; full fine-tuning stepped after backward, gradients clipped at norm 1.0;" in (
         tables.caption([older]))
+
+
+def test_the_sessions_trained_runs_are_tabled_paired_and_checked(tmp_path, trained_run):
+    # Real results (tests/conftest.py, TRAINED_RUNS) rather than made-up ones: every method gets its row, and each
+    # difference is paired over every example the runs scored.
+    results_dir = write_runs(tmp_path / "results", {method: trained_run(method).results
+                                                    for method in ("base", "lora", "qlora", "full")})
+    readme = readme_beside(results_dir)
+    argv = [*at(results_dir), "--readme", str(readme), "--resamples", "100"]
+    assert report.main(argv) == 0
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| ")]
+    for label in ("| Zero-shot (base) |", "| LoRA |", "| QLoRA |", "| Full fine-tuning |"):
+        assert [line for line in rows if line.startswith(label)], label
+    examples = trained_run("base").results["eval_examples"]
+    for method in ("LoRA", "QLoRA", "Full fine-tuning"):
+        assert f"| {examples} | one run each: seed variance not measured |" in row(rows, f"| {method} − Zero-shot")
+    assert report.main([*argv, "--check"]) == 0

@@ -84,6 +84,17 @@ def test_no_token_or_secret_reaches_the_results(tmp_path, monkeypatch, capsys, t
     assert secret not in captured.out + captured.err
 
 
+@pytest.mark.parametrize("method", ["base", "lora", "qlora", "full"])
+def test_no_token_reaches_a_trained_runs_files_or_output(method, trained_run):
+    from conftest import SESSION_SECRET
+
+    run = trained_run(method)  # trained with SESSION_SECRET as HF_TOKEN (tests/conftest.py)
+    assert run.results["perplexity"] > 1 and run.output
+    written = [path for path in run.folder.rglob("*") if path.is_file() and path.suffix in (".json", ".txt", ".md")]
+    assert run.results_path in written
+    assert [path for path in written if SESSION_SECRET in path.read_text(errors="replace")] == []
+
+
 class Stop(Exception):
     pass
 

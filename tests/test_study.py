@@ -1,6 +1,5 @@
 """The study: rates picked on validation loss, the picked rate at several seeds, resumable; all-linear LoRA."""
 
-import importlib.util
 import json
 import shutil
 
@@ -12,9 +11,6 @@ from lvf import errors, experiments
 
 SMOKE = "tests/study-smoke.yaml"
 METHODS = list(experiments.load(SMOKE)["study"]["methods"])
-
-pytestmark = pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
-
 
 def test_all_linear_targets_every_linear_layer_but_the_output(tmp_path, tiny_llama_dir):
     output = tmp_path / "dry.json"
@@ -34,6 +30,7 @@ def smoke(tmp_path_factory, tiny_llama_dir, records_path):
     return folder, argv
 
 
+@pytest.mark.slow  # reads the smoke study (the first to ask runs it)
 def test_smoke_study_picks_each_rate_on_validation_and_trains_it_at_every_seed(smoke):
     folder, _ = smoke
     summary = json.loads((folder / "results" / "summary.json").read_text())
@@ -60,6 +57,7 @@ def test_smoke_study_picks_each_rate_on_validation_and_trains_it_at_every_seed(s
     assert lora["config"]["lora_targets"] == "all-linear"
 
 
+@pytest.mark.slow  # reads the smoke study (the first to ask runs it)
 def test_the_rank_axis_trains_the_picked_rate_at_every_seed_and_checks_its_neighbour(smoke):
     folder, _ = smoke
     summary = json.loads((folder / "results" / "summary.json").read_text())
@@ -78,6 +76,7 @@ def test_the_rank_axis_trains_the_picked_rate_at_every_seed_and_checks_its_neigh
         (folder / "results" / family["runs"][0]["file"]).read_text())["trainable_params"]
 
 
+@pytest.mark.slow  # reads the smoke study (the first to ask runs it)
 def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(smoke):
     folder, argv = smoke
     results = sorted((folder / "results").rglob("lr-*.json"))
@@ -92,6 +91,7 @@ def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(smoke):
     assert again["resumed_from"] is None and again["perplexity"] == pytest.approx(kept["perplexity"], rel=1e-6)
 
 
+@pytest.mark.slow  # reads the smoke study (the first to ask runs it)
 def test_the_full_models_of_unpicked_rates_are_not_kept(smoke):
     folder, _ = smoke
     summary = json.loads((folder / "results" / "summary.json").read_text())
@@ -101,6 +101,7 @@ def test_the_full_models_of_unpicked_rates_are_not_kept(smoke):
         assert final.is_dir() == (rate == picked)
 
 
+@pytest.mark.slow  # reads the smoke study (the first to ask runs it)
 def test_a_study_of_some_methods_writes_the_summary_of_every_methods_finished_runs(smoke, tmp_path):
     # Two study processes, each given some --methods, share one summary.json: whichever writes it last, it holds
     # every method whose runs are finished, not only its own.
@@ -117,24 +118,7 @@ def test_a_study_of_some_methods_writes_the_summary_of_every_methods_finished_ru
             run["perplexity"] for run in method["runs"]]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (requirements-dev.txt)")
-def test_two_workers_give_the_same_summary_as_one(smoke, tmp_path, tiny_llama_dir, records_path):
-    folder, _ = smoke
-    argv = ["--config", SMOKE, "--workers", "2", "--study-dir", str(tmp_path / "results"), "--outputs-dir",
-            str(tmp_path / "outputs"), "--", "--model", str(tiny_llama_dir), "--dataset", str(records_path)]
-    study.main(argv)
-    one, two = (json.loads((where / "results" / "summary.json").read_text()) for where in (folder, tmp_path))
-    assert set(one["methods"]) == set(two["methods"])
-    assert two["base"]["perplexity"] == pytest.approx(one["base"]["perplexity"], rel=1e-6)
-    for name, method in one["methods"].items():
-        assert two["methods"][name]["picked_learning_rate"] == method["picked_learning_rate"]
-        assert ([run["perplexity"] for run in two["methods"][name]["runs"]]
-                == pytest.approx([run["perplexity"] for run in method["runs"]], rel=1e-6))
-        assert ({rate: entry["validation_loss"] for rate, entry in two["methods"][name]["learning_rates"].items()}
-                == pytest.approx({rate: entry["validation_loss"] for rate, entry in method["learning_rates"].items()},
-                                 rel=1e-6))
-
-
+@pytest.mark.slow  # reads the smoke study (the first to ask runs it)
 def test_report_shows_the_study_at_each_methods_picked_rate_in_its_own_block(smoke, tmp_path):
     import report
     from lvf import docs_blocks
@@ -159,6 +143,7 @@ def test_report_shows_the_study_at_each_methods_picked_rate_in_its_own_block(smo
     assert "forgetting" in block and (folder / "results" / "learning_vs_forgetting.png").is_file()
 
 
+@pytest.mark.slow  # reads the smoke study (the first to ask runs it)
 def test_a_json_made_with_other_flags_is_not_mixed_in(smoke):
     folder, argv = smoke
     with pytest.raises(errors.UsageError, match="other flags.*max_length"):
