@@ -9,7 +9,7 @@ adapter or model folder, recorded under the method that trained it.
 from pathlib import Path
 
 import common
-from lvf import adapters, artifacts, errors, memory, models, preflight, results, settings
+from lvf import adapters, artifacts, benchmarks, errors, memory, models, preflight, results, settings
 
 METHOD = "base"
 
@@ -53,6 +53,7 @@ def main(argv=None):
 
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     source = models.check_model_source(weights_from)
+    tasks = benchmarks.check_benchmarks(args)  # lm-eval and the --benchmarks tasks, before the model loads
     # With --eval-file only that file is read; before the tokenizer, so a data error shows in milliseconds.
     records = common.load_splits(args, training=False)
     # A saved artifact's own tokenizer carries the chat template it was trained with.
@@ -68,10 +69,11 @@ def main(argv=None):
     with memory.PhasePeak(runtime.device) as eval_peak:
         evaluation = common.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
                                            desc=f"evaluate {method}", general_examples=examples["general"])
+    scored_benchmarks = benchmarks.score(model, tokenizer, args, tasks)  # lm-eval on this very model
     peak = results.process_peak_fields(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **evaluation, **recorded, total_params=total,
-                                   base_params=base_params, **peak, truncation=truncation,
+                                   base_params=base_params, **peak, truncation=truncation, **scored_benchmarks,
                                    **memory.phase_fields(load=load_peak, eval=eval_peak))
     results.finish(record, runtime.output)
 

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 import common
-from lvf import adapters, artifacts, errors, memory, models, plan, preflight, results, settings, training
+from lvf import adapters, artifacts, benchmarks, errors, memory, models, plan, preflight, results, settings, training
 
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
 # flags' they are experiments/llama3-8b-dolly.yaml's experiment (tests/test_experiments.py checks that).
@@ -117,6 +117,7 @@ def main(argv=None):
     # read before the tokenizer, so a data error shows in milliseconds.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
+    tasks = benchmarks.check_benchmarks(args, multiple_processes=runtime.world_size > 1)
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
@@ -156,6 +157,7 @@ def main(argv=None):
         scored = adapters.on_another_base(trained, base)
     evaluation, eval_peak = training.evaluate_trained(scored, trainer, tokenizer, examples, records[2], args, runtime,
                                                       method)
+    scored_benchmarks = benchmarks.score(trainer.accelerator.unwrap_model(scored), tokenizer, args, tasks)
 
     # Save the adapter, then record.
     artifact = training.save_artifact(trainer, runtime.output_dir)
@@ -163,7 +165,8 @@ def main(argv=None):
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
                                    **results.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
                                    trainable_params=trainable, total_params=total, base_params=total - trainable,
-                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned)
+                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned,
+                                   **scored_benchmarks)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 

@@ -13,7 +13,7 @@ import sys
 import torch
 
 import common
-from lvf import artifacts, errors, memory, models, plan, preflight, results, settings, training
+from lvf import artifacts, benchmarks, errors, memory, models, plan, preflight, results, settings, training
 
 METHOD = "full"
 # This script's defaults where they differ from the shared flags' (bench/ reads them here too); with the shared
@@ -141,6 +141,7 @@ def main(argv=None):
     # read before the tokenizer, so a data error shows in milliseconds.
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
+    tasks = benchmarks.check_benchmarks(args, multiple_processes=runtime.world_size > 1)
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation = common.load_examples(args, tokenizer, records)
@@ -165,6 +166,7 @@ def main(argv=None):
     scored = training.without_mixed_precision_wrapper(trainer)
     evaluation, eval_peak = training.evaluate_trained(scored, trainer, tokenizer, examples, records[2], args, runtime,
                                                       METHOD)
+    scored_benchmarks = benchmarks.score(trainer.accelerator.unwrap_model(scored), tokenizer, args, tasks)
 
     # Save the model, then record.
     artifact = training.save_artifact(trainer, runtime.output_dir)
@@ -173,7 +175,8 @@ def main(argv=None):
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
                                    **results.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
                                    trainable_params=trainable, total_params=total, base_params=total,
-                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned)
+                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned,
+                                   **scored_benchmarks)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 

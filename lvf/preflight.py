@@ -23,7 +23,7 @@ from huggingface_hub import get_token
 from huggingface_hub.constants import is_offline_mode
 
 import common
-from lvf import hub, models
+from lvf import benchmarks, hub, models
 from lvf import settings as kit_settings
 
 BLOCKED_EXIT_STATUS = 4  # the pre-flight found a problem (2 is bad input, 3 results written elsewhere)
@@ -78,6 +78,8 @@ def preflight(settings, runtime, method, planned_memory=None, planned_writes_byt
     findings += package_findings(settings, runtime, method, params)
     findings += hub_findings(settings, model)
     findings += data_findings(settings, method)
+    results_folder = kit_settings.results_dir(runtime.experiment)  # where earlier runs recorded benchmark time
+    findings += [Finding(level, text) for level, text in benchmarks.preflight_lines(settings, results_folder)]
     if planned_writes_bytes is None and params is not None:
         state_bytes = (planned_memory or {}).get("optimizer_states")
         planned_writes_bytes = planned_writes(method, params, trainable, settings, runtime, model, state_bytes)
