@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from lvf import errors, experiments, findings, plots
+from lvf import benchmark_tables, errors, experiments, findings, plots
 from lvf.bootstrap import (
     example_tokens,
     interval,
@@ -464,7 +464,7 @@ def render_block(groups, seed, resamples):
     """The tables of a group of runs, and the note on what the numbers mean."""
     found = comparisons(groups, seed, resamples)
     return (results_table(groups, seed, resamples) + comparison_lines(found) + intersection_notes(groups, found)
-            + ["", METHOD_NOTE])
+            + ["", METHOD_NOTE] + benchmark_tables.benchmark_lines(groups, compared_pairs(groups), seed, resamples))
 
 
 def markers(name):
@@ -717,7 +717,9 @@ def draw_plots(groups, found, plot_path, seed, resamples):
     drawn = [draw_plot(groups, plot_path, seed, resamples),
              draw_tradeoff(found, plot_path.with_name("learning_vs_forgetting.png")),
              draw_validation_curves(groups, plot_path.with_name("validation_curves.png")),
-             draw_memory_breakdown(groups, plot_path.with_name("memory-breakdown.png"))]
+             draw_memory_breakdown(groups, plot_path.with_name("memory-breakdown.png")),
+             benchmark_tables.draw_tradeoff(found, plot_path.with_name("learning_vs_benchmarks.png"), seed, resamples,
+                                            lambda group: group_color(group, groups))]
     return [path for path in drawn if path is not None]
 
 
