@@ -11,6 +11,7 @@ lm_eval is imported only when --benchmarks is given: a run without it needs noth
 """
 
 import contextlib
+import importlib.metadata
 import json
 import math
 import random
@@ -219,7 +220,8 @@ def task_record(output, name, settings):
     record = {"items": len(samples), "limit": settings.benchmark_limit,
               "version": output.get("versions", {}).get(name),
               "num_fewshot": output.get("n-shot", {}).get(name),
-              "chat_template": bool(settings.benchmark_chat_template)}
+              "chat_template": bool(settings.benchmark_chat_template),
+              "lm_eval_version": importlib.metadata.version("lm_eval")}
     record["requests"] = sum(len(sample["arguments"]) for sample in samples)  # one per choice
     per_item = [{"id": sample["doc_id"]} for sample in samples]
     for metric, field in METRICS.items():
