@@ -102,15 +102,18 @@ def dataset_id(manager, name):
 
 
 def request_count(manager, name, limit):
-    """(items, choices per item, log-likelihood requests) of a task, None where not known before its data loads."""
+    """(items, choices per item, log-likelihood requests) of a task. A task file that loads its own items (no Hub
+    dataset) is loaded and counted exactly; a Hub task from SPLIT_ITEMS and CHOICES, without its data (None where
+    not listed there)."""
+    if dataset_id(manager, name) is None:
+        task = manager.load([name])["tasks"][name]
+        docs = list(task.eval_docs)[:limit]
+        requests = sum(len(task.doc_to_choice(doc)) for doc in docs)
+        return len(docs), round(requests / len(docs), 2) if docs else 0, requests
     items = SPLIT_ITEMS.get(name)
     items = min(limit, items) if limit and items else (limit or items)
     choices = CHOICES.get(name)
-    if choices is None:
-        listed = (manager.task_index[name].cfg or {}).get("doc_to_choice")
-        choices = len(listed) if isinstance(listed, list) else None
-    requests = items * choices if items and choices else None
-    return items, choices, requests
+    return items, choices, items * choices if items and choices else None
 
 
 def preflight_lines(settings, results_folder=None):
@@ -140,7 +143,7 @@ def preflight_lines(settings, results_folder=None):
                                       "it on first use (needs the network)"))
         items, choices, requests = request_count(manager, name, settings.benchmark_limit)
         total += requests or 0
-        counted = (f"{items} items x {choices} choices = {requests} log-likelihood requests" if requests
+        counted = (f"{items} items x {choices:g} choices = {requests} log-likelihood requests" if requests
                    else "its requests are counted once its data loads")
         lines.append(("info", f"benchmark {name}: {counted}"))
     lines.append(("info", time_line(settings, total, measured_rate(results_folder))))
