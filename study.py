@@ -36,7 +36,7 @@ import common
 import evaluate_base_model
 import finetune
 import full_finetune
-from lvf import checkpoints, errors, experiments, results, scheduling, settings
+from lvf import benchmarks, checkpoints, errors, experiments, results, scheduling, settings
 from lvf.scheduling import Run
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -435,6 +435,10 @@ def print_plan(study):
     print(f"[study] stage 2, at each method's picked rate: about {len(later)} runs (seeds "
           f"{', '.join(map(str, study.seeds[1:]))}; other ranks at every seed; the picked rate's neighbours at the "
           "smallest and largest rank)")
+    scored = benchmarks.study_line(script_of(first[0]).parse_args(list(first[0].argv)), len(first + later),
+                                   study.study_dir)
+    if scored:
+        print(f"[study] {scored}")
 
 
 def main(argv=None):

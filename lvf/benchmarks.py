@@ -150,6 +150,23 @@ def preflight_lines(settings, results_folder=None):
     return lines
 
 
+def study_line(settings, runs, results_folder):
+    """For a study's dry run: the benchmarks each of its runs scores, their requests over the study, and their time
+    where an earlier run measured it; None without --benchmarks."""
+    names = task_names(settings)
+    if not names:
+        return None
+    if not lm_eval_installed():
+        return f"benchmarks {', '.join(names)}: lm-eval-harness is not installed: {INSTALL}"
+    manager = check_benchmarks(settings)
+    counts = [request_count(manager, name, settings.benchmark_limit)[2] for name in names]
+    if None in counts:
+        return f"benchmarks {', '.join(names)} on every run's evaluated model (their requests counted as data loads)"
+    per_run = sum(counts)
+    return (f"benchmarks {', '.join(names)} on every run's evaluated model, {per_run} requests a run: "
+            + time_line(settings, per_run * runs, measured_rate(results_folder)))
+
+
 def measured_rate(results_folder):
     """(seconds per request, the file that measured it) from an earlier run of the experiment, or None."""
     for path in sorted(Path(results_folder).glob("*.json")) if results_folder and Path(results_folder).is_dir() else []:
