@@ -243,7 +243,9 @@ def task_record(output, name, settings):
               "chat_template": bool(settings.benchmark_chat_template),
               "lm_eval_version": importlib.metadata.version("lm_eval")}
     record["requests"] = sum(len(sample["arguments"]) for sample in samples)  # one per choice
-    per_item = [{"id": sample["doc_id"]} for sample in samples]
+    # Each choice's log-likelihood too: the finest thing to compare runs (or lm_eval's own output) on.
+    per_item = [{"id": sample["doc_id"],
+                 "loglikelihoods": [float(response[0]) for response in sample["filtered_resps"]]} for sample in samples]
     for metric, field in METRICS.items():
         if metric not in samples[0]:
             continue

@@ -51,6 +51,8 @@ def assert_same_scores(ours, theirs):
     samples = sorted(theirs["samples"]["demo_mc"], key=lambda sample: sample["doc_id"])
     assert [item["correct"] for item in ours["per_item"]] == [int(sample["acc"]) for sample in samples]
     assert [item["correct_norm"] for item in ours["per_item"]] == [int(sample["acc_norm"]) for sample in samples]
+    assert [item["loglikelihoods"] for item in ours["per_item"]] == [
+        [float(response[0]) for response in sample["filtered_resps"]] for sample in samples]
 
 
 def test_base_accuracy_equals_lm_evals_own_run_of_the_same_model(scored, tiny_llama_dir):
@@ -67,6 +69,8 @@ def test_a_tuned_run_scores_the_weights_it_saved(scored, method, tiny_llama_dir)
     theirs = (lm_eval_scores(pretrained=str(tiny_llama_dir), peft=artifact) if method == "lora"
               else lm_eval_scores(pretrained=artifact))
     assert_same_scores(scored[method]["benchmarks"]["demo_mc"], theirs)
+    tuned, base = (scored[name]["benchmarks"]["demo_mc"]["per_item"] for name in (method, "base"))
+    assert [item["loglikelihoods"] for item in tuned] != [item["loglikelihoods"] for item in base]  # not the base
 
 
 @pytest.mark.parametrize("method", ["base", "lora", "full"])
