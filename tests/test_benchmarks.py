@@ -18,7 +18,7 @@ BENCHMARK = ["--benchmarks", "demo_mc", "--benchmark-tasks-dir", TASKS_DIR, "--b
              "--benchmark-batch-size", "4"]
 SMALL = ["--max-eval-samples", "2", "--max-length", "128", "--general-file", "", "--device", "cpu",
          "--bootstrap-resamples", "200"]
-TRAINING = ["--max-train-samples", "8", "--max-val-samples", "2", "--max-steps", "2", "--eval-steps", "1"]
+TRAINING = ["--max-train-samples", "16", "--max-val-samples", "2", "--max-steps", "4", "--eval-steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,17 @@ def test_item_interval_is_the_bootstrap_of_the_items():
     low, high = benchmarks.item_interval(correct, seed=0, resamples=2000)
     assert low < 0.75 < high and 0.55 < low and high < 0.9
     assert benchmarks.item_interval(np.ones(20), seed=0, resamples=200) == [1.0, 1.0]
+
+
+def test_the_report_shows_the_benchmarks_beside_perplexity_and_plots_them(scored, tmp_path):
+    import report
+
+    runs = [{**scored[method], "source": f"{method}.json"} for method in ("base", "lora", "full")]
+    groups = report.group_runs(runs, report.VARIANT_KEYS.split(","))
+    text = "\n".join(report.render_block(groups, 0, 100))
+    assert f"| benchmark accuracy (95% CI) | demo_mc ({LIMIT} items) |" in text
+    for row in ("| LoRA − Full fine-tuning |", "| LoRA − Zero-shot (base) |",
+                "| Full fine-tuning − Zero-shot (base) |"):
+        assert text.count(row) == 2  # in the perplexity comparison and in the benchmark one
+    drawn = report.draw_plots(groups, report.comparisons(groups, 0, 100), tmp_path / "comparison.png", 0, 100)
+    assert tmp_path / "learning_vs_benchmarks.png" in drawn
