@@ -12,6 +12,7 @@ lm_eval is imported only when --benchmarks is given: a run without it needs noth
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import random
@@ -31,10 +32,10 @@ INSTALL = "pip install lm-eval==0.4.13 (requirements.txt)"
 METRICS = {"acc": "accuracy", "acc_norm": "accuracy_norm"}
 # Answer choices per item of the forgetting tasks of Biderman et al. 2024 ("LoRA Learns Less and Forgets Less"), as
 # lm-eval scores them: one log-likelihood request per choice. ARC-Challenge has 4 choices on most items (a few 3 or
-# 5). The dry run's count of requests reads them; a task not listed is counted from its own YAML's doc_to_choice
-# where that is a list, else its requests are not counted.
-CHOICES = {"hellaswag": 4, "arc_challenge": 4, "arc_easy": 4, "winogrande": 2, "piqa": 2, "boolq": 2}
-# Items each task scores without --benchmark-limit (lm-eval's evaluation split), for the dry run's count.
+# 5). The dry run counts a Hub task's requests from these two tables, without its data (a task not listed is not
+# counted); a task file of one's own that loads its own items is loaded and counted exactly.
+CHOICES = {"hellaswag": 4, "arc_challenge": 4, "arc_easy": 4, "winogrande": 2}
+# Items each task scores without --benchmark-limit (lm-eval's evaluation split).
 SPLIT_ITEMS = {"hellaswag": 10042, "arc_challenge": 1172, "arc_easy": 2376, "winogrande": 1267}
 
 
@@ -48,11 +49,7 @@ def task_names(settings):
 
 
 def lm_eval_installed():
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("lm_eval") is not None  # looked up, not imported: the pre-flight stays quick
 
 
 def task_manager(settings):
@@ -96,16 +93,21 @@ def check_benchmarks(settings, multiple_processes=False):
     return manager
 
 
+# datasets' own loaders, which a task file can name with local data_files: not Hub datasets.
+LOCAL_LOADERS = ("json", "csv", "parquet", "text", "arrow")
+
+
 def dataset_id(manager, name):
-    """The Hub dataset a task reads, or None (a task file that loads its own items)."""
-    return (manager.task_index[name].cfg or {}).get("dataset_path")
+    """The Hub dataset a task reads, or None (a task file that loads its own items, or local files)."""
+    path = (manager.task_index[name].cfg or {}).get("dataset_path")
+    return None if path in LOCAL_LOADERS or (path and Path(path).exists()) else path
 
 
 def request_count(manager, name, limit):
     """(items, choices per item, log-likelihood requests) of a task. A task file that loads its own items (no Hub
     dataset) is loaded and counted exactly; a Hub task from SPLIT_ITEMS and CHOICES, without its data (None where
     not listed there)."""
-    if dataset_id(manager, name) is None:
+    if dataset_id(manager, name) is None:  # local items: loading them costs little
         task = manager.load([name])["tasks"][name]
         docs = list(task.eval_docs)[:limit]
         requests = sum(len(task.doc_to_choice(doc)) for doc in docs)
