@@ -13,6 +13,7 @@ from lvf import (
     adapters,
     artifacts,
     base,
+    benchmarks,
     dry_run,
     errors,
     memory,
@@ -66,6 +67,7 @@ def main(argv=None):
     # Everything that can be wrong with the input fails here, in seconds, before the model loads.
     preflight.stop_if_blocked(args, runtime, METHOD, model=weights_from)  # the GPU, its driver and host memory
     source = models.check_model_source(weights_from)
+    tasks = benchmarks.check_benchmarks(args)  # lm-eval and the --benchmarks tasks, before the model loads
     # With --eval-file only that file is read; before the tokenizer, so a data error shows in milliseconds.
     records = common.load_splits(args, training=False)
     # A saved artifact's own tokenizer carries the chat template it was trained with.
@@ -81,10 +83,11 @@ def main(argv=None):
     with memory.PhasePeak(runtime.device) as eval_peak:
         evaluation = scoring.evaluate_model(model, tokenizer, examples["eval"], eval_records, args, runtime.device,
                                             desc=f"evaluate {method}", general_examples=examples["general"])
+    scored_benchmarks = benchmarks.score(model, tokenizer, args, tasks)  # lm-eval on this very model
     peak = memory.process_peak_fields(runtime.device)
     _, total = models.count_parameters(model)
     record = results.build_results(args, runtime, method, **evaluation, **recorded, total_params=total,
-                                   base_params=base_params, **peak, truncation=truncation,
+                                   base_params=base_params, **peak, truncation=truncation, **scored_benchmarks,
                                    **memory.phase_fields(load=load_peak, eval=eval_peak))
     results.finish(record, runtime.output)
 

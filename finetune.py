@@ -8,6 +8,7 @@ import common
 from lvf import (
     adapters,
     artifacts,
+    benchmarks,
     dry_run,
     errors,
     lora,
@@ -42,6 +43,7 @@ def main(argv=None):
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
     precision.check_scoring(args, runtime, method)
+    tasks = benchmarks.check_benchmarks(args, multiple_processes=runtime.world_size > 1)
     quantization = models.four_bit_config(runtime.device) if args.quantize == "4bit" else None
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
@@ -85,13 +87,15 @@ def main(argv=None):
         scored = adapters.on_another_base(trained, base)
     evaluation, eval_peak = training.evaluate_trained(scored, trainer, tokenizer, examples, records[2], args, runtime,
                                                       method)
+    scored_benchmarks = benchmarks.score(trainer.accelerator.unwrap_model(scored), tokenizer, args, tasks)
 
     # Record.
     record = results.build_results(args, runtime, method, **measured, **evaluation,
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
                                    **memory.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
                                    trainable_params=trainable, total_params=total, base_params=total - trainable,
-                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned)
+                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned,
+                                   **scored_benchmarks)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 

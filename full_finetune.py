@@ -8,6 +8,7 @@
 import common
 from lvf import (
     artifacts,
+    benchmarks,
     dry_run,
     errors,
     full,
@@ -44,6 +45,7 @@ def main(argv=None):
     source = models.check_model_source(args.model)
     models.check_attention_implementation(args.attn_implementation)
     precision.check_scoring(args, runtime, method)
+    tasks = benchmarks.check_benchmarks(args, multiple_processes=runtime.world_size > 1)
     records = common.load_splits(args)  # train, validation, eval
     tokenizer = models.load_tokenizer(source, args.chat_template, args.trust_remote_code)
     examples, truncation = common.load_examples(args, tokenizer, records)
@@ -72,6 +74,7 @@ def main(argv=None):
     scored = training.scored_in_eval_dtype(trainer, runtime)
     evaluation, eval_peak = training.evaluate_trained(scored, trainer, tokenizer, examples, records[2], args, runtime,
                                                       method)
+    scored_benchmarks = benchmarks.score(trainer.accelerator.unwrap_model(scored), tokenizer, args, tasks)
 
     # Record.
     trainable, total = models.count_parameters(model)
@@ -79,7 +82,8 @@ def main(argv=None):
                                    **memory.phase_fields(load=load_peak, train=train_peak, eval=eval_peak),
                                    **memory.process_peak_fields(runtime.device), **training.artifact_fields(artifact),
                                    trainable_params=trainable, total_params=total, base_params=total,
-                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned)
+                                   truncation=truncation, dtype_by_part=stored_as, planned_memory=planned,
+                                   **scored_benchmarks)
     results.finish(record, runtime.output, fallback_dir=runtime.output_dir)
 
 

@@ -27,7 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lvf import discovery, docs_blocks, errors, findings, plots, tables
+from lvf import benchmark_tables, discovery, docs_blocks, errors, findings, plots, tables
 from lvf import groups as grouping
 from lvf.cli import HelpFormatter, description
 from lvf.files import write_atomic
@@ -72,7 +72,8 @@ def render_block(groups, seed, resamples):
     """The tables of a group of runs, and the note on what the numbers mean: a table per function of lvf.tables."""
     found = grouping.comparisons(groups, seed, resamples)
     return (tables.results_table(groups, seed, resamples) + tables.comparison_table(found)
-            + tables.intersection_notes(groups, found) + ["", tables.METHOD_NOTE])
+            + tables.intersection_notes(groups, found) + ["", tables.METHOD_NOTE]
+            + benchmark_tables.benchmark_lines(groups, grouping.compared_pairs(groups), seed, resamples))
 
 
 def experiment_block(experiment, args):
@@ -106,6 +107,9 @@ def write_report(experiment, groups, lines, study, args):
     """report.md and the plots, in the experiment's results folder (a study's own plots too)."""
     found = grouping.comparisons(groups, args.seed, args.resamples)
     drawn = plots.draw_group_plots(groups, found, experiment.folder, args.seed, args.resamples)
+    drawn += [path for path in [plots.draw_benchmark_tradeoff(
+        benchmark_tables.tradeoff_points(found, args.seed, args.resamples), groups,
+        experiment.folder / "learning_vs_benchmarks.png")] if path is not None]
     if study is not None:
         drawn += plots.draw_study_plots(experiment.folder, *study, args.seed, args.resamples)
     report = ["# " + lines[0].removeprefix("### "), *lines[1:], "", *(f"![{path.stem}]({path.name})" for path in drawn)]

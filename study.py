@@ -39,6 +39,7 @@ import torch
 
 from lvf import (
     base,
+    benchmarks,
     checkpoints,
     defaults,
     errors,
@@ -645,6 +646,10 @@ def print_listing(study):
                 hours = f"{sum(cost.hours for cost in axis):,.1f} GPU-hours of training"
             print(f"  the rank axis ({method.name} at ranks {', '.join(map(str, method.ranks))}, beside its own "
                   f"{method.rank}) adds {len(axis)} of these runs: {hours}")
+    scored = benchmarks.study_line(run_settings(first[0]), len(first + later),
+                                   study.study_dir)
+    if scored:
+        print(f"[study] {scored}")
     return preflight.exit_status(first_disk + later_disk)
 
 

@@ -3,6 +3,7 @@ each LoRA method's picked learning rate over full fine-tuning's, bracketed by th
 with rank; and the smallest rank at which LoRA's held-out perplexity reaches full fine-tuning's. Pure functions of
 the summary and the runs (lvf.discovery.load_study_runs)."""
 
+from lvf import benchmark_tables
 from lvf.plots import family, is_full, method_order, seed_runs
 from lvf.statistics import interval, mean_perplexity, shared_ids, two_level_draws
 
@@ -172,5 +173,5 @@ def findings_lines(summary, runs, seed=42, resamples=1000):
     reaching full fine-tuning; every number from the summary and the runs."""
     lines = ["", "**Findings** (generated from the study's JSON):", ""]
     lines += rate_ratios(summary) + rank_rate_checks(summary) + rank_reaching_full(summary, runs, seed, resamples)
-    return lines
+    return lines + benchmark_tables.findings_lines(summary, runs, seed, resamples)
 

@@ -250,6 +250,35 @@ def draw_group_plots(groups, found, folder, seed=42, resamples=1000):
     return [path for path in drawn if path is not None]
 
 
+def draw_benchmark_tradeoff(points, groups, path):
+    """Learning (held-out perplexity gained) against forgetting (benchmark accuracy lost, mean of the tasks), each
+    group's mean with both paired intervals; points: lvf.benchmark_tables.tradeoff_points; None when no tuned run
+    recorded a benchmark. `groups`: all of them (for the colours)."""
+    if not points:
+        return None
+    palette = group_colors(groups)
+    figure = Figure(figsize=(7.5, 5.5))
+    axis = figure.subplots()
+    for group, learned, forgot, _ in points:
+        x, y = learned["value"], forgot["value"]
+        axis.errorbar([x], [y], xerr=[[x - learned["ci95"][0]], [learned["ci95"][1] - x]],
+                      yerr=[[y - forgot["ci95"][0]], [forgot["ci95"][1] - y]], fmt="o", markersize=10,
+                      color=palette[group.label], capsize=5,
+                      label=f"{group.label} ({len(group.runs)} run{'s' if len(group.runs) > 1 else ''})")
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.axhline(0, color="black", linewidth=0.8)
+    tasks = points[0][3]
+    axis.set_xlabel("learning: base − tuned held-out perplexity (higher = learned more)")
+    axis.set_ylabel(f"forgetting: base − tuned accuracy, {'mean of tasks' if len(tasks) > 1 else tasks[0]} "
+                    "(higher = forgot more)")
+    axis.set_title(f"Learning vs forgetting on benchmarks ({', '.join(tasks)})\n95% intervals: seeds, then items",
+                   fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return save(figure, path)
+
+
 # --------------------------------------------------------------------------- a study's methods
 
 

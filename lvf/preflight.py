@@ -30,7 +30,7 @@ from huggingface_hub import get_token
 from huggingface_hub.constants import is_offline_mode
 
 import common
-from lvf import models, precision
+from lvf import benchmarks, models, precision
 from lvf import settings as kit_settings
 from lvf.errors import UsageError
 
@@ -87,6 +87,8 @@ def preflight(settings, runtime, method, planned_memory=None, planned_writes_byt
     findings += package_findings(settings, runtime, method, params)
     findings += hub_findings(settings, model)
     findings += data_findings(settings, method)
+    results_folder = kit_settings.results_dir(runtime.experiment)  # where earlier runs recorded benchmark time
+    findings += [Finding(level, text) for level, text in benchmarks.preflight_lines(settings, results_folder)]
     if planned_writes_bytes is None and params is not None:
         state_bytes = (planned_memory or {}).get("optimizer_states")
         planned_writes_bytes = planned_writes(method, params, trainable, settings, runtime, model, state_bytes)

@@ -37,6 +37,7 @@ RESULT_FIELDS = [
     "seed", "truncation", "config", "runtime", "versions", "git_commit", "created_at", "dry_run",
     "general_file", "general_perplexity", "general_perplexity_ci95", "general_eval_loss", "general_eval_tokens",
     "general_eval_examples", "general_eval_seconds", "log_history", "per_example", "general_per_example",
+    "benchmarks", "benchmark_seconds",
 ]
 
 

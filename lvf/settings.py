@@ -77,6 +77,7 @@ def evaluation_parser(about, method, dtype_help=DTYPE_HELP):
     add_model_flags(parser, dtype_help)
     add_data_flags(parser)
     add_evaluation_flags(parser)
+    add_benchmark_flags(parser)
     add_output_flags(parser, method)
     return parser
 
@@ -135,6 +136,25 @@ def add_evaluation_flags(parser):
     add("--seed-style-metric", action="store_true",
         help="also compute the write-up's flawed perplexity (labels = input ids, padded to 512 with eos, "
              "context dropped) on the same examples, as seed_style_perplexity")
+
+
+def add_benchmark_flags(parser):
+    """lm-evaluation-harness tasks scored on the evaluated model (lvf.benchmarks)."""
+    group = parser.add_argument_group("benchmarks (lm-evaluation-harness)")
+    add = group.add_argument
+    add("--benchmarks", default=None, metavar="TASK[,TASK...]",
+        help="lm-eval-harness tasks to score the evaluated model on, in memory (e.g. hellaswag,arc_challenge,"
+             "winogrande): accuracy, its 95%% interval over items and each item's correctness; needs lm-eval "
+             "(requirements.txt)")
+    add("--benchmark-limit", type=positive_int, default=None, metavar="N",
+        help="score only each task's first N items (lm-eval's --limit: the same items in every run)")
+    add("--benchmark-tasks-dir", default=None, metavar="DIR",
+        help="a folder of one's own task YAML files (lm-eval's --include_path), e.g. data/benchmarks")
+    add("--benchmark-batch-size", type=positive_int, default=8,
+        help="log-likelihood requests per forward pass while scoring the benchmarks")
+    add("--benchmark-chat-template", action="store_true",
+        help="wrap each prompt in the tokenizer's chat template (lm-eval's --apply_chat_template); by default "
+             "lm-eval's plain prompts, so that a figure equals what the lm_eval command gives")
 
 
 def add_output_flags(parser, method):

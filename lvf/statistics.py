@@ -72,15 +72,43 @@ def two_level_draws(sides, ids, seed, resamples, field="per_example"):
     """Resampled mean perplexity of each side (a list of runs): per resample, one draw of examples shared by
     every side (paired by id), then each side's seeds drawn with replacement."""
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(ids), size=(resamples, len(ids)))
-    weights = np.zeros((resamples, len(ids)))
-    np.add.at(weights, (np.arange(resamples)[:, None], picks), 1.0)
+    weights = item_weights(rng, len(ids), resamples)
     draws = []
     for runs in sides:
         nll, tokens = run_matrices(runs, ids, field)
         per_seed = np.exp((weights @ nll.T) / np.maximum(weights @ tokens.T, 1))  # resamples x runs
-        seeds = rng.integers(0, len(runs), size=(resamples, len(runs)))
-        draws.append(np.take_along_axis(per_seed, seeds, axis=1).mean(1))
+        draws.append(resampled_seed_means(rng, per_seed))
+    return draws
+
+
+def item_weights(rng, items, resamples):
+    """How often each item is drawn in each resample (resamples x items): one draw serves every side, so the sides
+    stay paired item by item."""
+    picks = rng.integers(0, items, size=(resamples, items))
+    weights = np.zeros((resamples, items))
+    np.add.at(weights, (np.arange(resamples)[:, None], picks), 1.0)
+    return weights
+
+
+def resampled_seed_means(rng, per_seed):
+    """per_seed: a statistic per resample and run (resamples x runs); per resample, the mean over runs (seeds) drawn
+    with replacement."""
+    seeds = rng.integers(0, per_seed.shape[1], size=per_seed.shape)
+    return np.take_along_axis(per_seed, seeds, axis=1).mean(1)
+
+
+def two_level_mean_draws(sides, strata, seed, resamples):
+    """The same two-level bootstrap for a score per item, such as a benchmark's correctness (0 or 1). sides: one
+    matrix per side, runs x items, columns paired across sides; strata: lists of column indices (one per task),
+    each resampled within itself. Per resample and run, the mean over strata of each stratum's mean item score
+    (each task weighs the same however many items it has); then each side's seeds are drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    weights = [item_weights(rng, len(columns), resamples) for columns in strata]
+    draws = []
+    for scores in sides:
+        per_seed = np.mean([drawn @ scores[:, columns].T / len(columns)
+                            for drawn, columns in zip(weights, strata, strict=True)], axis=0)  # resamples x runs
+        draws.append(resampled_seed_means(rng, per_seed))
     return draws
 
 

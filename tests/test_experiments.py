@@ -57,10 +57,14 @@ def test_a_flag_overrides_its_file():
 
 
 def test_the_gpu_file_is_the_scripts_defaults_and_repeats_none_of_them():
+    # The file is the defaults plus the forgetting benchmarks it lists.
+    benchmarks = ["--benchmarks", "hellaswag,arc_challenge,winogrande", "--benchmark-limit", "1000"]
     for module in SCRIPTS:
-        assert as_dict(module.parse_args(["--config", str(GPU)])) == as_dict(module.parse_args([]))
-    # Each default lives in one place (lvf/settings.py, lvf/defaults.py): the file names the experiment only.
-    assert experiments.flag_values(GPU, ("shared", "training", *experiments.SCRIPT_SECTIONS)) == {}
+        assert as_dict(module.parse_args(["--config", str(GPU)])) == as_dict(module.parse_args(benchmarks))
+    # Each default lives in one place (lvf/settings.py, lvf/defaults.py): the file sets the benchmarks only.
+    set_by_the_file = experiments.flag_values(GPU, ("shared", "training", *experiments.SCRIPT_SECTIONS))
+    assert {key: value for key, (value, _) in set_by_the_file.items()} == {
+        "benchmarks": "hellaswag,arc_challenge,winogrande", "benchmark_limit": 1000}
 
 
 def write(tmp_path, text):

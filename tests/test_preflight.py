@@ -65,7 +65,8 @@ def downloaded(tmp_path, monkeypatch):
     disk to spare. (The check itself reads nothing from the network.)"""
     cache = tmp_path / "hub"
     for folder in ("models--meta-llama--Meta-Llama-3-8B-Instruct", "datasets--databricks--databricks-dolly-15k",
-                   "datasets--Salesforce--wikitext"):
+                   "datasets--Salesforce--wikitext", "datasets--Rowan--hellaswag", "datasets--allenai--ai2_arc",
+                   "datasets--allenai--winogrande"):  # the last three: the GPU experiment's --benchmarks
         (cache / folder).mkdir(parents=True)
     monkeypatch.setattr(common, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(preflight, "get_token", lambda: "hf_" + "x" * 30)
