@@ -72,6 +72,23 @@ def test_the_gpu_study_dry_run_gives_each_stage_its_disk_peak_against_the_free_d
     assert float(peak.group(1)) >= 3 * float(full_line.group(1))
 
 
+
+def test_the_study_engine_doc_quotes_the_gpu_study_dry_run(gpu_study_dry_run):
+    """docs/study-engine.md's disk figures for the GPU study are what its dry run prints (never typed by hand)."""
+    output, _ = gpu_study_dry_run
+    doc = " ".join((PROJECT_DIR / "docs" / "study-engine.md").read_text().split())
+    quoted = re.search(r"each full fine-tuning run ([\d.]+ GB) while it trains and ([\d.]+ GB) kept; stage 1 at its "
+                       r"peak ([\d.]+ GB) \(plus the model's ([\d.]+ GB) download.*?stage 2, with what stage 1 leaves, "
+                       r"([\d.]+ GB); the rank axis adds (\d+) of stage 2's (\d+) runs", doc)
+    assert quoted, "docs/study-engine.md no longer quotes the GPU study's dry run"
+    training, kept, first, download, second, axis, later = quoted.groups()
+    assert f"full 3 x {training} while training, {kept} kept" in output
+    assert f"download {download}" in output
+    assert f"stage 1's checkpoints and final models at their peak with --workers 8 {first}" in output
+    assert re.search(rf"stage 2's checkpoints and final models at their peak with --workers 8 \(and [\d.]+ GB stage 1 "
+                     rf"leaves\) {re.escape(second)}", output)
+    assert f"adds {axis} of these runs" in output and f"about {later} runs" in output
+
 def test_the_gpu_study_times_its_stages_from_gpu_check(gpu_study_dry_run):
     output, _ = gpu_study_dry_run
     contents = yaml.safe_load((PROJECT_DIR / GPU_STUDY).read_text())["study"]
