@@ -24,7 +24,9 @@ def test_fsdp_ranks_see_fsdp_at_load_and_only_rank_0_holds_the_weights(tmp_path,
     args = ["--model", str(tiny_llama_dir), "--dataset", str(records_path), "--general-file", "",
             "--max-train-samples", "8",
             "--max-val-samples", "2", "--max-eval-samples", "4", "--max-length", "256",
-            "--output-dir", str(tmp_path / "full"), "--output", str(tmp_path / "full.json")]
+            "--output-dir", str(tmp_path / "full"), "--output", str(tmp_path / "full.json"),
+            # the config's mixed precision (bf16) is what the sharded forward scores in (lvf.precision)
+            "--eval-dtype", "bfloat16"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(common.PROJECT_DIR)}
     result = subprocess.run([*launch, str(worker), str(tmp_path), *args], capture_output=True, text=True, env=env,
