@@ -36,11 +36,23 @@ def real_dolly_path():
     return REAL_DOLLY
 
 
+# The files that take longest, longest first (from a full run's --durations; docs/testing.md). make test runs
+# pytest-xdist with --dist loadfile --no-loadscope-reorder: it hands out whole files in this order, so the long
+# ones start at once, side by side, and the short ones fill in behind them (xdist's own order is by test count,
+# which would start a 1-test file of 2.5 minutes last).
+LONGEST_FILES = ["test_gpu_smoke.py", "test_errors.py", "test_study.py", "test_report.py", "test_resume.py",
+                 "test_end_to_end.py", "test_evaluate_artifacts.py", "test_scheduling.py", "test_full_precision.py",
+                 "test_lora_variants.py", "test_distributed.py", "test_fsdp_loading.py", "test_safety.py"]
+
+
 def pytest_collection_modifyitems(items):
-    """A test that reads the session's trained runs is slow: the first one to ask trains them."""
+    """A test that reads the session's trained runs is slow: the first one to ask trains them. The longest files
+    come first (LONGEST_FILES), each file's tests in their own order."""
     for item in items:
         if "trained_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def shared_folder(tmp_path_factory):
