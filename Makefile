@@ -9,7 +9,8 @@ TF517 := .venv-tf517
 DEMO := experiments/demo-cpu.yaml
 STUDY := experiments/study-cpu.yaml
 WORKERS ?= 1
-# pytest in 2 processes (pytest-xdist), each test file in one of them so its module fixtures are built once.
+# pytest in 2 processes (pytest-xdist), each test file in one of them so its module fixtures are built once; the
+# longest files first (tests/conftest.py, LONGEST_FILES), not xdist's order by test count.
 TEST_PROCESSES ?= 2
 export HF_HUB_OFFLINE ?= 1
 
@@ -32,7 +33,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-tf517.txt pyproject
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) report.py --check
-	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -152,6 +152,26 @@ def wait_interruptibly(process):
             continue
 
 
+def run_process(run, argv, cwd, lock):
+    """`python [LAUNCHER...] SCRIPT ARGV...` in cwd, a process of its own that inherits the open lock file; its
+    exit status (negative: killed by that signal)."""
+    # The interpreter of this process: on a cluster, the worker machine's own (the same path as the
+    # study's only when every machine installs the project alike, as docs/study-engine.md asks).
+    command = [sys.executable, *run.launcher, run.script, *argv]
+    if sys.platform == "linux":
+        command = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command]
+    process = subprocess.Popen(command, cwd=cwd, pass_fds=(lock.fileno(),))
+    try:
+        return wait_interruptibly(process)
+    except KeyboardInterrupt:
+        # Ctrl-C: a training script saves a checkpoint on SIGINT, so forward it and wait rather than kill
+        # the run mid-save (the scripts take the same signal twice within a second, as the terminal's and
+        # this one, as one). A second Ctrl-C leaves at once; the run then gets SIGTERM and stops at once.
+        process.send_signal(signal.SIGINT)
+        process.wait()
+        raise
+
+
 def execute(run, cwd=None):
     """Runs one run here (in the study process, or in a Ray worker) unless its results are complete, resuming
     from its newest checkpoint. Returns (results, None) or (None, why it failed). Holds the run's lock file for
@@ -171,22 +191,8 @@ def execute(run, cwd=None):
         argv = list(run.argv)
         if run.output_dir is not None and latest_checkpoint(run.output_dir) is not None:
             argv.append("--resume")
-        # The interpreter of this process: on a cluster, the worker machine's own (the same path as the
-        # study's only when every machine installs the project alike, as docs/study-engine.md asks).
-        command = [sys.executable, *run.launcher, run.script, *argv]
-        print(f"[study] {run.name}: {shlex.join(command[1:])}", file=sys.stderr, flush=True)
-        if sys.platform == "linux":
-            command = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command]
-        process = subprocess.Popen(command, cwd=cwd, pass_fds=(lock.fileno(),))
-        try:
-            status = wait_interruptibly(process)
-        except KeyboardInterrupt:
-            # Ctrl-C: a training script saves a checkpoint on SIGINT, so forward it and wait rather than kill
-            # the run mid-save (the scripts take the same signal twice within a second, as the terminal's and
-            # this one, as one). A second Ctrl-C leaves at once; the run then gets SIGTERM and stops at once.
-            process.send_signal(signal.SIGINT)
-            process.wait()
-            raise
+        print(f"[study] {run.name}: {shlex.join([*run.launcher, run.script, *argv])}", file=sys.stderr, flush=True)
+        status = run_process(run, argv, cwd, lock)
         if status < 0:
             return None, f"killed by signal {-status}"
         if status != 0:

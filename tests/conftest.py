@@ -36,11 +36,23 @@ def real_dolly_path():
     return REAL_DOLLY
 
 
+# The files that take longest, longest first (from a full run's --durations; docs/testing.md). make test runs
+# pytest-xdist with --dist loadfile --no-loadscope-reorder: it hands out whole files in this order, so the long
+# ones start at once, side by side, and the short ones fill in behind them (xdist's own order is by test count,
+# which would start a 1-test file of 2.5 minutes last).
+LONGEST_FILES = ["test_gpu_smoke.py", "test_errors.py", "test_study.py", "test_report.py", "test_resume.py",
+                 "test_end_to_end.py", "test_evaluate_artifacts.py", "test_scheduling.py", "test_full_precision.py",
+                 "test_lora_variants.py", "test_distributed.py", "test_fsdp_loading.py", "test_safety.py"]
+
+
 def pytest_collection_modifyitems(items):
-    """A test that reads the session's trained runs is slow: the first one to ask trains them."""
+    """A test that reads the session's trained runs is slow: the first one to ask trains them. The longest files
+    come first (LONGEST_FILES), each file's tests in their own order."""
     for item in items:
         if "trained_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def shared_folder(tmp_path_factory):
@@ -119,14 +131,22 @@ SMALL_EVAL = ["--max-eval-samples", "12", "--max-length", "256", "--eval-batch-s
               "--general-file", "python-docs", "--max-general-blocks", "6"]
 SMALL_TRAINING = [*SMALL_EVAL, "--max-train-samples", "24", "--max-val-samples", "6", "--max-steps", "4",
                   "--eval-steps", "2"]
+# base, lora and full also score the project's own lm-eval task on its first BENCHMARK_LIMIT items
+# (tests/test_benchmarks.py checks them against lm_eval's own run of the saved models).
+BENCHMARK_TASKS_DIR = PROJECT_DIR / "data" / "benchmarks"
+BENCHMARK_LIMIT = 12
+BENCHMARK = ["--benchmarks", "demo_mc", "--benchmark-tasks-dir", str(BENCHMARK_TASKS_DIR), "--benchmark-limit",
+             str(BENCHMARK_LIMIT), "--benchmark-batch-size", "4"]
 TRAINED_RUNS = {
-    "base": ("evaluate_base_model", [*SMALL_EVAL, "--seed-style-metric"]),
+    "base": ("evaluate_base_model", [*SMALL_EVAL, "--seed-style-metric", *BENCHMARK]),
     # Checkpointing on where it goes through another call (the Trainer's, or peft's for 4-bit): the quiet-run
     # tests read these runs' warnings.
-    "lora": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--gradient-checkpointing", "on"]),
+    "lora": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--gradient-checkpointing", "on",
+                          *BENCHMARK]),
     "qlora": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--gradient-checkpointing", "on",
                            "--quantize", "4bit"]),
-    "full": ("full_finetune", [*SMALL_TRAINING, "--learning-rate", "1e-3"]),  # checkpointing off: the CPU default
+    "full": ("full_finetune", [*SMALL_TRAINING, "--learning-rate", "1e-3", *BENCHMARK]),  # checkpointing off: the
+    # CPU default
     # As on a CPU with AMX or AVX512-BF16 (--bf16-autocast auto turns it on there): LoRA trains on a bf16 base.
     "lora-bf16-autocast": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--bf16-autocast", "on"]),
     # --dtype and --eval-dtype bfloat16 (CUDA's auto): the trained model itself is scored, in bf16, without autocast.

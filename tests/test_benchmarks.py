@@ -1,38 +1,21 @@
 """--benchmarks: lm-eval-harness tasks scored on the model each script evaluates, on a tiny random Llama and the
 project's own task (data/benchmarks/demo-mc.yaml), a few items of it."""
 
-import json
 import math
 
 import pytest
-from test_end_to_end import run_script
+from conftest import BENCHMARK_LIMIT as LIMIT
+from conftest import BENCHMARK_TASKS_DIR as TASKS_DIR
 
-import common
 from lvf import benchmarks
-
-pytestmark = pytest.mark.slow  # runs the scripts end to end
-
-TASKS_DIR = common.PROJECT_DIR / "data" / "benchmarks"
-LIMIT = 12
-BENCHMARK = ["--benchmarks", "demo_mc", "--benchmark-tasks-dir", TASKS_DIR, "--benchmark-limit", str(LIMIT),
-             "--benchmark-batch-size", "4"]
-SMALL = ["--max-eval-samples", "2", "--max-length", "128", "--general-file", "", "--device", "cpu",
-         "--bootstrap-resamples", "200"]
-TRAINING = ["--max-train-samples", "16", "--max-val-samples", "2", "--max-steps", "4", "--eval-steps", "2"]
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, tiny_llama_dir, records_path):
-    """The base model, a LoRA run and a full run, each with the demo task's first LIMIT items."""
-    out = tmp_path_factory.mktemp("benchmarks")
-    shared = ["--model", tiny_llama_dir, "--dataset", records_path, *SMALL, *BENCHMARK]
-    run_script("evaluate_base_model.py", *shared, "--output", out / "base.json")
-    run_script("finetune.py", *shared, *TRAINING, "--learning-rate", "5e-2", "--output", out / "lora.json",
-               "--output-dir", out / "lora")
-    run_script("full_finetune.py", *shared, *TRAINING, "--learning-rate", "1e-3", "--output", out / "full.json",
-               "--output-dir", out / "full")
-    found = {method: json.loads((out / f"{method}.json").read_text()) for method in ("base", "lora", "full")}
-    return {**found, "folder": out}
+def scored(trained_run):
+    """The session's base, LoRA and full runs, each with the demo task's first LIMIT items (conftest.BENCHMARK)."""
+    runs = {method: trained_run(method) for method in ("base", "lora", "full")}
+    return {**{method: run.results for method, run in runs.items()},
+            "artifacts": {method: run.output_dir / "final" for method, run in runs.items() if method != "base"}}
 
 
 def lm_eval_scores(**model_args):
@@ -55,18 +38,18 @@ def assert_same_scores(ours, theirs):
         [float(response[0]) for response in sample["filtered_resps"]] for sample in samples]
 
 
-def test_base_accuracy_equals_lm_evals_own_run_of_the_same_model(scored, tiny_llama_dir):
+def test_base_accuracy_equals_lm_evals_own_run_of_the_same_model(scored, tiny_llama_64_dir):
     """What the lm_eval command gives for the model folder (it loads it itself) is what the script recorded from the
     model in memory: the accuracy and every item's correctness, exactly."""
-    assert_same_scores(scored["base"]["benchmarks"]["demo_mc"], lm_eval_scores(pretrained=str(tiny_llama_dir)))
+    assert_same_scores(scored["base"]["benchmarks"]["demo_mc"], lm_eval_scores(pretrained=str(tiny_llama_64_dir)))
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_a_tuned_run_scores_the_weights_it_saved(scored, method, tiny_llama_dir):
+def test_a_tuned_run_scores_the_weights_it_saved(scored, method, tiny_llama_64_dir):
     """The trained model is the one scored (LoRA as its adapters on the base in the evaluation dtype): lm_eval on the
     saved artifact (docs/method.md's command) gives the recorded figures."""
-    artifact = str(scored["folder"] / method / "final")
-    theirs = (lm_eval_scores(pretrained=str(tiny_llama_dir), peft=artifact) if method == "lora"
+    artifact = str(scored["artifacts"][method])
+    theirs = (lm_eval_scores(pretrained=str(tiny_llama_64_dir), peft=artifact) if method == "lora"
               else lm_eval_scores(pretrained=artifact))
     assert_same_scores(scored[method]["benchmarks"]["demo_mc"], theirs)
     tuned, base = (scored[name]["benchmarks"]["demo_mc"]["per_item"] for name in (method, "base"))

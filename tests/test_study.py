@@ -1,13 +1,16 @@
 """The study: rates picked on validation loss, the picked rate at several seeds, resumable; all-linear LoRA."""
 
+import contextlib
 import json
+import runpy
 import shutil
+import sys
 
 import pytest
 
 import finetune
 import study
-from lvf import errors, experiments
+from lvf import errors, experiments, scheduling
 
 SMOKE = "tests/study-smoke.yaml"
 METHODS = list(experiments.load(SMOKE)["study"]["methods"])
@@ -21,13 +24,31 @@ def test_all_linear_targets_every_linear_layer_but_the_output(tmp_path, tiny_lla
     assert json.loads(output.read_text())["trainable_params"] == 2 * per_layer
 
 
+def run_in_this_process(run, argv, cwd, lock):
+    """lvf.scheduling.run_process without the process: `python SCRIPT ARGV` as runpy runs it (the script as
+    __main__, sys.argv as the command line gives it) in cwd; its exit status. The study's runs are the scripts'
+    command lines all the same, and the scheduler around them (locks, completion, --resume, failures) is the
+    study's own; the separate process, its signals and its lock are proven by tests/test_scheduling.py's
+    stand-ins. Each process would cost an import of torch and transformers, ten times over."""
+    assert not run.launcher  # the smoke study launches no run through accelerate
+    with contextlib.chdir(cwd), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [run.script, *argv])
+        try:
+            runpy.run_path(run.script, run_name="__main__")
+        except SystemExit as stopped:
+            return stopped.code if isinstance(stopped.code, int) else 1
+    return 0
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, tiny_llama_dir, records_path):
     folder = tmp_path_factory.mktemp("study")
     argv = ["--config", SMOKE, "--study-dir", str(folder / "results"), "--outputs-dir", str(folder / "outputs"),
             "--", "--model", str(tiny_llama_dir), "--dataset", str(records_path)]
-    study.main(argv)
-    return folder, argv
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scheduling, "run_process", run_in_this_process)
+        study.main(argv)
+        yield folder, argv  # the patch holds for the tests that run the study again
 
 
 @pytest.mark.slow  # reads the smoke study (the first to ask runs it)
