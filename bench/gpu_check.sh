@@ -13,6 +13,8 @@
 # bitsandbytes' paged 8-bit AdamW for full fine-tuning only if it imports, as full_finetune.py does. PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The kit's library (lvf, common.py) from this folder, whether or not it is installed (pip install --no-deps -e .).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi

@@ -11,8 +11,6 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 SCRIPTS = {path.stem for path in PROJECT_DIR.glob("*.py")} - {"common", "usage_error"}  # finetune, study, report...
 BENCH = {path.stem for path in (PROJECT_DIR / "bench").glob("*.py")}  # scripts too: each one is run, never imported
 GROUND = {"common", "usage_error"}
-# Removed in the same step as these floors (issue 27); it goes with this line.
-LEAVING = {"bench/profile_step.py"}
 
 
 def imported_modules(path):
@@ -27,8 +25,7 @@ def imported_modules(path):
 
 
 def modules(pattern):
-    return [path for path in sorted(PROJECT_DIR.glob(pattern))
-            if path.relative_to(PROJECT_DIR).as_posix() not in LEAVING]
+    return sorted(PROJECT_DIR.glob(pattern))
 
 
 def floor_of(path):

@@ -70,9 +70,10 @@ def test_the_flags_reach_peft(tiny_model):
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha/sqrt(r), not alpha/r = 2
     assert layer.lora_magnitude_vector["default"].weight.shape == (layer.out_features,)
-    defaults = lora.lora_config(finetune.parse_args([]))
-    assert (defaults.use_dora, defaults.use_rslora, defaults.init_lora_weights) == (False, False, True)
-    assert defaults == lora.default_lora_config()
+    default_config = lora.lora_config(finetune.parse_args([]))
+    assert (default_config.use_dora, default_config.use_rslora, default_config.init_lora_weights) == (
+        False, False, True)
+    assert default_config == lora.default_lora_config()
 
 
 def test_inits_that_change_the_base_are_refused_with_4bit(capsys):
