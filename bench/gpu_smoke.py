@@ -14,12 +14,6 @@ import zipfile
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-
-import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from lvf import models  # noqa: E402
-
 REQUIREMENTS = PROJECT_DIR / "bench" / "requirements-gpu-smoke.txt"
 RUNS = ("base", "lora", "qlora", "full")
 # Llama 3's shape scaled down: GQA 16/4 heads, the 128,256-token vocabulary, untied embeddings: ~480M parameters.
@@ -51,6 +45,8 @@ def llama3_tokenizer(folder, build_into):
     """The saved tokenizer in folder, or else the real Llama 3 tokenizer built (and saved) into build_into from
     Meta's llama-models package, which `make test`'s setup installs (a GPU machine without network may lack it)."""
     if folder is not None:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(folder)
     from lvf.llama3_tokenizer import build_llama3_tokenizer  # deferred: needs llama-models, only without a folder
 
@@ -58,6 +54,13 @@ def llama3_tokenizer(folder, build_into):
 
 
 def build_model(output, tokenizer_folder, tiny):
+    # torch and transformers are imported here, by the one command that needs them: `check` reads JSON files and
+    # `prepare` downloads wheels, each without seconds of imports.
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lvf import models
+
     tokenizer = llama3_tokenizer(tokenizer_folder, output)
     config = LlamaConfig(**(TINY_CONFIG if tiny else SMOKE_CONFIG), vocab_size=128256, bos_token_id=128000,
                          eos_token_id=128009, rope_theta=500000.0, tie_word_embeddings=False)

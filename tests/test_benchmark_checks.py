@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 import common
-from lvf import benchmarks
+from lvf import benchmarks, experiments
 from lvf.errors import UsageError
 
 TASKS_DIR = str(common.PROJECT_DIR / "data" / "benchmarks")
@@ -57,3 +57,20 @@ def test_the_time_is_estimated_from_an_earlier_run_of_the_experiment(tmp_path):
     assert "about 10.0 min at the 0.2 s per request base.json measured" in line
     nothing_earlier = benchmarks.measured_rate(tmp_path / "elsewhere")
     assert "time not estimated" in benchmarks.time_line(asked("demo_mc"), 3000, nothing_earlier)
+
+
+def test_lm_evals_own_tasks_are_indexed_from_their_folders_alone_as_the_whole_index_gives_them():
+    """lm-eval indexes its ~14,000 task files by parsing each; the GPU experiment's tasks are found by a text search
+    and only their folders indexed: the same entries (file, config, tags) as the whole index, in a few folders."""
+    gpu_tasks = experiments.load(common.PROJECT_DIR / "experiments" / "llama3-8b-dolly.yaml")["shared"]["benchmarks"]
+    names = benchmarks.task_names(asked(gpu_tasks))
+    assert names == ["hellaswag", "arc_challenge", "winogrande"]
+    narrowed = benchmarks.task_manager(asked(gpu_tasks))
+    with_own = benchmarks.task_manager(asked(f"demo_mc,{gpu_tasks}", tasks_dir=TASKS_DIR))
+    whole = benchmarks.task_manager(asked("no_such_task", tasks_dir=TASKS_DIR))  # lm-eval's whole index, and ours
+    assert len(whole.all_tasks) > 10_000 and len(narrowed.all_tasks) < 20
+    for name in names:
+        assert narrowed.task_index[name] == whole.task_index[name] == with_own.task_index[name]
+    assert with_own.task_index["demo_mc"] == whole.task_index["demo_mc"]
+    # A name no file declares as a task (a group) is left to the whole index.
+    assert benchmarks.lm_eval_task_folders(["hellaswag", "ai2_arc"]) is None

@@ -272,6 +272,22 @@ def test_debug_environment_variable_shows_the_exception(tmp_path, monkeypatch, t
                                                  "--dataset", str(tmp_path / "nope.jsonl")]))
 
 
+def test_debug_flag_lets_the_exception_through(tmp_path, monkeypatch, tiny_llama_dir):
+    """`python full_finetune.py ... --debug`: main_guard reads --debug from the command line and lets the exception
+    through, so Python prints its traceback and exits 1."""
+    argv = ["--model", str(tiny_llama_dir), "--dataset", str(tmp_path / "nope.jsonl"), "--debug"]
+    monkeypatch.setattr(sys, "argv", ["full_finetune.py", *argv])
+    with pytest.raises(errors.UsageError, match="data file not found"):
+        errors.main_guard(lambda: full_finetune.main(argv))
+
+
+def test_offline_hub_id_not_in_cache(tmp_path, monkeypatch, fails_cleanly):
+    # The tests run with HF_HUB_OFFLINE=1 (conftest.py); the cache is an empty folder.
+    monkeypatch.setattr(common, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fails_cleanly(["--model", "someone/some-model"], "model 'someone/some-model' is not a local path and "
+                  "HF_HUB_OFFLINE=1 (not in the cache)")
+
+
 # --------------------------------------------------------------------------- from the command line
 
 
@@ -298,11 +314,6 @@ def test_command_line_bad_record_is_one_line_and_status_2(tmp_path, tiny_llama_d
     assert not (tmp_path / "lora.json").exists()
 
 
-@pytest.mark.subprocess  # a fresh Python process: the command line as a user runs it
-def test_command_line_debug_shows_the_traceback(tmp_path, tiny_llama_dir):
-    result = run_script("full_finetune.py", "--model", tiny_llama_dir, "--dataset", tmp_path / "nope.jsonl", "--debug")
-    assert result.returncode != 0
-    assert "Traceback" in result.stderr and "UsageError: data file not found" in result.stderr
 
 
 @pytest.mark.subprocess  # a fresh Python process: the command line as a user runs it
@@ -316,10 +327,12 @@ def test_unreachable_hub_fails_fast(tmp_path):
     assert not (tmp_path / "base.json").exists()
 
 
-@pytest.mark.subprocess  # a fresh Python process: the command line as a user runs it
-def test_offline_hub_id_not_in_cache(tmp_path):
-    result = run_script("evaluate_base_model.py", "--model", "someone/some-model", "--output", tmp_path / "base.json",
-                        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "HF_HUB_OFFLINE=1 (not in the cache)" in result.stderr
-    assert not (tmp_path / "base.json").exists()
+
+
+def test_a_model_file_changed_after_a_check_is_checked_again(model_copy):
+    """The folder check keeps what it parsed only while the file is unchanged (size, modification time, inode)."""
+    models.check_model_folder(model_copy)
+    config = model_copy / "config.json"
+    config.write_text(config.read_text()[:-20])
+    with pytest.raises(errors.UsageError, match=f"{config}: not valid JSON"):
+        models.check_model_folder(model_copy)
