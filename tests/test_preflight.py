@@ -47,9 +47,7 @@ def dry_run_findings(script, arguments):
         model = models.meta_model(models.model_config(args.model))
     else:
         method, runtime = (lora if module is finetune else full).resolve_runtime(args)
-        model = models.meta_model(models.model_config(args.model))
-        if module is finetune:
-            model = lora.add_adapters(model, args)
+        model = lora.meta_model(args) if module is finetune else models.meta_model(models.model_config(args.model))
     trainable, total = models.count_parameters(model)
     return preflight.preflight(args, runtime, method, params=total - trainable if module is finetune else total,
                                trainable=trainable)
