@@ -53,9 +53,29 @@ def llama3_tokenizer(folder, build_into):
     return build_llama3_tokenizer(build_into)
 
 
+def versions():
+    """What the runs will import, in one line; bitsandbytes may be missing (QLoRA and the paged optimizer then fail)."""
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    try:
+        import bitsandbytes
+
+        bnb = bitsandbytes.__version__
+    except Exception as error:  # noqa: BLE001 - any failure to import means the same for the runs
+        bnb = f"does not import ({type(error).__name__}): QLoRA and the paged optimizer will fail"
+    return (f"[gpu_smoke] torch {torch.__version__} cuda {torch.version.cuda} {torch.cuda.is_available()} | "
+            f"transformers {transformers.__version__} | peft {peft.__version__} | accelerate {accelerate.__version__} "
+            f"| bitsandbytes {bnb}")
+
+
 def build_model(output, tokenizer_folder, tiny):
     # torch and transformers are imported here, by the one command that needs them: `check` reads JSON files and
-    # `prepare` downloads wheels, each without seconds of imports.
+    # `prepare` downloads wheels, each without seconds of imports. The versions line comes first, in the same
+    # process (another would import them all again).
+    print(versions(), flush=True)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -57,15 +57,11 @@ else
   CHECK=(--budget-seconds 300)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || log "nvidia-smi not available"
-# One process for both (each import of these takes seconds).
-"$PYTHON" -c "import torch, transformers, peft, accelerate; print('[gpu_smoke.sh] torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)
-try:
-    import bitsandbytes
-    print('[gpu_smoke.sh] bitsandbytes', bitsandbytes.__version__)
-except Exception as error:
-    print('[gpu_smoke.sh] bitsandbytes does not import (' + type(error).__name__ + '): QLoRA and the paged optimizer will fail')"
 
+# build-model prints the versions of torch, transformers, peft, accelerate and bitsandbytes first (one process
+# imports them all, once): shown here, and in the tail of its log should it fail.
 step build-model 300 "$PYTHON" bench/gpu_smoke.py build-model --output "$WORK/model" "${SIZE[@]}" "${TOKENIZER[@]}"
+grep -h "^\[gpu_smoke\] torch " "$OUT/build-model.log" || true
 DATA=(--model "$WORK/model" --dataset data/demo.jsonl "${EVAL[@]}")
 # bf16 weights, bf16 autocast and gradient checkpointing are the CUDA defaults; "on" makes the dry run take them too.
 LEVERS=(--gradient-checkpointing on)

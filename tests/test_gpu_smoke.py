@@ -60,6 +60,9 @@ def test_cpu_dry_run_goes_through_every_step(tmp_path):
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "4/4 runs wrote a finite perplexity" in result.stdout
+    # The versions line, from build-model's process: bitsandbytes imports here (requirements-dev.txt).
+    [versions] = [line for line in result.stdout.splitlines() if line.startswith("[gpu_smoke] torch ")]
+    assert "| peft " in versions and "| bitsandbytes 0." in versions
     for name in (*gpu_smoke.RUNS, "gpu_check"):
         assert (tmp_path / f"{name}.json").is_file(), name
 
