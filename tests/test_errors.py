@@ -1,7 +1,7 @@
 """Bad input: one line on stderr, exit status 2, no traceback, no results file, and no model loaded.
 
 Each case runs all three scripts in-process under errors.main_guard (exactly what `python script.py`
-runs); a few run as real subprocesses to show the same from the command line.
+runs); one runs as a real subprocess to show the same from the command line.
 """
 
 import json
@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 
 import common
@@ -288,21 +289,29 @@ def test_offline_hub_id_not_in_cache(tmp_path, monkeypatch, fails_cleanly):
                   "HF_HUB_OFFLINE=1 (not in the cache)")
 
 
-# --------------------------------------------------------------------------- from the command line
-
-
-def run_script(script, *args, env=None, offline=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if not offline:
-        env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, str(common.PROJECT_DIR / script), *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=120)
-
-
 def closed_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_unreachable_hub_fails_fast(tmp_path, monkeypatch, fails_cleanly):
+    """A Hub id with no Hub: online (what HF_HUB_OFFLINE unset gives huggingface_hub when it is imported), the
+    endpoint (HF_ENDPOINT's) a closed local port, an empty cache. The request is made, and refused."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setattr(common, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fails_cleanly(["--model", "someone/some-model"], "model 'someone/some-model' is not a local path and the Hub "
+                  "cannot be reached (ConnectError)")
+
+
+# --------------------------------------------------------------------------- from the command line
+
+
+def run_script(script, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(common.PROJECT_DIR / script), *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=120)
 
 
 @pytest.mark.subprocess  # a fresh Python process: the command line as a user runs it
@@ -316,15 +325,6 @@ def test_command_line_bad_record_is_one_line_and_status_2(tmp_path, tiny_llama_d
 
 
 
-@pytest.mark.subprocess  # a fresh Python process: the command line as a user runs it
-def test_unreachable_hub_fails_fast(tmp_path):
-    """A Hub id with no Hub: HF_HUB_OFFLINE unset and the endpoint a closed local port."""
-    result = run_script("evaluate_base_model.py", "--model", "someone/some-model", "--output", tmp_path / "base.json",
-                        env={"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HUB_CACHE": str(tmp_path)},
-                        offline=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "model 'someone/some-model' is not a local path and the Hub cannot be reached" in result.stderr
-    assert not (tmp_path / "base.json").exists()
 
 
 

@@ -1,6 +1,7 @@
 """bench/gpu_check.py --tiny on the CPU: the GPU check's code runs, trains with the kit's own Trainer setup, and
-reports what it promises, without datasets or bitsandbytes, under the pinned transformers and under 5.17.0 (the GPU
-image's), which `make test`'s setup installs into .venv-tf517 to shadow the pinned one on PYTHONPATH."""
+reports what it promises, without datasets or bitsandbytes under transformers 5.17.0 (the oldest it supports), which
+`make test`'s setup installs into .venv-tf517 to shadow the pinned one on PYTHONPATH. Under the pinned transformers
+the same report is checked by tests/test_gpu_smoke.py, whose CPU dry run ends with this check."""
 
 import importlib.util
 import json
@@ -42,15 +43,14 @@ def run_tiny_check(tmp_path, python_path):
 
 @pytest.mark.slow  # runs the scripts end to end; `pytest -m 'not slow'` skips it
 @pytest.mark.subprocess  # trains, in bench/gpu_check.py's own process
-@pytest.mark.parametrize("transformers_version", ["pinned", "5.17.0"])
-def test_tiny_gpu_check_trains_with_the_kits_trainer_and_reports(transformers_version, tmp_path):
-    python_path = None
-    if transformers_version != "pinned":
-        if not (GPU_IMAGE_TRANSFORMERS / "transformers").is_dir():
-            pytest.skip(f"{GPU_IMAGE_TRANSFORMERS} missing: `make test` installs it (requirements-tf517.txt)")
-        python_path = GPU_IMAGE_TRANSFORMERS
-    report = run_tiny_check(tmp_path, python_path)
+def test_tiny_gpu_check_trains_with_the_kits_trainer_and_reports_under_transformers_5_17(tmp_path):
+    if not (GPU_IMAGE_TRANSFORMERS / "transformers").is_dir():
+        pytest.skip(f"{GPU_IMAGE_TRANSFORMERS} missing: `make test` installs it (requirements-tf517.txt)")
+    check_tiny_report(run_tiny_check(tmp_path, GPU_IMAGE_TRANSFORMERS), "5.17.0")
 
+
+def check_tiny_report(report, transformers_version):
+    """What `bench/gpu_check.py --tiny` must report; transformers_version "pinned" is requirements.txt's."""
     imported = report["versions"]["transformers_imported"]
     if transformers_version == "pinned":
         assert imported == common_transformers_pin()
@@ -64,7 +64,8 @@ def test_tiny_gpu_check_trains_with_the_kits_trainer_and_reports(transformers_ve
     assert lora["trainable_params"] < lora["total_params"] and full["trainable_params"] == full["total_params"]
     assert (lora["learning_rate"], full["learning_rate"]) == (2e-4, 1e-5)  # the scripts' own defaults
     for result in (lora, full):
-        # The optimizer the Trainer builds for the kit (bitsandbytes is absent here): not fused, no weight decay.
+        # The optimizer the Trainer builds for the kit on the CPU (with or without bitsandbytes): not fused, no
+        # weight decay.
         assert result["optimizer"] == "adamw_torch"
         assert result["optimizer_built"]["class"] == "torch.optim.adamw.AdamW"
         assert result["optimizer_built"]["weight_decay"] == 0.0 and not result["optimizer_built"]["fused"]

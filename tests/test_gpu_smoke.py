@@ -10,6 +10,7 @@ import sys
 import zipfile
 
 import pytest
+from test_gpu_check import check_tiny_report
 
 import common
 
@@ -65,6 +66,8 @@ def test_cpu_dry_run_goes_through_every_step(tmp_path):
     assert "| peft " in versions and "| bitsandbytes 0." in versions
     for name in (*gpu_smoke.RUNS, "gpu_check"):
         assert (tmp_path / f"{name}.json").is_file(), name
+    # Its last step is bench/gpu_check.py --tiny under the pinned transformers (datasets and bitsandbytes present).
+    check_tiny_report(json.loads((tmp_path / "gpu_check.json").read_text()), "pinned")
 
 
 def test_without_the_prepared_folder_it_says_in_one_line_what_to_run(tmp_path):
