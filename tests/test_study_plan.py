@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import study
-from lvf import checkpoints, errors, preflight, scheduling, study_plan
+from lvf import errors, preflight, scheduling, study_plan
 from lvf.study_plan import RunCost
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -183,18 +183,3 @@ def test_each_runs_checkpoints_are_deleted_as_it_finishes_not_when_the_stage_end
     found = study.run_stage(planned, runs)
     assert found[tmp_path / "b.json"]["checkpoints_seen_at_start"] == []  # a's were gone when b started
     assert (outputs / "a" / "final").is_dir() and not (outputs / "b" / "checkpoint-1").exists()
-
-
-def test_ray_calls_the_finished_hook_as_each_run_finishes(tmp_path):
-    ray = pytest.importorskip("ray", reason="Ray is not installed: the parallel engine is optional")
-    script = tmp_path / "stand_in.py"
-    script.write_text(STAND_IN)
-    outputs = tmp_path / "outputs"
-    runs = [scheduling.Run(name, script, (tmp_path / f"{name}.json", outputs / name, outputs),
-                           tmp_path / f"{name}.json", outputs / name) for name in ("a", "b")]
-    try:
-        found = scheduling.run_stage(runs, workers=1, engine="ray", when_finished=lambda run: checkpoints.prune_outputs(
-            run.output_dir, keep_final=True))
-    finally:
-        ray.shutdown()
-    assert found["b"]["checkpoints_seen_at_start"] == []
