@@ -56,9 +56,10 @@ def lm_eval_installed():
 
 def task_manager(settings):
     """lm-eval's TaskManager with --benchmark-tasks-dir on its include path. lm-eval indexes its own ~14,000 task
-    files by parsing each (about 6 s on a 2-core CPU, at every dry run and every run); when every task asked is in
-    that folder, or is declared by one of lm-eval's files that a plain text search finds, only those folders are
-    indexed, and the whole index is built only when that does not account for every task."""
+    files by parsing each (about 6 s on a 2-core CPU, at every dry run and every run). Read as text instead (half a
+    second), they show which folders declare the tasks asked, and only those are indexed; a name they do not contain
+    at all is unknown to lm-eval (check_benchmarks says so). lm-eval's whole index is built only when the text leaves
+    a doubt: a name declared by no file or by several, or also a group or a tag."""
     from lm_eval.tasks import TaskManager
 
     names = task_names(settings)
@@ -68,13 +69,16 @@ def task_manager(settings):
                          "files")
     own = [folder] if folder is not None else []
     local = TaskManager(include_path=own, include_defaults=False) if own else None
-    if local is not None and all(name in local.all_subtasks for name in names):
+    elsewhere = [name for name in names if local is None or name not in local.all_subtasks]
+    if not elsewhere:
         return local
-    declaring = lm_eval_task_folders([name for name in names if local is None or name not in local.all_subtasks])
-    if declaring is not None:
+    declared, contained = lm_eval_declarations(elsewhere)
+    known = [name for name in elsewhere if name in contained]
+    if all(len(declared[name]) == 1 and declared[name][0] is not None for name in known):
         # lm-eval's folders first, then the user's, as TaskManager orders its defaults and include_path.
-        narrowed = TaskManager(include_path=[*declaring, *own], include_defaults=False)
-        if all(name in narrowed.all_subtasks for name in names):
+        folders = outermost({declared[name][0] for name in known})
+        narrowed = TaskManager(include_path=[*folders, *own], include_defaults=False)
+        if all(name in narrowed.all_subtasks for name in known):
             return narrowed
     return whole_index(None if folder is None else str(folder))
 
@@ -88,22 +92,43 @@ def whole_index(folder):
     return TaskManager(include_path=folder)
 
 
-TASK_LINE = re.compile(r"^task:[ \t]*['\"]?([\w.-]+)['\"]?[ \t]*$", re.MULTILINE)
+# A line that declares a task, or a group or tag, by name: `task: NAME`, the key or value quoted or not, a comment
+# after it or not.
+DECLARATION = re.compile(r"""^["']?(task|group|tag)["']?:[ \t]*["']?([\w.-]+)["']?[ \t]*(?:#.*)?$""", re.MULTILINE)
 
 
-def lm_eval_task_folders(names):
-    """The folders of lm-eval's own task files that declare these task names (`task: NAME`), found by reading the
-    files as text; None when a name is declared by no file or by more than one (then lm-eval's whole index decides)."""
+def lm_eval_task_files():
+    """(path, text) of each of lm-eval's own task files: the YAML files it indexes and the templates they include,
+    named freely (_default_template_yaml, _default_yaml_0.5k, mafand): every file without a suffix or with yaml in
+    its name. Every name lm-eval's index knows is in them (tests/test_benchmark_checks.py checks it for the pinned
+    lm-eval)."""
     import lm_eval.tasks
 
+    for path in Path(lm_eval.tasks.__file__).parent.rglob("*"):
+        if (path.suffix in ("", ".yml") or "yaml" in path.name) and path.is_file():
+            yield path, path.read_text(encoding="utf-8", errors="replace")
+
+
+def lm_eval_declarations(names):
+    """({name: [folder of each line that declares it: a task's file's folder, None for a group or a tag]}, the
+    names that lm-eval's task files contain at all), from those files read as text."""
     declared = {name: [] for name in names}
-    for path in Path(lm_eval.tasks.__file__).parent.rglob("*.y*ml"):
-        for match in TASK_LINE.finditer(path.read_text(encoding="utf-8", errors="replace")):
-            if match.group(1) in declared:
-                declared[match.group(1)].append(path.parent)
-    if any(len(folders) != 1 for folders in declared.values()):
-        return None
-    return sorted({str(folders[0]) for folders in declared.values()})
+    contained = set()
+    for path, text in lm_eval_task_files():
+        contained.update(name for name in names if name in text)
+        for kind, name in DECLARATION.findall(text):
+            if name in declared:
+                declared[name].append(str(path.parent) if kind == "task" else None)
+    return declared, contained
+
+
+def outermost(folders):
+    """The folders that are not inside another of them (TaskManager indexes a folder with its subfolders)."""
+    kept = []
+    for folder in sorted(folders, key=lambda name: len(Path(name).parts)):
+        if not any(Path(folder).is_relative_to(outer) for outer in kept):
+            kept.append(folder)
+    return sorted(kept)
 
 
 def check_benchmarks(settings, multiple_processes=False):

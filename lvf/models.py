@@ -142,8 +142,10 @@ def check_model_folder(folder, need_weights=True):
     the folder lacks. One line naming the file and the problem."""
     if not (folder / "config.json").is_file():
         raise UsageError(f"model folder {folder} has no config.json")
-    parsed = {name: read_json_file(folder / name) for name in JSON_FILES if (folder / name).is_file()}
-    check_model_type(folder / "config.json", parsed["config.json"])
+    for name in JSON_FILES:
+        if (folder / name).is_file():
+            check_json_file(folder / name)
+    check_model_type(folder / "config.json", read_json_file(folder / "config.json"))
     if not need_weights:
         return
     weights = sorted(folder.glob("*.safetensors"))
@@ -152,7 +154,8 @@ def check_model_folder(folder, need_weights=True):
     if not any((folder / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
         raise UsageError(f"model folder {folder} has no tokenizer files "
                          f"(none of {', '.join(TOKENIZER_VOCABULARY_FILES)})")
-    index = parsed.get("model.safetensors.index.json", {})
+    index_path = folder / "model.safetensors.index.json"
+    index = read_json_file(index_path) if index_path.is_file() else {}
     for shard in sorted(set(index.get("weight_map", {}).values())):
         if not (folder / shard).is_file():
             raise UsageError(f"{folder / 'model.safetensors.index.json'}: names the shard {shard}, which is missing")
@@ -161,22 +164,26 @@ def check_model_folder(folder, need_weights=True):
 
 
 def read_json_file(path):
-    """The parsed file. A file unchanged since this process last parsed it (same size, modification time and inode)
-    is not parsed again: the pre-flight and the load both check the model folder, and a tokenizer.json is large
-    (Llama 3's: 9 MB, about half a second). Callers must not change what it returns."""
-    stat = path.stat()
-    return _parse_json_file(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-
-
-@functools.lru_cache(maxsize=32)
-def _parse_json_file(name, size, mtime_ns, inode):
-    path = Path(name)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
         raise UsageError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
     except json.JSONDecodeError as error:
         raise UsageError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from error
+
+
+def check_json_file(path):
+    """Refuses a file that is not valid JSON. A file unchanged since this process last found it valid (same size,
+    modification and change times, inode) is not parsed again: the pre-flight and the load both check the model
+    folder, and a tokenizer.json is large (Llama 3's: 9 MB, about half a second to parse). Only the verdict is kept,
+    not what was parsed."""
+    stat = path.stat()
+    _checked_json_file(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_json_file(name, size, mtime_ns, ctime_ns, inode):
+    read_json_file(Path(name))
 
 
 def check_model_type(path, config):

@@ -17,15 +17,17 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 # glibc's malloc maps every block over 32 MB (the tiny models' logits over Llama 3's 128,256-token vocabulary, their
 # embedding's gradient) with mmap and unmaps it when freed, so each step faults those pages in afresh: a third of a
 # tiny run's time went to the kernel. Freed memory stays in the heap instead (no mmap, trimmed only above 2 GiB) in
-# the test processes (mallopt) and in the processes they start (glibc reads these variables at a process's start).
-# lvf.memory's malloc_trim between phases still hands the freed pages back to the system.
-M_TRIM_THRESHOLD, M_MMAP_MAX, HEAP_KEPT = -1, -4, 2**31 - 1
-os.environ.setdefault("MALLOC_MMAP_MAX_", "0")
-os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(HEAP_KEPT))
-with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(M_MMAP_MAX, int(os.environ["MALLOC_MMAP_MAX_"]))
-    libc.mallopt(M_TRIM_THRESHOLD, int(os.environ["MALLOC_TRIM_THRESHOLD_"]))
+# the test processes (mallopt) and in the processes they start (glibc reads these variables at a process's start),
+# unless the environment sets either already. lvf.memory's malloc_trim between phases still hands the freed pages back
+# to the system; the largest test process stays under 3.5 GB.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+HEAP_SETTINGS = {"MALLOC_MMAP_MAX_": (M_MMAP_MAX, 0), "MALLOC_TRIM_THRESHOLD_": (M_TRIM_THRESHOLD, 2**31 - 1)}
+if not any(name in os.environ for name in HEAP_SETTINGS):
+    os.environ.update({name: str(value) for name, (_, value) in HEAP_SETTINGS.items()})
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
+        for option, value in HEAP_SETTINGS.values():
+            libc.mallopt(option, value)
 
 import torch  # noqa: E402
 

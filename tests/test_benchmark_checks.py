@@ -2,9 +2,11 @@
 of what the benchmarks add. No model is loaded."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
+from lm_eval.tasks import TaskManager
 
 import common
 from lvf import benchmarks, experiments
@@ -60,17 +62,24 @@ def test_the_time_is_estimated_from_an_earlier_run_of_the_experiment(tmp_path):
 
 
 def test_lm_evals_own_tasks_are_indexed_from_their_folders_alone_as_the_whole_index_gives_them():
-    """lm-eval indexes its ~14,000 task files by parsing each; the GPU experiment's tasks are found by a text search
-    and only their folders indexed: the same entries (file, config, tags) as the whole index, in a few folders."""
+    """lm-eval indexes its ~14,000 task files by parsing each; read as text, they give the GPU experiment's tasks
+    and only their folders are indexed: the same entries (file, config, tags) as the whole index."""
     gpu_tasks = experiments.load(common.PROJECT_DIR / "experiments" / "llama3-8b-dolly.yaml")["shared"]["benchmarks"]
     names = benchmarks.task_names(asked(gpu_tasks))
     assert names == ["hellaswag", "arc_challenge", "winogrande"]
     narrowed = benchmarks.task_manager(asked(gpu_tasks))
     with_own = benchmarks.task_manager(asked(f"demo_mc,{gpu_tasks}", tasks_dir=TASKS_DIR))
-    whole = benchmarks.task_manager(asked("no_such_task", tasks_dir=TASKS_DIR))  # lm-eval's whole index, and ours
-    assert len(whole.all_tasks) > 10_000 and len(narrowed.all_tasks) < 20
+    whole = benchmarks.whole_index(None)  # lm-eval's own, all of it
+    assert len(whole.all_tasks) > 10_000 and len(narrowed.all_tasks) < 20 and len(with_own.all_tasks) < 20
     for name in names:
         assert narrowed.task_index[name] == whole.task_index[name] == with_own.task_index[name]
-    assert with_own.task_index["demo_mc"] == whole.task_index["demo_mc"]
-    # A name no file declares as a task (a group) is left to the whole index.
-    assert benchmarks.lm_eval_task_folders(["hellaswag", "ai2_arc"]) is None
+    assert with_own.task_index["demo_mc"] == TaskManager(include_path=TASKS_DIR, include_defaults=False).task_index[
+        "demo_mc"]
+    # A group is left to the whole index (which says the name is a group), and so would a task also declared as one.
+    assert benchmarks.task_manager(asked("ai2_arc")) is whole
+    # What makes a name that lm-eval's task files do not contain unknown without the whole index: every name the
+    # whole index knows is in their text.
+    text = "\n".join(text for _, text in benchmarks.lm_eval_task_files())
+    words = set(re.findall(r"[^\s'\"\[\]{},:]+", text))
+    assert [name for name in whole.all_tasks if name not in words and name not in text] == []
+    assert "demo_mcq" not in text and benchmarks.task_manager(asked("demo_mcq")).all_tasks == []

@@ -283,7 +283,8 @@ def test_debug_flag_lets_the_exception_through(tmp_path, monkeypatch, tiny_llama
 
 
 def test_offline_hub_id_not_in_cache(tmp_path, monkeypatch, fails_cleanly):
-    # The tests run with HF_HUB_OFFLINE=1 (conftest.py); the cache is an empty folder.
+    # HF_HUB_OFFLINE=1, as huggingface_hub reads it when imported; the cache is an empty folder.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(common, "HF_HUB_CACHE", str(tmp_path / "hub"))
     fails_cleanly(["--model", "someone/some-model"], "model 'someone/some-model' is not a local path and "
                   "HF_HUB_OFFLINE=1 (not in the cache)")
