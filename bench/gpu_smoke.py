@@ -20,7 +20,7 @@ RUNS = ("base", "lora", "qlora", "full")
 SMOKE_CONFIG = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=16, num_attention_heads=16,
                     num_key_value_heads=4, max_position_embeddings=2048)
 # Tiny, but 4-bit quantisation needs rows of at least one 64-value block (bitsandbytes' CPU path).
-TINY_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=2048)
 # torch 2.11's CUDA builds are 12.6, 12.8 and 13.0: keep those libraries (and the CPU one) of bitsandbytes' wheel.
 KEEP_BITSANDBYTES_LIBRARIES = ("cpu", "cuda126", "cuda128", "cuda130", "cuda132")

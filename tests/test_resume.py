@@ -89,7 +89,7 @@ METHODS = {
 @pytest.mark.slow  # five runs each: an uninterrupted one, and one cut three times
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_after_sigterm_at_several_steps_matches_an_uninterrupted_run(method, tmp_path, monkeypatch,
-                                                                            tiny_llama_64_dir, records_path):
+                                                                            tiny_llama_dir, records_path):
     script, extra = METHODS[method]
     signal_at = {"step": None}
 
@@ -110,7 +110,7 @@ def test_resume_after_sigterm_at_several_steps_matches_an_uninterrupted_run(meth
     monkeypatch.setattr(training, "make_trainer_class", with_signal)
 
     def args(name, *more):
-        return ["--model", str(tiny_llama_64_dir), "--dataset", str(records_path), *CUT_RUN, *extra,
+        return ["--model", str(tiny_llama_dir), "--dataset", str(records_path), *CUT_RUN, *extra,
                 "--output", str(tmp_path / f"{name}.json"), "--output-dir", str(tmp_path / name), *more]
 
     script.main(args("reference"))
