@@ -331,9 +331,10 @@ def test_command_line_bad_record_is_one_line_and_status_2(tmp_path, tiny_llama_d
 
 
 def test_a_model_file_changed_after_a_check_is_checked_again(model_copy):
-    """The folder check keeps what it parsed only while the file is unchanged (size, modification time, inode)."""
+    """The folder check keeps that a file parsed only while the file is unchanged (size, times, inode). Of the files
+    it checks, config.json and the index are read again for their contents; the tokenizer's are only checked."""
     models.check_model_folder(model_copy)
-    config = model_copy / "config.json"
-    config.write_text(config.read_text()[:-20])
-    with pytest.raises(errors.UsageError, match=f"{config}: not valid JSON"):
+    tokenizer_config = model_copy / "tokenizer_config.json"
+    tokenizer_config.write_text(tokenizer_config.read_text()[:-20])
+    with pytest.raises(errors.UsageError, match=f"{tokenizer_config}: not valid JSON"):
         models.check_model_folder(model_copy)
