@@ -56,9 +56,9 @@ def real_dolly_path():
 # pytest-xdist with --dist loadfile --no-loadscope-reorder: it hands out whole files in this order, so the long
 # ones start at once, side by side, and the short ones fill in behind them (xdist's own order is by test count,
 # which would start a 1-test file of 2.5 minutes last).
-LONGEST_FILES = ["test_gpu_smoke.py", "test_errors.py", "test_study.py", "test_report.py", "test_resume.py",
-                 "test_end_to_end.py", "test_evaluate_artifacts.py", "test_scheduling.py", "test_full_precision.py",
-                 "test_lora_variants.py", "test_distributed.py", "test_fsdp_loading.py", "test_safety.py"]
+LONGEST_FILES = ["test_gpu_smoke.py", "test_resume.py", "test_scheduling.py", "test_report.py", "test_study.py",
+                 "test_end_to_end.py", "test_evaluate_artifacts.py", "test_errors.py", "test_distributed.py",
+                 "test_fsdp_loading.py", "test_benchmark_checks.py", "test_lora_variants.py", "test_full_precision.py"]
 
 
 def pytest_collection_modifyitems(items):
