@@ -56,10 +56,10 @@ def lm_eval_installed():
 
 def task_manager(settings):
     """lm-eval's TaskManager with --benchmark-tasks-dir on its include path. lm-eval indexes its own ~14,000 task
-    files by parsing each (about 6 s on a 2-core CPU, at every dry run and every run). Read as text instead (half a
+    files by parsing each (about 6 s on a 2-core CPU, at every dry run and every run). Read as text instead (under a
     second), they show which folders declare the tasks asked, and only those are indexed; a name they do not contain
     at all is unknown to lm-eval (check_benchmarks says so). lm-eval's whole index is built only when the text leaves
-    a doubt: a name declared by no file or by several, or also a group or a tag."""
+    a doubt: a name declared by no line or by several, or by a group or tag line (`group: NAME`, `tag: NAME`)."""
     from lm_eval.tasks import TaskManager
 
     names = task_names(settings)

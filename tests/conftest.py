@@ -14,9 +14,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # any Hub call fails at once instead of wait
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
-# glibc's malloc maps every block over 32 MB (the tiny models' logits over Llama 3's 128,256-token vocabulary, their
-# embedding's gradient) with mmap and unmaps it when freed, so each step faults those pages in afresh: a third of a
-# tiny run's time went to the kernel. Freed memory stays in the heap instead (no mmap, trimmed only above 2 GiB) in
+# glibc's malloc maps every block over 32 MiB (the tiny models' logits over Llama 3's 128,256-token vocabulary) with
+# mmap and unmaps it when freed, so each step faults those pages in afresh: a third of a tiny run's time went to the
+# kernel. Freed memory stays in the heap instead (no mmap, trimmed only above 2 GiB) in
 # the test processes (mallopt) and in the processes they start (glibc reads these variables at a process's start),
 # unless the environment sets either already. lvf.memory's malloc_trim between phases still hands the freed pages back
 # to the system; the largest test process stays under 3.5 GB.
@@ -147,6 +147,8 @@ SMALL_EVAL = ["--max-eval-samples", "12", "--max-length", "256", "--eval-batch-s
               "--general-file", "python-docs", "--max-general-blocks", "6"]
 SMALL_TRAINING = [*SMALL_EVAL, "--max-train-samples", "24", "--max-val-samples", "6", "--max-steps", "4",
                   "--eval-steps", "2"]
+SHORT_TRAINING = [*SMALL_EVAL, "--max-train-samples", "8", "--max-val-samples", "2", "--max-steps", "2",
+                  "--eval-steps", "2"]
 # base, lora and full also score the project's own lm-eval task on its first BENCHMARK_LIMIT items
 # (tests/test_benchmarks.py checks them against lm_eval's own run of the saved models).
 BENCHMARK_TASKS_DIR = PROJECT_DIR / "data" / "benchmarks"
@@ -164,9 +166,10 @@ TRAINED_RUNS = {
     "full": ("full_finetune", [*SMALL_TRAINING, "--learning-rate", "1e-3", *BENCHMARK]),  # checkpointing off: the
     # CPU default
     # As on a CPU with AMX or AVX512-BF16 (--bf16-autocast auto turns it on there): LoRA trains on a bf16 base.
-    "lora-bf16-autocast": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--bf16-autocast", "on"]),
+    # These two check the dtypes each part is trained and scored in, not what training does: two steps.
+    "lora-bf16-autocast": ("finetune", [*SHORT_TRAINING, "--learning-rate", "5e-2", "--bf16-autocast", "on"]),
     # --dtype and --eval-dtype bfloat16 (CUDA's auto): the trained model itself is scored, in bf16, without autocast.
-    "lora-bf16-weights": ("finetune", [*SMALL_TRAINING, "--learning-rate", "5e-2", "--dtype", "bfloat16",
+    "lora-bf16-weights": ("finetune", [*SHORT_TRAINING, "--learning-rate", "5e-2", "--dtype", "bfloat16",
                                        "--eval-dtype", "bfloat16", "--bf16-autocast", "on"]),
 }
 

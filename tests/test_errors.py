@@ -6,6 +6,7 @@ runs); one runs as a real subprocess to show the same from the command line.
 
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -201,6 +202,16 @@ def test_safetensors_whose_header_is_not_json(records_path, fails_cleanly, model
     fails_cleanly(["--dataset", records_path, "--model", model_copy], f"{weights}: invalid safetensors header")
 
 
+def test_a_model_file_changed_after_a_check_is_checked_again(model_copy):
+    """The folder check keeps that a file parsed only while the file is unchanged (size, times, inode). Of the files
+    it checks, config.json and the index are read again for their contents; the tokenizer's are only checked."""
+    models.check_model_folder(model_copy)
+    tokenizer_config = model_copy / "tokenizer_config.json"
+    tokenizer_config.write_text(tokenizer_config.read_text()[:-20])
+    with pytest.raises(errors.UsageError, match=re.escape(f"{tokenizer_config}: not valid JSON")):
+        models.check_model_folder(model_copy)
+
+
 def test_missing_shard_named_by_the_index(records_path, fails_cleanly, model_copy):
     index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
     (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -322,19 +333,3 @@ def test_command_line_bad_record_is_one_line_and_status_2(tmp_path, tiny_llama_d
     assert result.returncode == 2
     assert result.stderr == f"error: {path}: line 2 has no 'response' field\n"
     assert not (tmp_path / "lora.json").exists()
-
-
-
-
-
-
-
-
-def test_a_model_file_changed_after_a_check_is_checked_again(model_copy):
-    """The folder check keeps that a file parsed only while the file is unchanged (size, times, inode). Of the files
-    it checks, config.json and the index are read again for their contents; the tokenizer's are only checked."""
-    models.check_model_folder(model_copy)
-    tokenizer_config = model_copy / "tokenizer_config.json"
-    tokenizer_config.write_text(tokenizer_config.read_text()[:-20])
-    with pytest.raises(errors.UsageError, match=f"{tokenizer_config}: not valid JSON"):
-        models.check_model_folder(model_copy)

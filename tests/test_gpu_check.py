@@ -31,9 +31,7 @@ RUN_WITHOUT_DATASETS = (
 def run_tiny_check(tmp_path, python_path):
     output = tmp_path / "gpu_check.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "unused")}
-    env.pop("PYTHONPATH", None)
-    if python_path:
-        env["PYTHONPATH"] = str(python_path)
+    env["PYTHONPATH"] = str(python_path)
     script = common.PROJECT_DIR / "bench" / "gpu_check.py"
     command = [sys.executable, "-c", RUN_WITHOUT_DATASETS, str(script), "--tiny", "--output", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
