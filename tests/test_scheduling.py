@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_study_plan import STAND_IN as PRUNING_STAND_IN
+from test_study_plan import pruning_runs
 
 from lvf import checkpoints, scheduling
 from lvf.errors import UsageError
@@ -193,11 +193,7 @@ def wait_until_hanging(run, study, limit=300):
 @pytest.mark.ray
 def test_ray_calls_the_finished_hook_as_each_run_finishes(tmp_path, ray_instance):
     # study.py prunes each run's checkpoints as it finishes (test_study_plan.py's serial test); under Ray too.
-    script = tmp_path / "stand_in.py"
-    script.write_text(PRUNING_STAND_IN)
-    outputs = tmp_path / "outputs"
-    runs = [scheduling.Run(name, script, (tmp_path / f"{name}.json", outputs / name, outputs),
-                           tmp_path / f"{name}.json", outputs / name) for name in ("a", "b")]
+    runs, _ = pruning_runs(tmp_path)
     found = scheduling.run_stage(runs, workers=1, engine="ray", when_finished=lambda run: checkpoints.prune_outputs(
         run.output_dir, keep_final=True))
     assert found["b"]["checkpoints_seen_at_start"] == []

@@ -172,12 +172,17 @@ Path(output).write_text(json.dumps({"perplexity": 2.0, "checkpoints_seen_at_star
 '''
 
 
-def test_each_runs_checkpoints_are_deleted_as_it_finishes_not_when_the_stage_ends(tmp_path, monkeypatch):
+def pruning_runs(tmp_path):
+    """Two runs of STAND_IN, a then b, their outputs side by side under tmp_path/outputs: (runs, that folder)."""
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
     outputs = tmp_path / "outputs"
-    runs = [scheduling.Run(name, script, (tmp_path / f"{name}.json", outputs / name, outputs),
-                           tmp_path / f"{name}.json", outputs / name) for name in ("a", "b")]
+    return [scheduling.Run(name, script, (tmp_path / f"{name}.json", outputs / name, outputs),
+                           tmp_path / f"{name}.json", outputs / name) for name in ("a", "b")], outputs
+
+
+def test_each_runs_checkpoints_are_deleted_as_it_finishes_not_when_the_stage_ends(tmp_path, monkeypatch):
+    runs, outputs = pruning_runs(tmp_path)
     planned = gpu_study("--study-dir", str(tmp_path), "--outputs-dir", str(outputs))
     monkeypatch.setattr(study, "complete_results", scheduling.results_complete)  # stand-ins: no flags to compare
     found = study.run_stage(planned, runs)
